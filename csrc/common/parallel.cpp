@@ -1,0 +1,172 @@
+// A small persistent thread pool. Workers sleep on a condition variable between calls; the
+// calling thread always takes part. One call runs on the pool at a time; a concurrent call
+// (another Python thread) or a nested one runs inline on its own thread instead.
+#include "fastrec/parallel.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+namespace fastrec {
+namespace {
+
+thread_local bool t_in_pool_task = false;
+
+struct Job {
+  const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  int64_t n = 0;
+  int64_t chunk = 1;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> active{0};
+};
+
+class Pool {
+ public:
+  explicit Pool(int nthreads) : nthreads_(std::max(1, nthreads)) {
+    for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this] { worker_loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return nthreads_; }
+  std::mutex& call_mutex() { return call_mu_; }
+
+  // Caller holds call_mutex().
+  void run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+    job_.fn = &fn;
+    job_.n = n;
+    job_.chunk = chunk;
+    job_.next.store(0, std::memory_order_relaxed);
+    job_.active.store(nthreads_, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      ++generation_;
+    }
+    cv_.notify_all();
+    work();
+    // Wait for the workers: spin a little (calls are short), then sleep.
+    for (int spin = 0; job_.active.load(std::memory_order_acquire) != 0; ++spin) {
+      if (spin < 2000) {
+        std::this_thread::yield();
+      } else {
+        std::unique_lock<std::mutex> lk(mu_);
+        done_cv_.wait(lk, [this] { return job_.active.load(std::memory_order_acquire) == 0; });
+      }
+    }
+  }
+
+ private:
+  void work() {
+    t_in_pool_task = true;
+    for (;;) {
+      const int64_t b = job_.next.fetch_add(job_.chunk, std::memory_order_relaxed);
+      if (b >= job_.n) break;
+      (*job_.fn)(b, std::min(job_.n, b + job_.chunk));
+    }
+    t_in_pool_task = false;
+    if (job_.active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lk(mu_);
+      done_cv_.notify_all();
+    }
+  }
+
+  void worker_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+      }
+      work();
+    }
+  }
+
+  const int nthreads_;
+  std::vector<std::thread> workers_;
+  std::mutex call_mu_;  // one pool call at a time
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  Job job_;
+};
+
+// Pool state, created on first use (no static initialisers). After fork() the child sees the
+// parent's pointer but none of its threads: the pid check makes the child build its own pool
+// (the parent's object is deliberately leaked in the child).
+std::mutex& state_mutex() {
+  static std::mutex* m = new std::mutex();
+  return *m;
+}
+Pool* g_pool = nullptr;
+pid_t g_pool_pid = 0;
+std::atomic<int> g_num_threads{0};
+
+int default_threads() {
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc == 0 ? 1 : static_cast<int>(hc);
+}
+
+// Returns the pool with its call mutex locked in `call`, or nullptr when the pool is busy.
+// Every lock of a pool's call mutex happens under state_mutex(), so a pool being replaced
+// cannot be picked up by a late caller.
+Pool* lock_pool(int want, std::unique_lock<std::mutex>* call) {
+  std::lock_guard<std::mutex> lk(state_mutex());
+  const pid_t pid = getpid();
+  if (g_pool != nullptr && g_pool_pid != pid) g_pool = nullptr;  // forked child: leak it
+  if (g_pool == nullptr || g_pool->size() != want) {
+    if (g_pool != nullptr) {
+      { std::lock_guard<std::mutex> wait_idle(g_pool->call_mutex()); }
+      delete g_pool;
+    }
+    g_pool = new Pool(want);
+    g_pool_pid = pid;
+  }
+  *call = std::unique_lock<std::mutex>(g_pool->call_mutex(), std::try_to_lock);
+  return call->owns_lock() ? g_pool : nullptr;
+}
+
+}  // namespace
+
+int get_num_threads() {
+  int n = g_num_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : default_threads();
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
+  g_num_threads.store(n, std::memory_order_relaxed);
+}
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int nt = get_num_threads();
+  if (nt <= 1 || n <= grain || t_in_pool_task) {
+    fn(0, n);
+    return;
+  }
+  std::unique_lock<std::mutex> call;
+  Pool* pool = lock_pool(nt, &call);
+  if (pool == nullptr) {  // another thread's call is on the pool: run here, alone
+    fn(0, n);
+    return;
+  }
+  pool->run(n, grain, fn);
+}
+
+}  // namespace fastrec

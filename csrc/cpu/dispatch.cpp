@@ -1,0 +1,62 @@
+// Chooses each kernel's variant. Baseline flags: nothing here executes ISA-specific code.
+#include "fastrec/dispatch.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+namespace fastrec {
+namespace {
+
+constexpr KernelTable kScalarTable{Isa::kScalar, &ref::embedding_bag};
+constexpr KernelTable kAvx2Table{Isa::kAvx2, &avx2::embedding_bag};
+constexpr KernelTable kAvx512Table{Isa::kAvx512, &avx512::embedding_bag};
+
+std::atomic<const KernelTable*> g_table{nullptr};
+
+const KernelTable* table_of(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return &kScalarTable;
+    case Isa::kAvx2: return &kAvx2Table;
+    case Isa::kAvx512: return &kAvx512Table;
+  }
+  return &kScalarTable;
+}
+
+const KernelTable* initial_table() {
+  const char* env = std::getenv("FASTREC_CPU_ISA");
+  if (env == nullptr || *env == '\0') return table_of(best_isa());
+  const Isa isa = parse_isa(env);
+  if (!isa_supported(isa)) {
+    throw std::invalid_argument(std::string("FASTREC_CPU_ISA=") + env +
+                                " but this CPU (or its OS) does not support it; best available: " +
+                                isa_name(best_isa()));
+  }
+  return table_of(isa);
+}
+
+}  // namespace
+
+const KernelTable& kernels() {
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (t == nullptr) {
+    t = initial_table();
+    g_table.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+
+const KernelTable& kernels_for(Isa isa) {
+  if (!isa_supported(isa)) {
+    throw std::invalid_argument(std::string("CPU ISA level '") + isa_name(isa) +
+                                "' is not supported on this machine");
+  }
+  return *table_of(isa);
+}
+
+void set_isa(Isa isa) { g_table.store(&kernels_for(isa), std::memory_order_release); }
+
+Isa current_isa() { return kernels().isa; }
+
+}  // namespace fastrec

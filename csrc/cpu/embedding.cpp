@@ -1,0 +1,142 @@
+// The embedding-bag driver: validates offsets, splits (table, bag) work into chunks, runs
+// them in one parallel pass with the chosen kernel, and reports the first bad id.
+#include "fastrec/embedding.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastrec/dispatch.h"
+#include "fastrec/parallel.h"
+
+namespace fastrec {
+namespace {
+
+// Below this many bytes of rows to read a call runs on the calling thread: waking the pool
+// costs more than it saves.
+constexpr int64_t kSerialBytes = 256 * 1024;
+
+struct Chunk {
+  int32_t table;
+  int64_t bag_begin, bag_end;
+};
+
+int64_t row_read_bytes(const TableView& t) {
+  switch (t.kind) {
+    case RowKind::kF32: return 4 * t.dim;
+    case RowKind::kF16: return 2 * t.dim;
+    default: return t.row_stride;
+  }
+}
+
+}  // namespace
+
+int64_t batch_size_of(const MultiBagArgs& a) {
+  const int64_t T = static_cast<int64_t>(a.tables.size());
+  if (T == 0) throw std::invalid_argument("at least one table is required");
+  if (a.num_offsets < 1 || (a.num_offsets - 1) % T != 0) {
+    throw std::invalid_argument("offsets must have length T*B + 1 (T=" + std::to_string(T) +
+                                " tables), got length " + std::to_string(a.num_offsets));
+  }
+  return (a.num_offsets - 1) / T;
+}
+
+void embedding_bags(const MultiBagArgs& a) {
+  const int64_t T = static_cast<int64_t>(a.tables.size());
+  const int64_t B = batch_size_of(a);
+  if (static_cast<int64_t>(a.modes.size()) != T || static_cast<int64_t>(a.padding_idx.size()) != T) {
+    throw std::invalid_argument("one mode and one padding_idx per table are required");
+  }
+  // Offsets as int64 (a copy only for int32 input), checked in one pass.
+  std::vector<int64_t> off64;
+  const int64_t* off;
+  if (a.offsets_int64) {
+    off = static_cast<const int64_t*>(a.offsets);
+  } else {
+    const int32_t* o32 = static_cast<const int32_t*>(a.offsets);
+    off64.assign(o32, o32 + a.num_offsets);
+    off = off64.data();
+  }
+  if (off[0] != 0) {
+    throw std::invalid_argument("offsets[0] must be 0, got " + std::to_string(off[0]));
+  }
+  for (int64_t i = 1; i < a.num_offsets; ++i) {
+    if (off[i] < off[i - 1]) {
+      throw std::invalid_argument("offsets must be non-decreasing: offsets[" + std::to_string(i) + "]=" +
+                                  std::to_string(off[i]) + " < offsets[" + std::to_string(i - 1) +
+                                  "]=" + std::to_string(off[i - 1]));
+    }
+  }
+  if (off[a.num_offsets - 1] != a.num_indices) {
+    throw std::invalid_argument("offsets[-1] must equal len(indices)=" + std::to_string(a.num_indices) +
+                                ", got " + std::to_string(off[a.num_offsets - 1]));
+  }
+  if (B == 0) return;
+
+  std::vector<int64_t> col(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) col[t + 1] = col[t] + a.tables[t].dim;
+  const int64_t out_stride = col[T];
+
+  // Cost model: bytes of rows read plus bytes written. Chunks of about a quarter of a
+  // thread's share keep both threads busy when tables differ in cost.
+  int64_t total = 0;
+  std::vector<int64_t> table_cost(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = off[(t + 1) * B] - off[t * B];
+    table_cost[t] = n * row_read_bytes(a.tables[t]) + B * 4 * a.tables[t].dim;
+    total += table_cost[t];
+  }
+  const int nthreads = total < kSerialBytes ? 1 : get_num_threads();
+  const int64_t target = std::max<int64_t>(16 * 1024, total / (static_cast<int64_t>(nthreads) * 8));
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t pieces = nthreads == 1 ? 1 : std::min<int64_t>(B, std::max<int64_t>(1, table_cost[t] / target));
+    for (int64_t p = 0; p < pieces; ++p) {
+      chunks.push_back(Chunk{static_cast<int32_t>(t), B * p / pieces, B * (p + 1) / pieces});
+    }
+  }
+
+  const KernelTable& k = kernels();
+  std::vector<BagError> errors(chunks.size());
+  auto run_chunks = [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = chunks[c];
+      BagJob job;
+      job.table = a.tables[ch.table];
+      job.indices = a.indices;
+      job.indices_int64 = a.indices_int64;
+      job.offsets = off + static_cast<int64_t>(ch.table) * B;
+      job.bag_begin = ch.bag_begin;
+      job.bag_end = ch.bag_end;
+      job.per_sample_weights = a.per_sample_weights;
+      job.mode = a.modes[ch.table];
+      job.padding_idx = a.padding_idx[ch.table];
+      job.out = a.out + col[ch.table];
+      job.out_stride = out_stride;
+      k.embedding_bag(job, &errors[c]);
+    }
+  };
+  if (nthreads == 1) {
+    run_chunks(0, static_cast<int64_t>(chunks.size()));
+  } else {
+    parallel_for(static_cast<int64_t>(chunks.size()), 1, run_chunks);
+  }
+
+  const BagError* first = nullptr;
+  for (const BagError& e : errors) {
+    if (e.position >= 0 && (first == nullptr || e.position < first->position)) first = &e;
+  }
+  if (first != nullptr) {
+    // Which table the position belongs to, for the message.
+    const int64_t* hit = std::upper_bound(off, off + a.num_offsets, first->position);
+    const int64_t bag = (hit - off) - 1;
+    const int64_t t = bag / B;
+    throw std::out_of_range("index " + std::to_string(first->value) + " at position " +
+                            std::to_string(first->position) + " (table " + std::to_string(t) + ", bag " +
+                            std::to_string(bag % B) + ") is out of range [0, " +
+                            std::to_string(a.tables[t].num_rows) + ")");
+  }
+}
+
+}  // namespace fastrec

@@ -1,0 +1,20 @@
+// The one thread pool. Kernels call parallel_for; nothing else in fastrec starts threads.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace fastrec {
+
+// Threads fastrec uses for one call, the caller included (>= 1).
+int get_num_threads();
+// Sets the thread count (>= 1). The caller (Python) clamps it to the CPUs the process may use.
+void set_num_threads(int n);
+
+// Runs fn(begin, end) over [0, n) split into chunks of about `grain` items, on the pool.
+// The calling thread takes part. Calls from several threads at once are safe: when the pool
+// is busy with another call, or when this call comes from inside a pool task, the work runs
+// on the calling thread alone, so there is never nested or oversubscribed parallelism.
+// fn must not throw: kernels record errors and the caller raises after the pass.
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace fastrec

@@ -1,0 +1,246 @@
+// fastrec._C: the CPU module. Converts Python objects into views, re-checks everything the
+// kernels rely on, releases the GIL and calls the drivers.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fastrec/cpu_features.h"
+#include "fastrec/dispatch.h"
+#include "fastrec/embedding.h"
+#include "fastrec/parallel.h"
+
+namespace py = pybind11;
+using namespace fastrec;
+
+namespace {
+
+// Row-wise quantized table storage, the base of fastrec.QuantizedTable. Holds the packed
+// bytes (R, row_stride) uint8 and how to read them; the Python subclass adds the methods.
+struct PackedTable {
+  py::array data;  // uint8, C-contiguous, (R, row_stride)
+  int bits = 8;
+  int64_t dim = 0;
+  std::string layout;  // "fbgemm" or "tbe"
+  TableView view;
+};
+
+int64_t code_bytes(int bits, int64_t dim) {
+  const int64_t per_byte = 8 / bits;
+  return (dim + per_byte - 1) / per_byte;
+}
+
+void init_packed(PackedTable& self, py::array data, int bits, int64_t dim, const std::string& layout) {
+  if (bits != 8 && bits != 4 && bits != 2) throw py::value_error("bits must be 8, 4 or 2, got " + std::to_string(bits));
+  if (layout != "fbgemm" && layout != "tbe") throw py::value_error("layout must be 'fbgemm' or 'tbe', got '" + layout + "'");
+  if (!py::isinstance<py::array_t<uint8_t>>(data) || data.dtype().kind() != 'u' || data.itemsize() != 1) {
+    throw py::type_error("packed table data must be a uint8 array, got dtype " + std::string(py::str(data.dtype())));
+  }
+  if (data.ndim() != 2) throw py::value_error("packed table data must be 2-D (rows, bytes per row)");
+  if (!(data.flags() & py::array::c_style)) throw py::value_error("packed table data must be C-contiguous");
+  if (dim < 1) throw py::value_error("dim must be >= 1, got " + std::to_string(dim));
+  const int64_t cb = code_bytes(bits, dim);
+  const bool tbe = layout == "tbe";
+  const int64_t qbytes = (bits == 8 && !tbe) ? 8 : 4;
+  const int64_t need = cb + qbytes;
+  const int64_t stride = data.shape(1);
+  if (stride < need) {
+    throw py::value_error("packed rows of " + std::to_string(stride) + " bytes are too short for dim=" +
+                          std::to_string(dim) + " at " + std::to_string(bits) + " bits in layout '" + layout +
+                          "' (need >= " + std::to_string(need) + ")");
+  }
+  self.data = data;
+  self.bits = bits;
+  self.dim = dim;
+  self.layout = layout;
+  TableView& v = self.view;
+  v.data = static_cast<const uint8_t*>(data.data());
+  v.num_rows = data.shape(0);
+  v.dim = dim;
+  v.row_stride = stride;
+  v.kind = bits == 8 ? RowKind::kQ8 : bits == 4 ? RowKind::kQ4 : RowKind::kQ2;
+  if (tbe) {
+    v.qparam_offset = 0;
+    v.code_offset = 4;
+    v.qparams_fp16 = true;
+  } else {
+    v.code_offset = 0;
+    v.qparam_offset = cb;
+    v.qparams_fp16 = bits != 8;
+  }
+}
+
+// A float table as a view; `keep` receives the array to hold alive during the call.
+TableView float_view(py::handle obj, size_t t, std::vector<py::object>& keep) {
+  py::array arr = py::array::ensure(obj);
+  if (!arr) throw py::type_error("table " + std::to_string(t) + " must be a numpy array or QuantizedTable");
+  const py::dtype dt = arr.dtype();
+  RowKind kind;
+  if (dt.is(py::dtype::of<float>())) {
+    kind = RowKind::kF32;
+  } else if (dt.kind() == 'f' && dt.itemsize() == 2) {
+    kind = RowKind::kF16;
+  } else {
+    throw py::type_error("table " + std::to_string(t) + " must be float32 or float16 (or a QuantizedTable), got " +
+                         std::string(py::str(dt)));
+  }
+  if (arr.ndim() != 2) throw py::value_error("table " + std::to_string(t) + " must be 2-D (rows, dim), got " +
+                                             std::to_string(arr.ndim()) + "-D");
+  if (!(arr.flags() & py::array::c_style)) {
+    arr = py::module_::import("numpy").attr("ascontiguousarray")(arr);
+  }
+  TableView v;
+  v.data = static_cast<const uint8_t*>(arr.data());
+  v.num_rows = arr.shape(0);
+  v.dim = arr.shape(1);
+  v.kind = kind;
+  v.row_stride = v.dim * static_cast<int64_t>(arr.itemsize());
+  keep.push_back(arr);
+  return v;
+}
+
+bool is_int_array(const py::array& a, int64_t* itemsize) {
+  const py::dtype dt = a.dtype();
+  if (dt.kind() != 'i' || (dt.itemsize() != 4 && dt.itemsize() != 8)) return false;
+  *itemsize = dt.itemsize();
+  return true;
+}
+
+py::array contiguous_1d(const py::array& a, const char* what) {
+  if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(a.ndim()) + "-D");
+  if (!(a.flags() & py::array::c_style)) return py::module_::import("numpy").attr("ascontiguousarray")(a);
+  return a;
+}
+
+py::array embedding_bags_py(const py::sequence& tables, py::array indices, py::array offsets,
+                            const std::vector<int>& modes, py::object per_sample_weights,
+                            const std::vector<int64_t>& padding_idx) {
+  MultiBagArgs a;
+  std::vector<py::object> keep;
+  const size_t T = py::len(tables);
+  a.tables.reserve(T);
+  for (size_t t = 0; t < T; ++t) {
+    py::handle obj = tables[t];
+    if (py::isinstance<PackedTable>(obj)) {
+      a.tables.push_back(obj.cast<PackedTable&>().view);
+      keep.push_back(py::reinterpret_borrow<py::object>(obj));
+    } else {
+      a.tables.push_back(float_view(obj, t, keep));
+    }
+  }
+  int64_t isz = 0, osz = 0;
+  if (!is_int_array(indices, &isz)) throw py::type_error("indices must be int32 or int64, got " + std::string(py::str(indices.dtype())));
+  if (!is_int_array(offsets, &osz)) throw py::type_error("offsets must be int32 or int64, got " + std::string(py::str(offsets.dtype())));
+  indices = contiguous_1d(indices, "indices");
+  offsets = contiguous_1d(offsets, "offsets");
+  a.indices = indices.data();
+  a.indices_int64 = isz == 8;
+  a.num_indices = indices.shape(0);
+  a.offsets = offsets.data();
+  a.offsets_int64 = osz == 8;
+  a.num_offsets = offsets.shape(0);
+  for (int m : modes) {
+    if (m < 0 || m > 2) throw py::value_error("mode code must be 0 (sum), 1 (mean) or 2 (max)");
+    a.modes.push_back(static_cast<PoolMode>(m));
+  }
+  a.padding_idx = padding_idx;
+  py::array psw;
+  if (!per_sample_weights.is_none()) {
+    psw = py::array::ensure(per_sample_weights);
+    if (!psw || !psw.dtype().is(py::dtype::of<float>())) throw py::type_error("per_sample_weights must be float32");
+    psw = contiguous_1d(psw, "per_sample_weights");
+    if (psw.shape(0) != a.num_indices) {
+      throw py::value_error("per_sample_weights must have one weight per index (" + std::to_string(a.num_indices) +
+                            "), got " + std::to_string(psw.shape(0)));
+    }
+    for (size_t t = 0; t < T; ++t) {
+      if (a.modes[t] != PoolMode::kSum) throw py::value_error("per_sample_weights is only supported with mode 'sum'");
+    }
+    a.per_sample_weights = static_cast<const float*>(psw.data());
+  }
+  const int64_t B = batch_size_of(a);
+  int64_t total_dim = 0;
+  for (const TableView& v : a.tables) total_dim += v.dim;
+  py::array_t<float> out({B, total_dim});
+  a.out = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    embedding_bags(a);
+  }
+  return out;
+}
+
+void advise_hugepages(py::array arr) {
+  // Advice only: asks the kernel to back the page-aligned 2 MiB-multiple middle of the
+  // buffer with transparent huge pages. Harmless where THP is off.
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(arr.data());
+  const uintptr_t end = begin + static_cast<uintptr_t>(arr.nbytes());
+  const uintptr_t huge = 2u << 20;
+  const uintptr_t b = (begin + huge - 1) & ~(huge - 1), e = end & ~(huge - 1);
+#ifdef MADV_HUGEPAGE
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastrec CPU kernels (internal; use fastrec.ops)";
+  kernels();  // resolve FASTREC_CPU_ISA now so a bad value fails the import with a clear message
+
+  py::class_<PackedTable>(m, "PackedTable", py::dynamic_attr())
+      .def(py::init([](py::array data, int bits, int64_t dim, const std::string& layout) {
+             PackedTable t;
+             init_packed(t, data, bits, dim, layout);
+             return t;
+           }),
+           py::arg("data"), py::arg("bits"), py::arg("dim"), py::arg("layout") = "fbgemm")
+      .def_property_readonly("data", [](const PackedTable& t) { return t.data; })
+      .def_property_readonly("bits", [](const PackedTable& t) { return t.bits; })
+      .def_property_readonly("dim", [](const PackedTable& t) { return t.dim; })
+      .def_property_readonly("num_rows", [](const PackedTable& t) { return t.view.num_rows; })
+      .def_property_readonly("row_stride", [](const PackedTable& t) { return t.view.row_stride; })
+      .def_property_readonly("layout", [](const PackedTable& t) { return t.layout; });
+
+  m.def("embedding_bags", &embedding_bags_py, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
+        py::arg("modes"), py::arg("per_sample_weights"), py::arg("padding_idx"));
+
+  m.def("advise_hugepages", &advise_hugepages, py::arg("array"));
+  m.def("get_num_threads", &get_num_threads);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("current_isa", [] { return std::string(isa_name(current_isa())); });
+  m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); }, py::arg("name"));
+  m.def("available_isas", [] {
+    std::vector<std::string> out;
+    for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+      if (isa_supported(i)) out.emplace_back(isa_name(i));
+    }
+    return out;
+  });
+  m.def("cpu_features", [] {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["avx512"] = f.avx512;
+    d["avx512_vnni"] = f.avx512_vnni;
+    return d;
+  });
+  m.def("build_info", [] {
+    py::dict d;
+#if defined(__clang__)
+    d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    d["compiler"] = std::string("unknown");
+#endif
+    d["openmp"] = false;  // fastrec uses its own thread pool (csrc/common/parallel.cpp)
+    d["thread_pool"] = std::string("fastrec (std::thread)");
+    return d;
+  });
+}

@@ -1,0 +1,30 @@
+"""fastrec: low-latency inference for recommendation models.
+
+Public names only; see ``fastrec.ops`` for the functional API and ``python -m fastrec.info`` for
+what this build and this machine support.
+"""
+
+from __future__ import annotations
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as exc:  # pragma: no cover - only when the build is broken
+    raise ImportError(
+        "fastrec's compiled CPU module (fastrec._C) could not be imported: "
+        f"{exc}. Reinstall with `pip install .` and check `python -m fastrec.info`."
+    ) from exc
+
+from ._config import get_num_threads, set_num_threads
+from .tables import QuantizedTable
+from . import ops, testing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizedTable",
+    "get_num_threads",
+    "ops",
+    "set_num_threads",
+    "testing",
+    "__version__",
+]

@@ -1,0 +1,60 @@
+"""``python -m fastrec.info``: what this build and this machine support."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+
+def info() -> dict:
+    """A dict describing the build, the CPU dispatch, threads and optional backends."""
+    import fastrec
+    from fastrec import _C, _config
+
+    cuda_built = importlib.util.find_spec("fastrec._C_cuda") is not None
+    build = _C.build_info()
+    return {
+        "version": fastrec.__version__,
+        "python": sys.version.split()[0],
+        "cpu_isa": _C.current_isa(),
+        "cpu_isas_available": list(_C.available_isas()),
+        "cpu_features": dict(_C.cpu_features()),
+        "num_threads": fastrec.get_num_threads(),
+        "cpus_available": _config.available_cpus(),
+        "openmp": build["openmp"],
+        "thread_pool": build["thread_pool"],
+        "compiler": build["compiler"],
+        "cuda_module_built": cuda_built,
+        "backends": {
+            "cpu": True,
+            "cuda": cuda_built,
+            "numba": importlib.util.find_spec("numba") is not None,
+            "cupy": importlib.util.find_spec("cupy") is not None,
+        },
+    }
+
+
+def format_info(d: dict) -> str:
+    lines = [f"fastrec {d['version']} (Python {d['python']})"]
+    lines.append(f"  CPU ISA in use     : {d['cpu_isa']}  (set FASTREC_CPU_ISA to force one)")
+    lines.append(f"  CPU ISAs available : {', '.join(d['cpu_isas_available'])}")
+    feats = ", ".join(k for k, v in d["cpu_features"].items() if v) or "none"
+    lines.append(f"  CPU features       : {feats}")
+    lines.append(f"  threads            : {d['num_threads']} of {d['cpus_available']} CPUs available")
+    lines.append(f"  OpenMP             : {'yes' if d['openmp'] else 'no'} (thread pool: {d['thread_pool']})")
+    lines.append(f"  compiler           : {d['compiler']}")
+    lines.append(f"  CUDA module built  : {'yes' if d['cuda_module_built'] else 'no'}")
+    lines.append("  backends           : " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in d["backends"].items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    d = info()
+    print(json.dumps(d, indent=2) if "--json" in argv else format_info(d))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The functional API. Each op validates and normalises its inputs, then calls the backend.
+
+Sparse input uses CSR offsets of length ``B + 1`` (TorchRec / FBGEMM convention: ``offsets[0]
+== 0``, non-decreasing, ``offsets[-1] == len(indices)``); for several tables, table-major
+offsets of length ``T*B + 1`` (the layout of TorchRec's KeyedJaggedTensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import _C
+from .tables import QuantizedTable
+
+__all__ = ["embedding_bag", "embedding_bags"]
+
+_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _mode_code(mode) -> int:
+    try:
+        return _MODES[mode]
+    except (KeyError, TypeError):
+        raise ValueError(f"mode must be one of 'sum', 'mean', 'max', got {mode!r}") from None
+
+
+def _index_array(x, name: str) -> np.ndarray:
+    """An int32/int64 ndarray (no copy when it already is one)."""
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor
+            x = x.detach().cpu().numpy()
+        else:
+            x = np.asarray(x)
+            if x.size == 0 and x.dtype == np.float64:  # [] -> float64 by default
+                x = x.astype(np.int64)
+    if x.dtype != np.int64 and x.dtype != np.int32:
+        raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
+    return x
+
+
+def _weights_array(x, n: int) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "detach") and hasattr(x, "cpu"):
+            x = x.detach().cpu().numpy()
+        else:
+            x = np.asarray(x, dtype=np.float32)
+    if x.dtype != np.float32:
+        raise TypeError(f"per_sample_weights must be float32, got {x.dtype}")
+    if x.size != n:
+        raise ValueError(f"per_sample_weights must have one weight per index ({n}), got shape {x.shape}")
+    return x.reshape(-1)
+
+
+def _table(t):
+    """A QuantizedTable or a 2-D float32/float16 ndarray (dtype checks happen in C++)."""
+    if isinstance(t, (np.ndarray, QuantizedTable)):
+        return t
+    if hasattr(t, "detach") and hasattr(t, "cpu"):
+        return t.detach().cpu().numpy()
+    raise TypeError(f"an embedding table must be a numpy array or a fastrec.QuantizedTable, got {type(t).__name__}")
+
+
+def embedding_bag(weight, indices, offsets=None, *, mode="sum", per_sample_weights=None,
+                  padding_idx=None) -> np.ndarray:
+    """Pool rows of one embedding table per bag.
+
+    Args:
+        weight: float32 or float16 array ``(R, D)``, or a :class:`fastrec.QuantizedTable`.
+        indices: int32 or int64 ids; 1-D with ``offsets``, or 2-D ``(B, L)`` (B bags of L ids)
+            with ``offsets=None``.
+        offsets: CSR offsets, length ``B + 1``, ``offsets[0] == 0``, non-decreasing,
+            ``offsets[-1] == len(indices)``.
+        mode: ``"sum"``, ``"mean"`` or ``"max"``. An empty bag gives zeros.
+        per_sample_weights: float32, one weight per index, only with ``mode="sum"``.
+        padding_idx: an id whose entries are skipped (negative counts from the end, as in torch);
+            ``mean`` divides by the number of the other entries; an all-padding bag gives zeros.
+
+    Returns:
+        float32 array ``(B, D)``.
+
+    Raises:
+        TypeError: wrong dtype or type. ValueError: wrong shape or value (offsets, mode, weights
+        with a mode other than sum). IndexError: an id < 0 or >= R (names its position and value).
+    """
+    weight = _table(weight)
+    indices = _index_array(indices, "indices")
+    code = _mode_code(mode)
+    if offsets is None:
+        if indices.ndim != 2:
+            raise ValueError(f"indices must be 2-D (B, L) when offsets is None, got {indices.ndim}-D")
+        B, L = indices.shape
+        offsets = np.arange(B + 1, dtype=np.int64) * L
+        indices = indices.reshape(-1)
+    else:
+        if indices.ndim != 1:
+            raise ValueError(f"indices must be 1-D when offsets are given, got {indices.ndim}-D")
+        offsets = _index_array(offsets, "offsets")
+        if offsets.ndim != 1:
+            raise ValueError(f"offsets must be 1-D, got {offsets.ndim}-D")
+        if offsets.shape[0] < 1:
+            raise ValueError("offsets must have length B + 1 >= 1 (CSR), got an empty array")
+    if per_sample_weights is not None:
+        if code != 0:
+            raise ValueError(f"per_sample_weights is only supported with mode 'sum', got mode {mode!r}")
+        per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
+    pad = -1
+    if padding_idx is not None:
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+            raise TypeError(f"padding_idx must be an int, got {type(padding_idx).__name__}")
+        rows = weight.num_rows if isinstance(weight, QuantizedTable) else np.shape(weight)[0]
+        pad = int(padding_idx) + rows if padding_idx < 0 else int(padding_idx)
+        if not 0 <= pad < rows:
+            raise ValueError(f"padding_idx must be within [-{rows}, {rows}), got {padding_idx}")
+    return _C.embedding_bags((weight,), indices, offsets, (code,), per_sample_weights, (pad,))
+
+
+def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=None) -> np.ndarray:
+    """Pool T tables in one call (one parallel pass over every (table, bag) pair).
+
+    Args:
+        tables: a sequence of T tables, each a float32/float16 array ``(R_t, D_t)`` or a
+            :class:`fastrec.QuantizedTable`, in any mix.
+        indices: 1-D int32/int64, all features' ids concatenated table-major.
+        offsets: table-major CSR offsets of length ``T*B + 1`` (KeyedJaggedTensor layout): bag b
+            of table t is ``indices[offsets[t*B + b] : offsets[t*B + b + 1]]``.
+        modes: one mode for all tables, or one per table.
+        per_sample_weights: float32, one per index; requires every mode to be ``"sum"``.
+
+    Returns:
+        float32 ``(B, sum(D_t))``, table t's block in column order.
+    """
+    if isinstance(tables, (np.ndarray, QuantizedTable)) or not isinstance(tables, Sequence):
+        raise TypeError("tables must be a list or tuple of tables")
+    if len(tables) == 0:
+        raise ValueError("tables must not be empty")
+    tables = [_table(t) for t in tables]
+    T = len(tables)
+    if isinstance(modes, str):
+        codes = (_mode_code(modes),) * T
+    else:
+        codes = tuple(_mode_code(m) for m in modes)
+        if len(codes) != T:
+            raise ValueError(f"modes must be one string or one per table ({T}), got {len(codes)}")
+    indices = _index_array(indices, "indices")
+    offsets = _index_array(offsets, "offsets")
+    if indices.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got {indices.ndim}-D")
+    if offsets.ndim != 1:
+        raise ValueError(f"offsets must be 1-D, got {offsets.ndim}-D")
+    if per_sample_weights is not None:
+        if any(c != 0 for c in codes):
+            raise ValueError("per_sample_weights is only supported when every mode is 'sum'")
+        per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
+    return _C.embedding_bags(tables, indices, offsets, codes, per_sample_weights, (-1,) * T)

@@ -1,0 +1,106 @@
+"""Float64 numpy oracles and tolerance helpers, for fastrec's tests and for users' own checks.
+
+The oracles are deliberately plain loops over numpy: slow, obviously correct, independent of
+fastrec's kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "assert_close",
+    "dense_table_f64",
+    "embedding_bag_ref",
+    "embedding_bags_ref",
+    "max_abs_error",
+    "torch_offsets",
+]
+
+
+def dense_table_f64(table) -> np.ndarray:
+    """A table (float array or QuantizedTable) as float64 ``(R, D)``; quantized rows are
+    decoded in float64 from their codes, scale and bias."""
+    from .tables import QuantizedTable
+
+    if isinstance(table, QuantizedTable):
+        q, scale, bias = table._codes_and_qparams()
+        return q.astype(np.float64) * scale.astype(np.float64)[:, None] + bias.astype(np.float64)[:, None]
+    return np.asarray(table, dtype=np.float64)
+
+
+def embedding_bag_ref(weight, indices, offsets=None, *, mode="sum", per_sample_weights=None,
+                      padding_idx=None) -> np.ndarray:
+    """Float64 reference of :func:`fastrec.ops.embedding_bag` (same arguments)."""
+    w = dense_table_f64(weight)
+    R, D = w.shape
+    indices = np.asarray(indices)
+    if offsets is None:
+        B, L = indices.shape
+        offsets = np.arange(B + 1) * L
+        indices = indices.reshape(-1)
+        if per_sample_weights is not None:
+            per_sample_weights = np.asarray(per_sample_weights).reshape(-1)
+    offsets = np.asarray(offsets)
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += R
+    B = len(offsets) - 1
+    out = np.zeros((B, D), dtype=np.float64)
+    for b in range(B):
+        rows, ws = [], []
+        for p in range(int(offsets[b]), int(offsets[b + 1])):
+            i = int(indices[p])
+            if padding_idx is not None and i == padding_idx:
+                continue
+            if not 0 <= i < R:
+                raise IndexError(f"index {i} at position {p} is out of range [0, {R})")
+            rows.append(w[i])
+            ws.append(1.0 if per_sample_weights is None else float(per_sample_weights[p]))
+        if not rows:
+            continue
+        m = np.stack(rows)
+        if mode == "sum":
+            out[b] = (np.asarray(ws)[:, None] * m).sum(axis=0)
+        elif mode == "mean":
+            out[b] = m.mean(axis=0)
+        elif mode == "max":
+            out[b] = m.max(axis=0)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    return out
+
+
+def embedding_bags_ref(tables, indices, offsets, *, modes="sum", per_sample_weights=None) -> np.ndarray:
+    """Float64 reference of :func:`fastrec.ops.embedding_bags`."""
+    T = len(tables)
+    offsets = np.asarray(offsets)
+    B = (len(offsets) - 1) // T
+    modes = [modes] * T if isinstance(modes, str) else list(modes)
+    blocks = []
+    for t in range(T):
+        off = offsets[t * B:(t + 1) * B + 1]
+        lo, hi = int(off[0]), int(off[-1])
+        psw = None if per_sample_weights is None else np.asarray(per_sample_weights)[lo:hi]
+        blocks.append(embedding_bag_ref(tables[t], np.asarray(indices)[lo:hi], off - lo, mode=modes[t],
+                                        per_sample_weights=psw))
+    return np.concatenate(blocks, axis=1) if blocks else np.zeros((B, 0))
+
+
+def torch_offsets(offsets) -> np.ndarray:
+    """CSR offsets (B + 1) -> torch.nn.EmbeddingBag's B start offsets."""
+    return np.asarray(offsets)[:-1]
+
+
+def max_abs_error(actual, expected) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape mismatch: {actual.shape} vs {expected.shape}")
+    return float(np.max(np.abs(actual - expected))) if actual.size else 0.0
+
+
+def assert_close(actual, expected, *, rtol=1e-5, atol=1e-6, err_msg="") -> None:
+    """``|actual - expected| <= atol + rtol * |expected|`` elementwise, with a useful message."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=err_msg)
