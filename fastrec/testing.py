@@ -10,6 +10,7 @@ import numpy as np
 
 __all__ = [
     "assert_close",
+    "assert_no_worse_than",
     "dense_table_f64",
     "embedding_bag_ref",
     "embedding_bags_ref",
@@ -104,3 +105,12 @@ def assert_close(actual, expected, *, rtol=1e-5, atol=1e-6, err_msg="") -> None:
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def assert_no_worse_than(actual, peer, oracle, *, factor=2.0, atol=1e-6, err_msg="") -> None:
+    """DESIGN.md's rule for lossy paths: fastrec's max error against the float64 oracle is at
+    most ``factor`` times the peer's (plus ``atol``, for when the peer happens to be exact)."""
+    ours = max_abs_error(actual, oracle)
+    theirs = max_abs_error(peer, oracle)
+    if not ours <= factor * theirs + atol:
+        raise AssertionError(f"{err_msg} max error {ours:.3e} > {factor} x peer's {theirs:.3e} + {atol:.1e}")

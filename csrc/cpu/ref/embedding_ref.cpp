@@ -69,11 +69,11 @@ void run(const BagJob& j, BagError* err) {
     int64_t count = 0;
     for (int64_t p = j.offsets[b]; p < j.offsets[b + 1]; ++p) {
       const int64_t idx = static_cast<int64_t>(ind[p]);
-      if (idx == j.padding_idx) continue;
       if (idx < 0 || idx >= t.num_rows) {
         if (err->position < 0 || p < err->position) *err = BagError{p, idx};
         continue;
       }
+      if (idx == j.padding_idx) continue;
       const uint8_t* row = t.data + idx * t.row_stride;
       const float w = j.per_sample_weights ? j.per_sample_weights[p] : 1.f;
       for (int64_t d = 0; d < t.dim; ++d) {

@@ -41,7 +41,7 @@ struct BagJob {
   int64_t bag_end = 0;
   const float* per_sample_weights = nullptr;  // aligned with indices, or null
   PoolMode mode = PoolMode::kSum;
-  int64_t padding_idx = -1;  // -1: none
+  int64_t padding_idx = -1;  // -1: none (ids are range-checked before this is compared)
   float* out = nullptr;      // row of bag b is out + b * out_stride
   int64_t out_stride = 0;    // floats
 };

@@ -1,0 +1,134 @@
+"""Print a markdown table of fastrec-vs-peer ratios from the benches.
+
+    python benches/report.py                       # run benches/bench_embedding.py, then report
+    python benches/report.py -k small              # pass extra arguments through to pytest
+    python benches/report.py --json results.json   # report on an existing --benchmark-json file
+    python benches/report.py --save-json out.json  # run, keep the raw pytest-benchmark JSON
+
+Ratios are peer time / fastrec time within one group (same inputs, same run): above 1 means
+fastrec is faster. Large-batch groups use the median; small-request groups p50 and p99 of
+single calls (extra_info p50_us / p99_us).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_BENCH = os.path.join(HERE, "bench_embedding.py")
+BASELINE = "fastrec"
+
+
+def run_benches(pytest_args, json_path: str) -> int:
+    import pytest  # in-process: the script's directory (benches/) is sys.path[0], not the cwd
+
+    args = [DEFAULT_BENCH, "--benchmark-only", "-p", "no:cacheprovider", "-q",
+            f"--benchmark-json={json_path}", *pytest_args]
+    return int(pytest.main(args))
+
+
+def _impl(bench) -> str:
+    impl = bench.get("extra_info", {}).get("impl")
+    if impl:
+        return impl
+    param = bench.get("param") or bench["name"]
+    group = bench.get("group") or ""
+    return param[len(group) + 1:] if group and param.startswith(group + "-") else param
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def report(data) -> str:
+    groups = defaultdict(dict)
+    for b in data.get("benchmarks", []):
+        groups[b.get("group") or b["name"]][_impl(b)] = b
+
+    out = []
+    mi = data.get("machine_info", {})
+    cpu = mi.get("cpu", {})
+    threads = {b.get("extra_info", {}).get("threads") for b in data.get("benchmarks", [])} - {None}
+    out.append(f"Machine: {cpu.get('brand_raw', mi.get('processor', '?'))}, "
+               f"{cpu.get('count', '?')} CPUs, Python {mi.get('python_version', '?')}; "
+               f"threads per library: {', '.join(map(str, sorted(threads))) or '?'}; "
+               f"run {data.get('datetime', '?')}")
+    commit = data.get("commit_info", {})
+    if commit.get("id"):
+        out.append(f"Commit: {commit['id'][:12]}{' (dirty)' if commit.get('dirty') else ''}")
+    out.append("")
+    out.append("Ratio = peer time / fastrec time (>1: fastrec faster).")
+    out.append("")
+
+    large = {g: v for g, v in groups.items() if g.startswith("large")}
+    small = {g: v for g, v in groups.items() if not g.startswith("large")}
+
+    if large:
+        out.append("| group | impl | median | rows/s | GB/s | vs fastrec |")
+        out.append("|---|---|---:|---:|---:|---:|")
+        for g in sorted(large):
+            impls = large[g]
+            base = impls.get(BASELINE)
+            base_t = base["stats"]["median"] if base else None
+            for name in sorted(impls, key=lambda n: (n != BASELINE, n)):
+                b = impls[name]
+                t = b["stats"]["median"]
+                ei = b.get("extra_info", {})
+                rows = ei.get("rows_per_s")
+                gbs = ei.get("GB_per_s")
+                rows_s = f"{rows / 1e6:.0f} M" if rows else "-"
+                gbs_s = f"{gbs:.1f}" if gbs else "-"
+                out.append(f"| {g} | {name} | {_fmt_time(t)} | {rows_s} | {gbs_s} | {_ratio(t, base_t)} |")
+        out.append("")
+
+    if small:
+        out.append("| group | impl | p50 | p99 | p50 vs fastrec | p99 vs fastrec |")
+        out.append("|---|---|---:|---:|---:|---:|")
+        for g in sorted(small):
+            impls = small[g]
+            base = impls.get(BASELINE, {}).get("extra_info", {})
+            for name in sorted(impls, key=lambda n: (n != BASELINE, n)):
+                ei = impls[name].get("extra_info", {})
+                p50 = ei.get("p50_us") or impls[name]["stats"]["median"] * 1e6
+                p99 = ei.get("p99_us")
+                out.append(f"| {g} | {name} | {p50:.1f} us | "
+                           f"{f'{p99:.1f} us' if p99 else '-'} | "
+                           f"{_ratio(p50, base.get('p50_us'))} | {_ratio(p99, base.get('p99_us'))} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="an existing pytest-benchmark --benchmark-json file to report on")
+    ap.add_argument("--save-json", help="where to keep the JSON of a fresh run")
+    args, pytest_args = ap.parse_known_args(argv)
+
+    if args.json:
+        path = args.json
+    else:
+        path = args.save_json or os.path.join(tempfile.mkdtemp(prefix="fastrec-bench-"), "bench.json")
+        rc = run_benches(pytest_args, path)
+        if rc != 0 or not os.path.exists(path):
+            print(f"pytest exited with {rc}", file=sys.stderr)
+            if not os.path.exists(path):
+                return rc or 1
+    with open(path) as f:
+        data = json.load(f)
+    print(report(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""fastrec.ops.embedding_bag against the float64 oracle (always) and torch (when installed)."""
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec import ops, testing
+from conftest import needs_torch, random_csr
+
+MODES = ["sum", "mean", "max"]
+DIMS = [1, 3, 16, 64, 97, 130, 1024]
+
+
+def tol_for(dtype):
+    return dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("wdtype", [np.float32, np.float16])
+def test_matches_oracle(isa, rng, mode, dim, wdtype):
+    R = 50
+    W = rng.standard_normal((R, dim)).astype(wdtype)
+    indices, offsets = random_csr(rng, 23, R)
+    out = ops.embedding_bag(W, indices, offsets, mode=mode)
+    ref = testing.embedding_bag_ref(W, indices, offsets, mode=mode)
+    assert out.dtype == np.float32 and out.shape == (23, dim)
+    testing.assert_close(out, ref, **tol_for(wdtype))
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("off_dtype", [np.int32, np.int64])
+def test_index_and_offset_dtypes(isa, rng, idx_dtype, off_dtype):
+    W = rng.standard_normal((40, 8)).astype(np.float32)
+    indices, offsets = random_csr(rng, 11, 40)
+    out = ops.embedding_bag(W, indices.astype(idx_dtype), offsets.astype(off_dtype))
+    testing.assert_close(out, testing.embedding_bag_ref(W, indices, offsets), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B", [0, 1, 3, 97, 1024])
+def test_batch_sizes(isa, rng, B):
+    W = rng.standard_normal((300, 24)).astype(np.float32)
+    indices, offsets = random_csr(rng, B, 300)
+    out = ops.embedding_bag(W, indices, offsets, mode="mean")
+    assert out.shape == (B, 24)
+    testing.assert_close(out, testing.embedding_bag_ref(W, indices, offsets, mode="mean"), rtol=1e-5, atol=1e-5)
+
+
+def test_large_parallel_batch(isa, rng):
+    """Big enough that the work is split across the thread pool."""
+    W = rng.standard_normal((20000, 64)).astype(np.float32)
+    B = 3000
+    offsets = np.arange(B + 1, dtype=np.int64) * 20
+    indices = rng.integers(0, 20000, size=B * 20)
+    out = ops.embedding_bag(W, indices, offsets)
+    ref = W.astype(np.float64)[indices].reshape(B, 20, 64).sum(axis=1)
+    testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_empty_bags_give_zeros(isa, rng):
+    W = rng.standard_normal((10, 5)).astype(np.float32)
+    offsets = np.array([0, 0, 2, 2], dtype=np.int64)
+    indices = np.array([1, 2], dtype=np.int64)
+    for mode in MODES:
+        out = ops.embedding_bag(W, indices, offsets, mode=mode)
+        assert np.all(out[0] == 0) and np.all(out[2] == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_2d_indices(isa, rng, mode):
+    W = rng.standard_normal((30, 7)).astype(np.float32)
+    idx = rng.integers(0, 30, size=(6, 4))
+    out = ops.embedding_bag(W, idx, mode=mode)
+    ref = testing.embedding_bag_ref(W, idx, mode=mode)
+    testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # L = 0: every bag empty
+    assert np.all(ops.embedding_bag(W, np.zeros((3, 0), dtype=np.int64), mode=mode) == 0)
+
+
+def test_per_sample_weights(isa, rng):
+    W = rng.standard_normal((30, 19)).astype(np.float32)
+    indices, offsets = random_csr(rng, 13, 30)
+    psw = rng.standard_normal(len(indices)).astype(np.float32)
+    out = ops.embedding_bag(W, indices, offsets, per_sample_weights=psw)
+    ref = testing.embedding_bag_ref(W, indices, offsets, per_sample_weights=psw)
+    testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # 2-D form
+    idx2 = rng.integers(0, 30, size=(4, 3))
+    psw2 = rng.standard_normal((4, 3)).astype(np.float32)
+    testing.assert_close(ops.embedding_bag(W, idx2, per_sample_weights=psw2),
+                         testing.embedding_bag_ref(W, idx2, per_sample_weights=psw2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding_idx", [0, 3, -1])
+def test_padding_idx(isa, rng, mode, padding_idx):
+    R = 8
+    W = rng.standard_normal((R, 6)).astype(np.float32)
+    pad = padding_idx % R
+    # bag 0: mix; bag 1: all padding; bag 2: empty; bag 3: no padding
+    indices = np.array([pad, 1, pad, 2, pad, pad, 4, 5], dtype=np.int64)
+    offsets = np.array([0, 4, 6, 6, 8], dtype=np.int64)
+    out = ops.embedding_bag(W, indices, offsets, mode=mode, padding_idx=padding_idx)
+    ref = testing.embedding_bag_ref(W, indices, offsets, mode=mode, padding_idx=padding_idx)
+    testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert np.all(out[1] == 0) and np.all(out[2] == 0)
+    if mode == "mean":  # divides by the count of non-padding entries
+        testing.assert_close(out[0], (W[1] + W[2]) / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_non_contiguous_inputs(isa, rng):
+    Wbig = rng.standard_normal((40, 20)).astype(np.float32)
+    W = Wbig[::2, ::2]  # non-contiguous view
+    indices, offsets = random_csr(rng, 9, 20)
+    idx_nc = np.repeat(indices, 2)[::2]
+    assert not idx_nc.flags.c_contiguous or len(indices) <= 1
+    off_nc = np.repeat(offsets, 2)[::2]
+    out = ops.embedding_bag(W, idx_nc, off_nc)
+    testing.assert_close(out, testing.embedding_bag_ref(np.ascontiguousarray(W), indices, offsets), rtol=1e-5, atol=1e-5)
+
+
+def test_lists_and_inputs_unchanged(rng):
+    W = rng.standard_normal((5, 4)).astype(np.float32)
+    W0 = W.copy()
+    idx = np.array([0, 4, 2], dtype=np.int64)
+    off = np.array([0, 1, 3], dtype=np.int64)
+    out = ops.embedding_bag(W, [0, 4, 2], [0, 1, 3])
+    testing.assert_close(out, testing.embedding_bag_ref(W, idx, off), rtol=1e-6, atol=1e-6)
+    assert np.array_equal(W, W0)
+
+
+def test_isa_variants_agree(rng):
+    """Every ISA variant gives the scalar reference's result to float rounding."""
+    from fastrec import _C
+
+    W = rng.standard_normal((500, 97)).astype(np.float32)
+    indices, offsets = random_csr(rng, 200, 500, max_len=30)
+    before = _C.current_isa()
+    results = {}
+    try:
+        for name in _C.available_isas():
+            _C.set_isa(name)
+            results[name] = ops.embedding_bag(W, indices, offsets)
+    finally:
+        _C.set_isa(before)
+    for name, out in results.items():
+        testing.assert_close(out, results["scalar"], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+# ---- torch.nn.EmbeddingBag, the peer a user compares with --------------------------------
+
+
+def _torch_bag(W, indices, offsets, mode, psw=None, padding_idx=None):
+    import torch
+
+    eb = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(np.asarray(W, dtype=np.float32)), mode=mode,
+                                               freeze=True, padding_idx=padding_idx)
+    with torch.no_grad():
+        return eb(torch.from_numpy(np.asarray(indices, dtype=np.int64)),
+                  torch.from_numpy(testing.torch_offsets(offsets).astype(np.int64)),
+                  per_sample_weights=None if psw is None else torch.from_numpy(psw)).numpy()
+
+
+@needs_torch
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_matches_torch_embedding_bag(isa, rng, mode, padding_idx):
+    W = rng.standard_normal((60, 33)).astype(np.float32)
+    indices, offsets = random_csr(rng, 37, 60)
+    indices[::3] = 2  # plenty of padding entries when padding_idx == 2
+    out = ops.embedding_bag(W, indices, offsets, mode=mode, padding_idx=padding_idx)
+    ref = _torch_bag(W, indices, offsets, mode, padding_idx=padding_idx)
+    testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_torch
+def test_matches_torch_per_sample_weights(isa, rng):
+    W = rng.standard_normal((60, 16)).astype(np.float32)
+    indices, offsets = random_csr(rng, 21, 60)
+    psw = rng.random(len(indices)).astype(np.float32)
+    out = ops.embedding_bag(W, indices, offsets, per_sample_weights=psw)
+    testing.assert_close(out, _torch_bag(W, indices, offsets, "sum", psw=psw), rtol=1e-5, atol=1e-5)
+
+
+@needs_torch
+def test_accepts_torch_tensors(rng):
+    import torch
+
+    W = rng.standard_normal((20, 4)).astype(np.float32)
+    indices, offsets = random_csr(rng, 5, 20)
+    out = ops.embedding_bag(torch.from_numpy(W), torch.from_numpy(indices), torch.from_numpy(offsets))
+    testing.assert_close(out, testing.embedding_bag_ref(W, indices, offsets), rtol=1e-6, atol=1e-6)

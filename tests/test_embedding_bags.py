@@ -1,0 +1,90 @@
+"""fastrec.ops.embedding_bags: many tables (mixed precisions and dims) in one call."""
+
+import numpy as np
+import pytest
+
+from fastrec import QuantizedTable, ops, testing
+from conftest import needs_torch
+
+
+def _kjt(rng, T, B, rows, max_len=6, dtype=np.int64):
+    lengths = rng.integers(0, max_len + 1, size=T * B)
+    offsets = np.zeros(T * B + 1, dtype=dtype)
+    offsets[1:] = np.cumsum(lengths)
+    indices = np.empty(int(offsets[-1]), dtype=dtype)
+    for t in range(T):
+        lo, hi = offsets[t * B], offsets[(t + 1) * B]
+        indices[lo:hi] = rng.integers(0, rows[t], size=hi - lo)
+    return indices, offsets
+
+
+def _mixed_tables(rng):
+    dims = [8, 3, 64, 97, 16, 5]
+    rows = [50, 20, 300, 40, 10, 7]
+    W = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(rows, dims)]
+    tables = [W[0], W[1].astype(np.float16), QuantizedTable.from_float(W[2], 8),
+              QuantizedTable.from_float(W[3], 4), QuantizedTable.from_float(W[4], 2), W[5]]
+    return tables, rows, dims
+
+
+@pytest.mark.parametrize("B", [0, 1, 3, 97, 1024])
+def test_mixed_tables_match_oracle(isa, rng, B):
+    tables, rows, dims = _mixed_tables(rng)
+    indices, offsets = _kjt(rng, len(tables), B, rows)
+    out = ops.embedding_bags(tables, indices, offsets)
+    assert out.shape == (B, sum(dims))
+    ref = testing.embedding_bags_ref(tables, indices, offsets)
+    testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_per_table_modes_and_weights(isa, rng):
+    tables, rows, dims = _mixed_tables(rng)
+    T, B = len(tables), 33
+    indices, offsets = _kjt(rng, T, B, rows)
+    modes = ["sum", "mean", "max", "mean", "max", "sum"]
+    out = ops.embedding_bags(tables, indices, offsets, modes=modes)
+    testing.assert_close(out, testing.embedding_bags_ref(tables, indices, offsets, modes=modes), rtol=1e-5, atol=1e-4)
+    psw = rng.random(len(indices)).astype(np.float32)
+    out = ops.embedding_bags(tables, indices, offsets, per_sample_weights=psw)
+    testing.assert_close(out, testing.embedding_bags_ref(tables, indices, offsets, per_sample_weights=psw),
+                         rtol=1e-5, atol=1e-4)
+
+
+def test_equals_per_table_calls(rng):
+    tables, rows, dims = _mixed_tables(rng)
+    T, B = len(tables), 57
+    indices, offsets = _kjt(rng, T, B, rows, dtype=np.int32)
+    out = ops.embedding_bags(tables, indices, offsets, modes="mean")
+    col = 0
+    for t in range(T):
+        off = offsets[t * B:(t + 1) * B + 1]
+        one = ops.embedding_bag(tables[t], indices[off[0]:off[-1]], off - off[0], mode="mean")
+        assert np.array_equal(out[:, col:col + dims[t]], one)
+        col += dims[t]
+
+
+def test_many_tables_large_parallel(isa, rng):
+    T, B, R, D = 26, 700, 1000, 64
+    W = [rng.standard_normal((R, D)).astype(np.float32) for _ in range(T)]
+    indices, offsets = _kjt(rng, T, B, [R] * T, max_len=12)
+    out = ops.embedding_bags(W, indices, offsets)
+    testing.assert_close(out, testing.embedding_bags_ref(W, indices, offsets), rtol=1e-5, atol=1e-4)
+
+
+@needs_torch
+def test_matches_torch_modules(rng):
+    """What a torch user would do: one EmbeddingBag per table, concatenated."""
+    import torch
+
+    T, B = 4, 20
+    rows, dims = [30, 40, 50, 60], [8, 16, 4, 32]
+    W = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(rows, dims)]
+    indices, offsets = _kjt(rng, T, B, rows)
+    out = ops.embedding_bags(W, indices, offsets)
+    blocks = []
+    with torch.no_grad():
+        for t in range(T):
+            off = offsets[t * B:(t + 1) * B + 1]
+            eb = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(W[t]), mode="sum")
+            blocks.append(eb(torch.from_numpy(indices[off[0]:off[-1]]), torch.from_numpy(off[:-1] - off[0])).numpy())
+    testing.assert_close(out, np.concatenate(blocks, axis=1), rtol=1e-5, atol=1e-5)

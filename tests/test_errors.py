@@ -1,0 +1,154 @@
+"""Every documented bad input raises the documented exception, and nothing crashes."""
+
+import numpy as np
+import pytest
+
+from fastrec import QuantizedTable, ops
+
+W = np.arange(40, dtype=np.float32).reshape(10, 4)
+IDX = np.array([1, 2, 3], dtype=np.int64)
+OFF = np.array([0, 1, 3], dtype=np.int64)
+
+
+@pytest.mark.parametrize("bad", [11, 10, -1, -100, 2**40])
+def test_out_of_range_index(isa, bad):
+    idx = np.array([1, 2, bad, 4, 5], dtype=np.int64)
+    with pytest.raises(IndexError, match=rf"index {bad} at position 2"):
+        ops.embedding_bag(W, idx, np.array([0, 2, 5]))
+
+
+def test_out_of_range_reports_first_position(isa):
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 10, size=50_000)
+    idx[31_337] = 99
+    idx[40_000] = -7
+    off = np.arange(0, 50_001, 50)
+    with pytest.raises(IndexError, match=r"index 99 at position 31337"):
+        ops.embedding_bag(W, idx, off)
+
+
+def test_out_of_range_int32_and_quantized(isa):
+    qt = QuantizedTable.from_float(W, bits=4)
+    with pytest.raises(IndexError, match="position 1"):
+        ops.embedding_bag(qt, np.array([0, 10], dtype=np.int32), np.array([0, 2], dtype=np.int32))
+
+
+def test_out_of_range_multi_table_names_table():
+    idx = np.array([0, 1, 2, 30], dtype=np.int64)
+    off = np.array([0, 2, 4], dtype=np.int64)
+    with pytest.raises(IndexError, match=r"position 3 \(table 1"):
+        ops.embedding_bags([W, W], idx, off)
+
+
+@pytest.mark.parametrize("offsets, msg", [
+    ([1, 1, 3], "offsets\\[0\\] must be 0"),
+    ([0, 2, 1, 3], "non-decreasing"),
+    ([0, 1, 2], "must equal len\\(indices\\)"),
+    ([0, 1, 4], "must equal len\\(indices\\)"),
+    ([], "length B \\+ 1"),
+])
+def test_bad_offsets(offsets, msg):
+    with pytest.raises(ValueError, match=msg):
+        ops.embedding_bag(W, IDX, np.array(offsets, dtype=np.int64))
+
+
+def test_bad_offsets_length_multi_table():
+    with pytest.raises(ValueError, match="T\\*B \\+ 1"):
+        ops.embedding_bags([W, W], IDX, np.array([0, 1, 2, 3], dtype=np.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64, np.uint8, np.int8])
+def test_wrong_weight_dtype(dtype):
+    with pytest.raises(TypeError, match="float32 or float16"):
+        ops.embedding_bag(W.astype(dtype), IDX, OFF)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint32, np.int16, np.uint64])
+def test_wrong_index_dtype(dtype):
+    with pytest.raises(TypeError, match="indices must be int32 or int64"):
+        ops.embedding_bag(W, IDX.astype(dtype), OFF)
+    with pytest.raises(TypeError, match="offsets must be int32 or int64"):
+        ops.embedding_bag(W, IDX, OFF.astype(dtype))
+
+
+def test_wrong_shapes():
+    with pytest.raises(ValueError, match="2-D"):
+        ops.embedding_bag(W[0], IDX, OFF)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.embedding_bag(W.reshape(2, 5, 4), IDX, OFF)
+    with pytest.raises(ValueError, match="indices must be 1-D"):
+        ops.embedding_bag(W, IDX.reshape(3, 1), OFF)
+    with pytest.raises(ValueError, match="indices must be 2-D"):
+        ops.embedding_bag(W, IDX)
+    with pytest.raises(ValueError, match="offsets must be 1-D"):
+        ops.embedding_bag(W, IDX, OFF.reshape(3, 1))
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="mode"):
+        ops.embedding_bag(W, IDX, OFF, mode="median")
+    with pytest.raises(ValueError, match="modes"):
+        ops.embedding_bags([W, W], IDX, np.array([0, 1, 2, 2, 3]), modes=["sum"])
+
+
+def test_per_sample_weights_errors():
+    psw = np.ones(3, dtype=np.float32)
+    for mode in ("mean", "max"):
+        with pytest.raises(ValueError, match="only supported with mode 'sum'"):
+            ops.embedding_bag(W, IDX, OFF, mode=mode, per_sample_weights=psw)
+    with pytest.raises(ValueError, match="one weight per index"):
+        ops.embedding_bag(W, IDX, OFF, per_sample_weights=np.ones(2, dtype=np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        ops.embedding_bag(W, IDX, OFF, per_sample_weights=np.ones(3, dtype=np.float64))
+    with pytest.raises(ValueError, match="every mode"):
+        ops.embedding_bags([W], IDX, OFF, modes=["max"], per_sample_weights=psw)
+
+
+def test_padding_idx_errors():
+    with pytest.raises(ValueError, match="padding_idx"):
+        ops.embedding_bag(W, IDX, OFF, padding_idx=10)
+    with pytest.raises(ValueError, match="padding_idx"):
+        ops.embedding_bag(W, IDX, OFF, padding_idx=-11)
+    with pytest.raises(TypeError, match="padding_idx"):
+        ops.embedding_bag(W, IDX, OFF, padding_idx=1.0)
+
+
+def test_tables_argument_errors():
+    with pytest.raises(TypeError, match="list or tuple"):
+        ops.embedding_bags(W, IDX, OFF)
+    with pytest.raises(ValueError, match="must not be empty"):
+        ops.embedding_bags([], IDX, OFF)
+    with pytest.raises(TypeError, match="numpy array or a fastrec.QuantizedTable"):
+        ops.embedding_bags(["not a table"], IDX, OFF)
+
+
+def test_quantized_table_errors():
+    with pytest.raises(ValueError, match="bits"):
+        QuantizedTable.from_float(W, bits=3)
+    with pytest.raises(TypeError, match="floating-point"):
+        QuantizedTable.from_float(W.astype(np.int64))
+    with pytest.raises(ValueError, match="2-D"):
+        QuantizedTable.from_float(W[0])
+    bad = W.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        QuantizedTable.from_float(bad)
+    with pytest.raises(TypeError, match="uint8"):
+        QuantizedTable.from_fbgemm(np.zeros((3, 12), dtype=np.int8), 8)
+    with pytest.raises(ValueError, match="too short"):
+        QuantizedTable.from_fbgemm(np.zeros((3, 12), dtype=np.uint8), 8, dim=8)
+    with pytest.raises(ValueError, match="hold no values"):
+        QuantizedTable.from_fbgemm(np.zeros((3, 8), dtype=np.uint8), 8)
+    with pytest.raises(ValueError, match="layout"):
+        QuantizedTable.from_fbgemm(np.zeros((3, 12), dtype=np.uint8), 8, layout="gpu")
+    with pytest.raises(ValueError, match="2-D"):
+        QuantizedTable.from_fbgemm(np.zeros(12, dtype=np.uint8), 8)
+
+
+def test_failed_call_leaves_inputs_unchanged():
+    w = W.copy()
+    idx = np.array([1, 99], dtype=np.int64)
+    off = np.array([0, 2], dtype=np.int64)
+    with pytest.raises(IndexError):
+        ops.embedding_bag(w, idx, off)
+    assert np.array_equal(w, W) and idx.tolist() == [1, 99] and off.tolist() == [0, 2]
