@@ -1,0 +1,102 @@
+"""Build smoke tests: the module, the info report, forced ISA levels, torch side by side."""
+
+import json
+import os
+import subprocess
+import tempfile
+import sys
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec import _C, info
+
+
+def _run(args, **env):
+    full_env = dict(os.environ)
+    full_env.pop("FASTREC_CPU_ISA", None)
+    full_env.update(env)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=tempfile.gettempdir(), timeout=180)
+
+
+def test_info_reports_everything():
+    d = info.info()
+    for key in ("version", "cpu_isa", "cpu_isas_available", "num_threads", "openmp", "cuda_module_built"):
+        assert key in d
+    assert d["cpu_isa"] in d["cpu_isas_available"]
+    assert "scalar" in d["cpu_isas_available"]
+    assert d["version"] == fastrec.__version__
+    r = _run(["-m", "fastrec.info"])
+    assert r.returncode == 0, r.stderr
+    assert "CPU ISA in use" in r.stdout
+    r = _run(["-m", "fastrec", "info", "--json"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["version"] == fastrec.__version__
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+def test_forced_isa_level(level):
+    """FASTREC_CPU_ISA forces a level in a fresh process, and the kernels run under it."""
+    if level not in _C.available_isas():
+        r = _run(["-c", "import fastrec"], FASTREC_CPU_ISA=level)
+        assert r.returncode != 0 and "does not support" in r.stderr
+        pytest.skip(f"CPU lacks {level}; import correctly refused")
+    code = (
+        "import numpy as np, fastrec\n"
+        "from fastrec import ops, testing, _C\n"
+        "rng = np.random.default_rng(0)\n"
+        "W = rng.standard_normal((100, 37)).astype(np.float32)\n"
+        "idx = rng.integers(0, 100, size=300); off = np.arange(0, 301, 10)\n"
+        "for t in (W, W.astype(np.float16), fastrec.QuantizedTable.from_float(W, 4)):\n"
+        "    testing.assert_close(ops.embedding_bag(t, idx, off), testing.embedding_bag_ref(t, idx, off), rtol=1e-5, atol=1e-4)\n"
+        "print(_C.current_isa())\n"
+    )
+    r = _run(["-c", code], FASTREC_CPU_ISA=level)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == level
+
+
+def test_bad_isa_value_is_a_clear_error():
+    r = _run(["-c", "import fastrec"], FASTREC_CPU_ISA="sse9")
+    assert r.returncode != 0
+    assert "unknown CPU ISA level 'sse9'" in r.stderr
+
+
+@pytest.mark.parametrize("order", ["torch_first", "fastrec_first"])
+def test_torch_side_by_side(order):
+    pytest.importorskip("torch")
+    first, second = ("torch", "fastrec") if order == "torch_first" else ("fastrec", "torch")
+    code = (
+        f"import {first}\nimport {second}\n"
+        "import numpy as np\n"
+        "from fastrec import ops\n"
+        "W = np.random.default_rng(0).standard_normal((100000, 64)).astype(np.float32)\n"
+        "off = np.arange(4097, dtype=np.int64) * 32\n"
+        "idx = np.random.default_rng(1).integers(0, 100000, size=4096 * 32)\n"
+        "a = ops.embedding_bag(W, idx, off)\n"
+        "eb = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(W), mode='sum')\n"
+        "b = eb(torch.from_numpy(idx), torch.from_numpy(off[:-1])).detach().numpy()\n"
+        "assert np.allclose(a, b, rtol=1e-4, atol=1e-4)\n"
+        "print('ok', fastrec.get_num_threads(), torch.get_num_threads())\n"
+    )
+    r = _run(["-c", code])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok")
+
+
+def test_example_command_runs():
+    r = _run(["-m", "fastrec", "example"])
+    assert r.returncode == 0, r.stderr
+    assert "embedding_bags" in r.stdout
+
+
+def test_kernels_subpackage_installed():
+    import fastrec.kernels  # noqa: F401
+
+
+def test_cuda_not_required():
+    d = info.info()
+    if not d["cuda_module_built"]:
+        with pytest.raises(ImportError):
+            import fastrec._C_cuda  # noqa: F401

@@ -1,0 +1,173 @@
+"""Threads: many Python threads at once, the GIL released, thread-count settings, fork."""
+
+import os
+import subprocess
+import tempfile
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec import QuantizedTable, ops, testing
+
+
+def test_many_threads_at_once(rng):
+    W = rng.standard_normal((5000, 64)).astype(np.float32)
+    qt = QuantizedTable.from_float(W, bits=8)
+    cases = []
+    for i in range(16):
+        B = [1, 7, 300, 2000][i % 4]
+        offsets = np.arange(B + 1, dtype=np.int64) * 8
+        indices = rng.integers(0, 5000, size=B * 8)
+        table = qt if i % 2 else W
+        cases.append((table, indices, offsets, ops.embedding_bag(table, indices, offsets)))
+    errors = []
+
+    def worker(k):
+        try:
+            for rep in range(20):
+                table, indices, offsets, expected = cases[(k + rep) % len(cases)]
+                out = ops.embedding_bag(table, indices, offsets)
+                if not np.array_equal(out, expected):
+                    errors.append(f"thread {k} rep {rep}: result differs")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors[:3]
+
+
+def test_errors_from_many_threads(rng):
+    W = rng.standard_normal((10, 4)).astype(np.float32)
+    caught = []
+
+    def worker():
+        for _ in range(50):
+            try:
+                ops.embedding_bag(W, np.array([1, 10]), np.array([0, 2]))
+            except IndexError:
+                caught.append(1)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(caught) == 200
+
+
+def test_gil_released(rng):
+    """While one thread runs a long kernel, another thread keeps running Python code."""
+    W = rng.standard_normal((200_000, 128)).astype(np.float32)
+    B = 20_000
+    offsets = np.arange(B + 1, dtype=np.int64) * 64
+    indices = rng.integers(0, 200_000, size=B * 64)
+    fastrec.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        ops.embedding_bag(W, indices, offsets)
+        single = time.perf_counter() - t0
+        ticks = []
+        done = threading.Event()
+
+        def ticker():
+            while not done.is_set():
+                ticks.append(time.perf_counter())
+                time.sleep(0.001)
+
+        th = threading.Thread(target=ticker)
+        th.start()
+        time.sleep(0.01)
+        start = time.perf_counter()
+        for _ in range(3):
+            ops.embedding_bag(W, indices, offsets)
+        end = time.perf_counter()
+        done.set()
+        th.join()
+    finally:
+        fastrec.set_num_threads(fastrec._config.default_num_threads())
+    during = [t for t in ticks if start <= t <= end]
+    # With the GIL held, the ticker could not run at all during the three calls.
+    assert (end - start) > 2 * single * 0.5
+    assert len(during) >= max(3, int((end - start) / 0.001 * 0.2)), (len(during), end - start)
+
+
+def test_set_get_num_threads():
+    before = fastrec.get_num_threads()
+    try:
+        fastrec.set_num_threads(1)
+        assert fastrec.get_num_threads() == 1
+        cpus = fastrec._config.available_cpus()
+        with pytest.warns(RuntimeWarning, match="CPUs are available"):
+            fastrec.set_num_threads(cpus + 7)
+        assert fastrec.get_num_threads() == cpus
+        with pytest.raises(ValueError):
+            fastrec.set_num_threads(0)
+        with pytest.raises(TypeError):
+            fastrec.set_num_threads(2.0)
+    finally:
+        fastrec.set_num_threads(before)
+
+
+def test_results_independent_of_thread_count(rng):
+    W = rng.standard_normal((3000, 64)).astype(np.float32)
+    B = 4000
+    offsets = np.arange(B + 1, dtype=np.int64) * 10
+    indices = rng.integers(0, 3000, size=B * 10)
+    before = fastrec.get_num_threads()
+    try:
+        fastrec.set_num_threads(1)
+        one = ops.embedding_bag(W, indices, offsets)
+        fastrec.set_num_threads(fastrec._config.available_cpus())
+        many = ops.embedding_bag(W, indices, offsets)
+    finally:
+        fastrec.set_num_threads(before)
+    assert np.array_equal(one, many)
+
+
+def _run(code, **env):
+    full_env = dict(os.environ)
+    for k in ("FASTREC_NUM_THREADS", "OMP_NUM_THREADS", "FASTREC_CPU_ISA"):
+        full_env.pop(k, None)
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=tempfile.gettempdir(), timeout=120)
+
+
+def test_thread_count_from_environment():
+    code = "import fastrec; print(fastrec.get_num_threads())"
+    cpus = fastrec._config.available_cpus()
+    assert _run(code, FASTREC_NUM_THREADS="1").stdout.strip() == "1"
+    assert _run(code, OMP_NUM_THREADS="1").stdout.strip() == "1"
+    assert _run(code, FASTREC_NUM_THREADS="1", OMP_NUM_THREADS="2").stdout.strip() == "1"
+    assert _run(code, FASTREC_NUM_THREADS="999").stdout.strip() == str(cpus)  # clamped
+    assert _run(code).stdout.strip() == str(cpus)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_usable_after_fork(rng):
+    """The pool is rebuilt in a forked child (its threads do not survive fork)."""
+    code = (
+        "import os, numpy as np, fastrec\n"
+        "from fastrec import ops\n"
+        "W = np.random.default_rng(0).standard_normal((50000, 64)).astype(np.float32)\n"
+        "off = np.arange(2001, dtype=np.int64) * 50\n"
+        "idx = np.random.default_rng(1).integers(0, 50000, size=100000)\n"
+        "a = ops.embedding_bag(W, idx, off)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    b = ops.embedding_bag(W, idx, off)\n"
+        "    os._exit(0 if np.array_equal(a, b) else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status))\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"
