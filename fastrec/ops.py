@@ -7,8 +7,6 @@ offsets of length ``T*B + 1`` (the layout of TorchRec's KeyedJaggedTensor).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from . import _C
@@ -113,7 +111,7 @@ def embedding_bag(weight, indices, offsets=None, *, mode="sum", per_sample_weigh
         pad = int(padding_idx) + rows if padding_idx < 0 else int(padding_idx)
         if not 0 <= pad < rows:
             raise ValueError(f"padding_idx must be within [-{rows}, {rows}), got {padding_idx}")
-    return _C.embedding_bags((weight,), indices, offsets, (code,), per_sample_weights, (pad,))
+    return _C.embedding_bags((weight,), indices, offsets, (code,), per_sample_weights, (pad,), _table)
 
 
 def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=None) -> np.ndarray:
@@ -131,12 +129,11 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
     Returns:
         float32 ``(B, sum(D_t))``, table t's block in column order.
     """
-    if isinstance(tables, (np.ndarray, QuantizedTable)) or not isinstance(tables, Sequence):
+    if not isinstance(tables, (list, tuple)):
         raise TypeError("tables must be a list or tuple of tables")
     if len(tables) == 0:
         raise ValueError("tables must not be empty")
-    tables = [_table(t) for t in tables]
-    T = len(tables)
+    T = len(tables)  # tables are checked in C++, which calls _table only for non-numpy inputs
     if isinstance(modes, str):
         codes = (_mode_code(modes),) * T
     else:
@@ -153,4 +150,4 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
         if any(c != 0 for c in codes):
             raise ValueError("per_sample_weights is only supported when every mode is 'sum'")
         per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
-    return _C.embedding_bags(tables, indices, offsets, codes, per_sample_weights, (-1,) * T)
+    return _C.embedding_bags(tables, indices, offsets, codes, per_sample_weights, (-1,) * T, _table)

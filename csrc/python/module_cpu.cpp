@@ -75,9 +75,46 @@ void init_packed(PackedTable& self, py::array data, int bits, int64_t dim, const
   }
 }
 
-// A float table as a view; `keep` receives the array to hold alive during the call.
-TableView float_view(py::handle obj, size_t t, std::vector<py::object>& keep) {
-  py::array arr = py::array::ensure(obj);
+// NumPy type numbers (stable across NumPy 1.x and 2.x).
+constexpr int kNpyInt32 = 5, kNpyLong = 7, kNpyLongLong = 9, kNpyFloat32 = 11, kNpyFloat16 = 23;
+
+// Fast path for the common case (a C-contiguous, native-order float32/float16 2-D ndarray):
+// reads the array header directly, no temporary dtype objects. Returns false to fall back.
+bool fast_float_view(py::handle obj, TableView* v) {
+  if (!py::isinstance<py::array>(obj)) return false;
+  const auto* a = py::detail::array_proxy(obj.ptr());
+  if (a->nd != 2 || !(a->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_)) return false;
+  const auto* d = py::detail::array_descriptor_proxy(a->descr);
+  if (d->byteorder == '>') return false;
+  int64_t itemsize;
+  if (d->type_num == kNpyFloat32) {
+    v->kind = RowKind::kF32;
+    itemsize = 4;
+  } else if (d->type_num == kNpyFloat16) {
+    v->kind = RowKind::kF16;
+    itemsize = 2;
+  } else {
+    return false;
+  }
+  v->data = reinterpret_cast<const uint8_t*>(a->data);
+  v->num_rows = a->dimensions[0];
+  v->dim = a->dimensions[1];
+  v->row_stride = v->dim * itemsize;
+  return true;
+}
+
+// The general path: anything numpy can view as an array, with a clear error otherwise.
+// `convert` (optional, from fastrec.ops) turns non-numpy inputs such as torch tensors into
+// arrays, or raises the TypeError a user should see.
+TableView float_view(py::handle obj, size_t t, std::vector<py::object>& keep, const py::object& convert) {
+  TableView v;
+  if (fast_float_view(obj, &v)) {
+    keep.push_back(py::reinterpret_borrow<py::object>(obj));
+    return v;
+  }
+  py::object src = py::reinterpret_borrow<py::object>(obj);
+  if (!py::isinstance<py::array>(src) && !convert.is_none()) src = convert(src);
+  py::array arr = py::array::ensure(src);
   if (!arr) throw py::type_error("table " + std::to_string(t) + " must be a numpy array or QuantizedTable");
   const py::dtype dt = arr.dtype();
   RowKind kind;
@@ -91,24 +128,21 @@ TableView float_view(py::handle obj, size_t t, std::vector<py::object>& keep) {
   }
   if (arr.ndim() != 2) throw py::value_error("table " + std::to_string(t) + " must be 2-D (rows, dim), got " +
                                              std::to_string(arr.ndim()) + "-D");
-  if (!(arr.flags() & py::array::c_style)) {
-    arr = py::module_::import("numpy").attr("ascontiguousarray")(arr);
-  }
-  TableView v;
-  v.data = static_cast<const uint8_t*>(arr.data());
-  v.num_rows = arr.shape(0);
-  v.dim = arr.shape(1);
-  v.kind = kind;
-  v.row_stride = v.dim * static_cast<int64_t>(arr.itemsize());
+  // Non-contiguous or non-native byte order: one normalised copy for this call.
+  arr = py::module_::import("numpy").attr("ascontiguousarray")(arr, kind == RowKind::kF32 ? "float32" : "float16");
+  if (!fast_float_view(arr, &v)) throw py::type_error("table " + std::to_string(t) + " could not be normalised");
   keep.push_back(arr);
   return v;
 }
 
-bool is_int_array(const py::array& a, int64_t* itemsize) {
-  const py::dtype dt = a.dtype();
-  if (dt.kind() != 'i' || (dt.itemsize() != 4 && dt.itemsize() != 8)) return false;
-  *itemsize = dt.itemsize();
-  return true;
+// int32 / int64 arrays: the element size, or 0 for any other dtype.
+int64_t int_itemsize(const py::array& a) {
+  const int tn = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr)->type_num;
+  const char order = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr)->byteorder;
+  if (order == '>') return 0;
+  if (tn == kNpyInt32) return 4;
+  if (tn == kNpyLongLong || (tn == kNpyLong && sizeof(long) == 8)) return 8;
+  return 0;
 }
 
 py::array contiguous_1d(const py::array& a, const char* what) {
@@ -119,23 +153,25 @@ py::array contiguous_1d(const py::array& a, const char* what) {
 
 py::array embedding_bags_py(const py::sequence& tables, py::array indices, py::array offsets,
                             const std::vector<int>& modes, py::object per_sample_weights,
-                            const std::vector<int64_t>& padding_idx) {
+                            const std::vector<int64_t>& padding_idx, const py::object& convert) {
   MultiBagArgs a;
   std::vector<py::object> keep;
   const size_t T = py::len(tables);
   a.tables.reserve(T);
+  keep.reserve(T);
+  PyTypeObject* packed_type = reinterpret_cast<PyTypeObject*>(py::type::of<PackedTable>().ptr());
   for (size_t t = 0; t < T; ++t) {
-    py::handle obj = tables[t];
-    if (py::isinstance<PackedTable>(obj)) {
+    py::object obj = tables[t];
+    if (PyObject_TypeCheck(obj.ptr(), packed_type)) {
       a.tables.push_back(obj.cast<PackedTable&>().view);
-      keep.push_back(py::reinterpret_borrow<py::object>(obj));
+      keep.push_back(std::move(obj));
     } else {
-      a.tables.push_back(float_view(obj, t, keep));
+      a.tables.push_back(float_view(obj, t, keep, convert));
     }
   }
-  int64_t isz = 0, osz = 0;
-  if (!is_int_array(indices, &isz)) throw py::type_error("indices must be int32 or int64, got " + std::string(py::str(indices.dtype())));
-  if (!is_int_array(offsets, &osz)) throw py::type_error("offsets must be int32 or int64, got " + std::string(py::str(offsets.dtype())));
+  const int64_t isz = int_itemsize(indices), osz = int_itemsize(offsets);
+  if (isz == 0) throw py::type_error("indices must be int32 or int64, got " + std::string(py::str(indices.dtype())));
+  if (osz == 0) throw py::type_error("offsets must be int32 or int64, got " + std::string(py::str(offsets.dtype())));
   indices = contiguous_1d(indices, "indices");
   offsets = contiguous_1d(offsets, "offsets");
   a.indices = indices.data();
@@ -208,7 +244,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("layout", [](const PackedTable& t) { return t.layout; });
 
   m.def("embedding_bags", &embedding_bags_py, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
-        py::arg("modes"), py::arg("per_sample_weights"), py::arg("padding_idx"));
+        py::arg("modes"), py::arg("per_sample_weights"), py::arg("padding_idx"), py::arg("convert") = py::none());
 
   m.def("advise_hugepages", &advise_hugepages, py::arg("array"));
   m.def("get_num_threads", &get_num_threads);
