@@ -48,7 +48,7 @@ LARGE_ROWS = 1_000_000
 LARGE_B = 2048
 LARGE_L = 32
 LARGE_POOL = 8  # distinct requests cycled through: 8 x 134 MB of fp32 rows > the LLC
-LARGE_ROUNDS = 24
+LARGE_ROUNDS = 64
 
 SMALL_T = 26
 SMALL_ROWS = 100_000

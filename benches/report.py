@@ -119,7 +119,10 @@ def main(argv=None) -> int:
         path = args.json
     else:
         path = args.save_json or os.path.join(tempfile.mkdtemp(prefix="fastrec-bench-"), "bench.json")
+        load_before = os.getloadavg()
         rc = run_benches(pytest_args, path)
+        load_after = os.getloadavg()
+        print(f"load average (1/5/15 min) before: {load_before}, after: {load_after}")
         if rc != 0 or not os.path.exists(path):
             print(f"pytest exited with {rc}", file=sys.stderr)
             if not os.path.exists(path):

@@ -190,3 +190,24 @@ def test_accepts_torch_tensors(rng):
     indices, offsets = random_csr(rng, 5, 20)
     out = ops.embedding_bag(torch.from_numpy(W), torch.from_numpy(indices), torch.from_numpy(offsets))
     testing.assert_close(out, testing.embedding_bag_ref(W, indices, offsets), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8", "q4", "q2"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dim", [3, 64, 130])
+def test_careful_path_all_kinds(isa, rng, kind, mode, dim):
+    """A padding_idx sends a job down the checked (careful) path; it must agree with the
+    oracle for every row format and mode, like the fast path does."""
+    from fastrec import QuantizedTable
+
+    W = rng.standard_normal((40, dim)).astype(np.float32)
+    table = {"f32": W, "f16": W.astype(np.float16)}.get(kind)
+    if table is None:
+        table = QuantizedTable.from_float(W, bits=int(kind[1:]))
+    indices, offsets = random_csr(rng, 31, 40, max_len=12)
+    indices[::4] = 5
+    psw = rng.random(len(indices)).astype(np.float32) if mode == "sum" else None
+    for pad in (None, 5):
+        out = ops.embedding_bag(table, indices, offsets, mode=mode, per_sample_weights=psw, padding_idx=pad)
+        ref = testing.embedding_bag_ref(table, indices, offsets, mode=mode, per_sample_weights=psw, padding_idx=pad)
+        testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
