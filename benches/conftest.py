@@ -42,3 +42,17 @@ def pytest_report_header(config):
     if torch is not None:
         lines.append(f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}")
     return lines
+
+
+@pytest.fixture(autouse=True)
+def _quiet_start():
+    """Let every library's idle threads settle before a bench starts timing.
+
+    torch's OpenMP workers spin for a while after each parallel call; a bench that starts
+    right after a torch bench would otherwise share the CPUs with them for its first rounds.
+    The same pause precedes every bench, torch's included.
+    """
+    import time
+
+    time.sleep(0.3)
+    yield
