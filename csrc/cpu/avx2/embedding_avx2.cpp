@@ -14,6 +14,7 @@ namespace {
 struct V {
   using reg = __m256;
   static constexpr int kLanes = 8;
+  static constexpr int kNumRegs = 16;
   static __m256i lane_mask(int r) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }

@@ -13,6 +13,7 @@ namespace {
 struct V {
   using reg = __m512;
   static constexpr int kLanes = 16;
+  static constexpr int kNumRegs = 32;
   static __mmask16 mask(int r) { return static_cast<__mmask16>((1u << r) - 1u); }
   static reg zero() { return _mm512_setzero_ps(); }
   static reg neg_inf() { return _mm512_set1_ps(-__builtin_inff()); }
