@@ -26,7 +26,7 @@ int64_t row_read_bytes(const TableView& t) {
   switch (t.kind) {
     case RowKind::kF32: return 4 * t.dim;
     case RowKind::kF16: return 2 * t.dim;
-    default: return t.row_stride;
+    default: return t.row_bytes;
   }
 }
 

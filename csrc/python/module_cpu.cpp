@@ -63,7 +63,8 @@ void init_packed(PackedTable& self, py::array data, int bits, int64_t dim, const
   v.num_rows = data.shape(0);
   v.dim = dim;
   v.row_stride = stride;
-  v.kind = bits == 8 ? RowKind::kQ8 : bits == 4 ? RowKind::kQ4 : RowKind::kQ2;
+  v.kind = bits == 8 ? (tbe ? RowKind::kQ8Half : RowKind::kQ8) : bits == 4 ? RowKind::kQ4 : RowKind::kQ2;
+  v.row_bytes = need;
   if (tbe) {
     v.qparam_offset = 0;
     v.code_offset = 4;
@@ -100,6 +101,7 @@ bool fast_float_view(py::handle obj, TableView* v) {
   v->num_rows = a->dimensions[0];
   v->dim = a->dimensions[1];
   v->row_stride = v->dim * itemsize;
+  v->row_bytes = v->row_stride;
   return true;
 }
 

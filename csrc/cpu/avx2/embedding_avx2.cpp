@@ -14,7 +14,6 @@ namespace {
 struct V {
   using reg = __m256;
   static constexpr int kLanes = 8;
-  static constexpr int kNumRegs = 16;
   static __m256i lane_mask(int r) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
@@ -78,7 +77,8 @@ struct V {
     }
   }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-  static void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2); }
+  static void prefetch_far(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2); }
+  static void prefetch_near(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };
 
 #include "../embedding_kernel.inc"

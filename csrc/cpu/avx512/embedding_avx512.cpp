@@ -13,7 +13,6 @@ namespace {
 struct V {
   using reg = __m512;
   static constexpr int kLanes = 16;
-  static constexpr int kNumRegs = 32;
   static __mmask16 mask(int r) { return static_cast<__mmask16>((1u << r) - 1u); }
   static reg zero() { return _mm512_setzero_ps(); }
   static reg neg_inf() { return _mm512_set1_ps(-__builtin_inff()); }
@@ -47,7 +46,8 @@ struct V {
   }
   static void store(float* p, reg v, int r) { _mm512_mask_storeu_ps(p, mask(r), v); }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-  static void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2); }
+  static void prefetch_far(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2); }
+  static void prefetch_near(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };
 
 #include "../embedding_kernel.inc"

@@ -40,7 +40,7 @@ float element(const TableView& t, const uint8_t* row, int64_t d) {
   }
   const uint8_t* codes = row + t.code_offset;
   uint32_t q = 0;
-  if (t.kind == RowKind::kQ8) q = codes[d];
+  if (t.kind == RowKind::kQ8 || t.kind == RowKind::kQ8Half) q = codes[d];
   if (t.kind == RowKind::kQ4) q = (codes[d / 2] >> (4 * (d % 2))) & 0xFu;
   if (t.kind == RowKind::kQ2) q = (codes[d / 4] >> (2 * (d % 4))) & 0x3u;
   float scale, bias;

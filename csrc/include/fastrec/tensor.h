@@ -13,6 +13,7 @@ enum class RowKind : int32_t {
   kQ8 = 2,   // 8-bit codes + scale + bias
   kQ4 = 3,   // 4-bit codes (two per byte, low nibble first) + scale + bias
   kQ2 = 4,   // 2-bit codes (four per byte, lowest bits first) + scale + bias
+  kQ8Half = 5,  // 8-bit codes with fp16 scale + bias (the TBE layout); kQ8 has fp32 ones
 };
 
 enum class PoolMode : int32_t { kSum = 0, kMean = 1, kMax = 2 };
@@ -23,9 +24,10 @@ struct TableView {
   int64_t num_rows = 0;
   int64_t dim = 0;
   int64_t row_stride = 0;  // bytes between rows
+  int64_t row_bytes = 0;   // bytes of a row the kernels read (<= row_stride)
   RowKind kind = RowKind::kF32;
   // Quantized rows only: where the codes start and where (scale, bias) sit, in bytes from
-  // the row start, and whether scale/bias are fp16 (else fp32).
+  // the row start, and whether scale/bias are fp16 (else fp32; fp16 for kQ8Half/kQ4/kQ2).
   int64_t code_offset = 0;
   int64_t qparam_offset = 0;
   bool qparams_fp16 = false;
