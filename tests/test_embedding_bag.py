@@ -211,3 +211,18 @@ def test_careful_path_all_kinds(isa, rng, kind, mode, dim):
         out = ops.embedding_bag(table, indices, offsets, mode=mode, per_sample_weights=psw, padding_idx=pad)
         ref = testing.embedding_bag_ref(table, indices, offsets, mode=mode, per_sample_weights=psw, padding_idx=pad)
         testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_unusual_but_valid_tables(rng):
+    """Zero-width tables, empty tables with no ids, big-endian and read-only arrays."""
+    assert ops.embedding_bag(np.zeros((5, 0), np.float32), [1, 2], [0, 2]).shape == (1, 0)
+    assert np.all(ops.embedding_bag(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), [0, 0]) == 0)
+    W = rng.standard_normal((6, 5)).astype(np.float32)
+    idx, off = np.array([1, 5, 2]), np.array([0, 2, 3])
+    ref = testing.embedding_bag_ref(W, idx, off)
+    testing.assert_close(ops.embedding_bag(W.astype(">f4"), idx, off), ref, rtol=1e-6, atol=1e-6)
+    ro = W.copy()
+    ro.setflags(write=False)
+    testing.assert_close(ops.embedding_bag(ro, idx, off), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(IndexError, match="out of range \\[0, 0\\)"):
+        ops.embedding_bag(np.zeros((0, 4), np.float32), [0], [0, 1])

@@ -120,7 +120,7 @@ TableView float_view(py::handle obj, size_t t, std::vector<py::object>& keep, co
   if (!arr) throw py::type_error("table " + std::to_string(t) + " must be a numpy array or QuantizedTable");
   const py::dtype dt = arr.dtype();
   RowKind kind;
-  if (dt.is(py::dtype::of<float>())) {
+  if (dt.kind() == 'f' && dt.itemsize() == 4) {  // any byte order: normalised below
     kind = RowKind::kF32;
   } else if (dt.kind() == 'f' && dt.itemsize() == 2) {
     kind = RowKind::kF16;
