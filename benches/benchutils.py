@@ -93,3 +93,29 @@ def record_throughput(benchmark, num_ids: int, row_bytes: int) -> None:
     if median:
         benchmark.extra_info["rows_per_s"] = num_ids / median
         benchmark.extra_info["GB_per_s"] = num_ids * row_bytes / median / 1e9
+
+
+def assert_rel_error(actual, expected, what: str, tol: float, scale: float | None = None) -> float:
+    """max |actual - expected| must be <= tol * scale, where scale defaults to max |expected|
+    (a loose check for int8 paths, whose error grows with the output's range). Returns the
+    relative error."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if scale is None:
+        scale = float(np.abs(expected).max())
+    scale = max(float(scale), np.finfo(np.float32).tiny)
+    rel = float(np.abs(actual.astype(np.float64) - expected).max()) / scale
+    if not rel <= tol:  # also catches NaN
+        raise AssertionError(f"{what}: max abs error is {rel:.3g} of the reference's max abs "
+                             f"(tolerance {tol})")
+    return rel
+
+
+def record_gops(benchmark, ops: int) -> None:
+    """GOPS (multiply-adds count 2) from the median time."""
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    median = getattr(stats, "median", None)
+    benchmark.extra_info["ops_per_call"] = int(ops)
+    if median:
+        benchmark.extra_info["GOPS"] = round(ops / median / 1e9, 3)

@@ -1,13 +1,15 @@
 """Print a markdown table of fastrec-vs-peer ratios from the benches.
 
-    python benches/report.py                       # run benches/bench_embedding.py, then report
-    python benches/report.py -k small              # pass extra arguments through to pytest
+    python benches/report.py                       # run every benches/bench_*.py, then report
+    python benches/report.py --bench embedding     # only bench_embedding.py (repeatable)
+    python benches/report.py --bench linear -k B32 # extra arguments go through to pytest
     python benches/report.py --json results.json   # report on an existing --benchmark-json file
     python benches/report.py --save-json out.json  # run, keep the raw pytest-benchmark JSON
 
 Ratios are peer time / fastrec time within one group (same inputs, same run): above 1 means
-fastrec is faster. Large-batch groups use the median; small-request groups p50 and p99 of
-single calls (extra_info p50_us / p99_us).
+fastrec is faster. Embedding large-batch groups use the median; small-request groups p50 and p99
+of single calls (extra_info p50_us / p99_us). Linear / MLP groups (bench_linear.py) use the
+median of single calls and mark the best int8 peer (the faster of torch-dynq and ort-int8).
 """
 
 from __future__ import annotations
@@ -20,14 +22,29 @@ import tempfile
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_BENCH = os.path.join(HERE, "bench_embedding.py")
 BASELINE = "fastrec"
 
+# bench_linear.py: the column order of its table and the int8 peers fastrec must beat
+DENSE_PREFIXES = ("linear-", "mlp-")
+DENSE_PEERS = ("torch-fp32", "torch-dynq", "ort-int8", "ort-fp32")
+INT8_PEERS = ("torch-dynq", "ort-int8")
 
-def run_benches(pytest_args, json_path: str) -> int:
+
+def available_benches() -> dict:
+    """{"embedding": ".../bench_embedding.py", "linear": ".../bench_linear.py", ...}"""
+    out = {}
+    for f in sorted(os.listdir(HERE)):
+        if f.startswith("bench_") and f.endswith(".py"):
+            out[f[len("bench_"):-len(".py")]] = os.path.join(HERE, f)
+    return out
+
+
+def run_benches(pytest_args, json_path: str, benches=None) -> int:
     import pytest  # in-process: the script's directory (benches/) is sys.path[0], not the cwd
 
-    args = [DEFAULT_BENCH, "--benchmark-only", "-p", "no:cacheprovider", "-q",
+    files = available_benches()
+    paths = [files[b] for b in benches] if benches else list(files.values())
+    args = [*paths, "--benchmark-only", "-p", "no:cacheprovider", "-q",
             f"--benchmark-json={json_path}", *pytest_args]
     return int(pytest.main(args))
 
@@ -72,7 +89,8 @@ def report(data) -> str:
     out.append("")
 
     large = {g: v for g, v in groups.items() if g.startswith("large")}
-    small = {g: v for g, v in groups.items() if not g.startswith("large")}
+    dense = {g: v for g, v in groups.items() if g.startswith(DENSE_PREFIXES)}
+    small = {g: v for g, v in groups.items() if g not in large and g not in dense}
 
     if large:
         out.append("| group | impl | median | rows/s | GB/s | vs fastrec |")
@@ -106,13 +124,54 @@ def report(data) -> str:
                            f"{f'{p99:.1f} us' if p99 else '-'} | "
                            f"{_ratio(p50, base.get('p50_us'))} | {_ratio(p99, base.get('p99_us'))} |")
         out.append("")
+
+    if dense:
+        out.extend(dense_table(dense))
     return "\n".join(out)
+
+
+def _dense_sort_key(group: str):
+    """linear before mlp, then the layer sizes in order, then B numerically."""
+    head, _, batch = group.rpartition("-B")
+    return (not head.startswith("linear"), head, int(batch) if batch.isdigit() else 0)
+
+
+def dense_table(groups) -> list:
+    """One row per group: fastrec's median and GOPS, each peer's median with peer / fastrec,
+    the best int8 peer in bold, and best-int8-peer / fastrec in the last column."""
+    peers = [p for p in DENSE_PEERS if any(p in impls for impls in groups.values())]
+    peers += sorted({n for impls in groups.values() for n in impls} - set(peers) - {BASELINE})
+    out = ["Linear / MLP: median of single calls; (peer / fastrec); **bold**: best int8 peer "
+           f"(the faster of {' and '.join(INT8_PEERS)}).", ""]
+    out.append("| group | fastrec | fastrec GOPS | " + " | ".join(peers) + " | best int8 / fastrec |")
+    out.append("|---|---:|---:|" + "---:|" * len(peers) + "---:|")
+    for g in sorted(groups, key=_dense_sort_key):
+        impls = groups[g]
+        med = {n: b["stats"]["median"] for n, b in impls.items()}
+        base_t = med.get(BASELINE)
+        int8 = [p for p in INT8_PEERS if p in med]
+        best = min(int8, key=med.get) if int8 else None
+        cells = []
+        for p in peers:
+            if p not in med:
+                cells.append("-")
+                continue
+            cell = _fmt_time(med[p]) + (f" ({_ratio(med[p], base_t)})" if base_t else "")
+            cells.append(f"**{cell}**" if p == best else cell)
+        gops = impls.get(BASELINE, {}).get("extra_info", {}).get("GOPS")
+        best_ratio = f"{_ratio(med[best], base_t)} ({best})" if best and base_t else "-"
+        out.append(f"| {g} | {_fmt_time(base_t) if base_t else '-'} | "
+                   f"{f'{gops:.1f}' if gops else '-'} | " + " | ".join(cells) + f" | {best_ratio} |")
+    out.append("")
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="an existing pytest-benchmark --benchmark-json file to report on")
     ap.add_argument("--save-json", help="where to keep the JSON of a fresh run")
+    ap.add_argument("--bench", action="append", choices=sorted(available_benches()),
+                    help="which benches/bench_NAME.py to run (repeatable; default: all of them)")
     args, pytest_args = ap.parse_known_args(argv)
 
     if args.json:
@@ -120,7 +179,7 @@ def main(argv=None) -> int:
     else:
         path = args.save_json or os.path.join(tempfile.mkdtemp(prefix="fastrec-bench-"), "bench.json")
         load_before = os.getloadavg()
-        rc = run_benches(pytest_args, path)
+        rc = run_benches(pytest_args, path, args.bench)
         load_after = os.getloadavg()
         print(f"load average (1/5/15 min) before: {load_before}, after: {load_after}")
         if rc != 0 or not os.path.exists(path):

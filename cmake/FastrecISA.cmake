@@ -3,6 +3,7 @@
 # dispatcher (csrc/cpu/dispatch.cpp) picks the variant at run time.
 set(FASTREC_FLAGS_avx2 -mavx2 -mfma -mf16c)
 set(FASTREC_FLAGS_avx512 -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq)
+set(FASTREC_FLAGS_avx512vnni ${FASTREC_FLAGS_avx512} -mavx512vnni)
 
 function(fastrec_isa_sources isa)
   foreach(src ${ARGN})

@@ -16,11 +16,14 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken
 
 from ._config import get_num_threads, set_num_threads
 from .tables import QuantizedTable
+from .linear import Int8Linear, Int8MLP
 from . import ops, testing
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Int8Linear",
+    "Int8MLP",
     "QuantizedTable",
     "get_num_threads",
     "ops",

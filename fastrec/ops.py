@@ -12,7 +12,7 @@ import numpy as np
 from . import _C
 from .tables import QuantizedTable
 
-__all__ = ["embedding_bag", "embedding_bags"]
+__all__ = ["embedding_bag", "embedding_bags", "int8_linear"]
 
 _MODES = {"sum": 0, "mean": 1, "max": 2}
 
@@ -151,3 +151,34 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
             raise ValueError("per_sample_weights is only supported when every mode is 'sum'")
         per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
     return _C.embedding_bags(tables, indices, offsets, codes, per_sample_weights, (-1,) * T, _table)
+
+
+def _linear_input(x, in_features: int) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "detach") and hasattr(x, "cpu"):
+            x = x.detach().cpu().numpy()
+        else:
+            x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"x must be float32, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (batch, in_features), got shape {x.shape}")
+    if x.shape[1] != in_features:
+        raise ValueError(f"x has {x.shape[1]} features, the layer expects {in_features}")
+    return x
+
+
+def int8_linear(x, lin, activation=None) -> np.ndarray:
+    """``activation(x @ W.T + b)`` through an :class:`fastrec.Int8Linear`.
+
+    x: float32 ``(B, K)``, any B >= 0. Activations are quantized per row inside the kernel
+    (NaN or Inf in x raises ValueError, found in that same pass); int32 accumulation; bias,
+    ReLU/sigmoid and dequantization in the epilogue. Returns float32 ``(B, N)``.
+    """
+    from .linear import Int8Linear, _activation_code
+
+    if not isinstance(lin, Int8Linear):
+        raise TypeError(f"lin must be a fastrec.Int8Linear, got {type(lin).__name__}")
+    code = _activation_code(activation)
+    x = _linear_input(x, lin.in_features)
+    return _C.int8_linear(x, lin._core, code)

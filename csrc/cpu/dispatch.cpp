@@ -9,9 +9,15 @@
 namespace fastrec {
 namespace {
 
-constexpr KernelTable kScalarTable{Isa::kScalar, &ref::embedding_bag};
-constexpr KernelTable kAvx2Table{Isa::kAvx2, &avx2::embedding_bag};
-constexpr KernelTable kAvx512Table{Isa::kAvx512, &avx512::embedding_bag};
+constexpr KernelTable kScalarTable{Isa::kScalar, &ref::embedding_bag, &ref::gemm_s8, &ref::quantize_rows,
+                                   "scalar reference"};
+constexpr KernelTable kAvx2Table{Isa::kAvx2, &avx2::embedding_bag, &avx2::gemm_s8, &ref::quantize_rows,
+                                 "avx2 (vpmaddwd, exact)"};
+// AVX-512 without VNNI (Skylake-X) keeps the AVX2 int8 GEMM.
+constexpr KernelTable kAvx512Table{Isa::kAvx512, &avx512::embedding_bag, &avx2::gemm_s8, &ref::quantize_rows,
+                                   "avx2 (vpmaddwd, exact)"};
+constexpr KernelTable kAvx512VnniTable{Isa::kAvx512, &avx512::embedding_bag, &avx512vnni::gemm_s8,
+                                       &avx512vnni::quantize_rows, "avx512-vnni (vpdpbusd)"};
 
 std::atomic<const KernelTable*> g_table{nullptr};
 
@@ -19,7 +25,7 @@ const KernelTable* table_of(Isa isa) {
   switch (isa) {
     case Isa::kScalar: return &kScalarTable;
     case Isa::kAvx2: return &kAvx2Table;
-    case Isa::kAvx512: return &kAvx512Table;
+    case Isa::kAvx512: return cpu_features().avx512_vnni ? &kAvx512VnniTable : &kAvx512Table;
   }
   return &kScalarTable;
 }

@@ -7,12 +7,14 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "fastrec/cpu_features.h"
 #include "fastrec/dispatch.h"
 #include "fastrec/embedding.h"
+#include "fastrec/linear.h"
 #include "fastrec/parallel.h"
 
 namespace py = pybind11;
@@ -225,6 +227,56 @@ void advise_hugepages(py::array arr) {
 #endif
 }
 
+
+// ---- int8 linear -----------------------------------------------------------------------
+
+using F32Array = py::array_t<float, py::array::c_style>;
+
+py::array require(py::handle obj, int type_num, const char* what, const char* dtype_name, int ndim) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(what) + " must be a numpy array");
+  py::array arr = py::reinterpret_borrow<py::array>(obj);
+  const auto* d = py::detail::array_descriptor_proxy(py::detail::array_proxy(arr.ptr())->descr);
+  if (d->type_num != type_num || d->byteorder == '>') {
+    throw py::type_error(std::string(what) + " must be " + dtype_name + ", got " + std::string(py::str(arr.dtype())));
+  }
+  if (arr.ndim() != ndim) {
+    throw py::value_error(std::string(what) + " must be " + std::to_string(ndim) + "-D, got " + std::to_string(arr.ndim()) + "-D");
+  }
+  if (!(arr.flags() & py::array::c_style)) arr = py::module_::import("numpy").attr("ascontiguousarray")(arr);
+  return arr;
+}
+
+constexpr int kNpyInt8 = 1;
+
+std::shared_ptr<Int8Layer> make_layer(py::handle w, py::handle scale, py::handle bias) {
+  py::array wa = require(w, kNpyInt8, "weight_int8", "int8", 2);
+  py::array sa = require(scale, kNpyFloat32, "weight_scale", "float32", 1);
+  const int64_t N = wa.shape(0), K = wa.shape(1);
+  if (sa.shape(0) != N) throw py::value_error("weight_scale must have one scale per output channel");
+  const float* bp = nullptr;
+  py::array ba;
+  if (!bias.is_none()) {
+    ba = require(bias, kNpyFloat32, "bias", "float32", 1);
+    if (ba.shape(0) != N) throw py::value_error("bias must have one value per output channel");
+    bp = static_cast<const float*>(ba.data());
+  }
+  return std::make_shared<Int8Layer>(static_cast<const int8_t*>(wa.data()), N, K,
+                                     static_cast<const float*>(sa.data()), bp);
+}
+
+py::array check_x(py::handle x, int64_t K) {
+  py::array xa = require(x, kNpyFloat32, "x", "float32", 2);
+  if (xa.shape(1) != K) {
+    throw py::value_error("x has " + std::to_string(xa.shape(1)) + " features, the layer expects " + std::to_string(K));
+  }
+  return xa;
+}
+
+Activation activation_of(int code) {
+  if (code < 0 || code > 2) throw py::value_error("activation code must be 0 (none), 1 (relu) or 2 (sigmoid)");
+  return static_cast<Activation>(code);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -248,6 +300,66 @@ PYBIND11_MODULE(_C, m) {
   m.def("embedding_bags", &embedding_bags_py, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
         py::arg("modes"), py::arg("per_sample_weights"), py::arg("padding_idx"), py::arg("convert") = py::none());
 
+
+  py::class_<Int8Layer, std::shared_ptr<Int8Layer>>(m, "Int8LayerCore")
+      .def(py::init(&make_layer), py::arg("weight_int8"), py::arg("weight_scale"), py::arg("bias") = py::none())
+      .def_property_readonly("in_features", &Int8Layer::in_features)
+      .def_property_readonly("out_features", &Int8Layer::out_features);
+  m.def("int8_linear", [](py::handle x, const Int8Layer& layer, int act) {
+    py::array xa = check_x(x, layer.in_features());
+    const int64_t M = xa.shape(0);
+    const Activation a = activation_of(act);
+    F32Array y({M, layer.out_features()});
+    float* yp = y.mutable_data();
+    const float* xp = static_cast<const float*>(xa.data());
+    {
+      py::gil_scoped_release release;
+      int8_linear_forward(layer, xp, M, layer.in_features(), a, yp);
+    }
+    return y;
+  }, py::arg("x"), py::arg("layer"), py::arg("activation") = 0);
+  m.def("int8_linear_int32", [](py::handle q, const Int8Layer& layer) {
+    py::array qa = require(q, kNpyInt8, "q", "int8", 2);
+    if (qa.shape(1) != layer.in_features()) throw py::value_error("q has the wrong number of features");
+    const int64_t M = qa.shape(0);
+    py::array_t<int32_t> y({M, layer.out_features()});
+    int32_t* yp = y.mutable_data();
+    const int8_t* qp = static_cast<const int8_t*>(qa.data());
+    {
+      py::gil_scoped_release release;
+      int8_linear_int32(layer, qp, M, yp);
+    }
+    return y;
+  }, py::arg("q"), py::arg("layer"));
+  m.def("int8_mlp", [](py::handle x, const std::vector<std::shared_ptr<Int8Layer>>& layers, const std::vector<int>& acts) {
+    if (layers.empty()) throw py::value_error("an MLP needs at least one layer");
+    if (acts.size() != layers.size()) throw py::value_error("one activation per layer is required");
+    py::array xa = check_x(x, layers[0]->in_features());
+    const int64_t M = xa.shape(0);
+    std::vector<const Int8Layer*> ls;
+    std::vector<Activation> as;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      ls.push_back(layers[i].get());
+      as.push_back(activation_of(acts[i]));
+    }
+    F32Array y({M, layers.back()->out_features()});
+    float* yp = y.mutable_data();
+    const float* xp = static_cast<const float*>(xa.data());
+    {
+      py::gil_scoped_release release;
+      int8_mlp_forward(ls, as, xp, M, yp);
+    }
+    return y;
+  }, py::arg("x"), py::arg("layers"), py::arg("activations"));
+  m.def("quantize_rows_int8", [](py::handle x) {
+    py::array xa = require(x, kNpyFloat32, "x", "float32", 2);
+    const int64_t M = xa.shape(0), K = xa.shape(1);
+    py::array_t<int8_t> q({M, K});
+    py::array_t<float> s(M);
+    quantize_rows_int8(static_cast<const float*>(xa.data()), M, K, q.mutable_data(), s.mutable_data());
+    return py::make_tuple(q, s);
+  }, py::arg("x"));
+  m.def("gemm_variant", [] { return std::string(kernels().gemm_name); });
   m.def("advise_hugepages", &advise_hugepages, py::arg("array"));
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));

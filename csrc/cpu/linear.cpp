@@ -1,0 +1,193 @@
+// The int8 linear driver: packs weights once, quantizes activations per row, splits the GEMM
+// over (row block, channel block) tasks on the thread pool, applies a sigmoid where asked.
+#include "fastrec/linear.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "fastrec/dispatch.h"
+#include "fastrec/parallel.h"
+
+namespace fastrec {
+namespace {
+
+constexpr int64_t kSerialMacs = int64_t{1} << 21;  // below this, one thread: waking the pool costs more
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// u8 activations (q + 128, padded to Kp) and per-row scales for M rows of x.
+void quantize(const KernelTable& k, const float* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp,
+              std::vector<uint8_t>* a, std::vector<float>* a_scale, bool parallel) {
+  a->resize(static_cast<size_t>(M * Kp));
+  a_scale->resize(static_cast<size_t>(M));
+  std::vector<int64_t> bad;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  auto run = [&](int64_t m0, int64_t m1, int64_t* bad_row) {
+    QuantizeJob q{x, ldx, K, Kp, m0, m1, a->data(), a_scale->data()};
+    *bad_row = k.quantize_rows(q);
+  };
+  int64_t first_bad = -1;
+  if (!parallel || M <= grain) {
+    run(0, M, &first_bad);
+  } else {
+    const int64_t chunks = (M + grain - 1) / grain;
+    bad.assign(static_cast<size_t>(chunks), -1);
+    parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) run(c * grain, std::min(M, (c + 1) * grain), &bad[c]);
+    });
+    for (int64_t b : bad) {
+      if (b >= 0) {
+        first_bad = b;
+        break;
+      }
+    }
+  }
+  if (first_bad >= 0) {
+    throw std::invalid_argument("input contains NaN or Inf (row " + std::to_string(first_bad) + ")");
+  }
+}
+
+void run_gemm(const KernelTable& k, const PackedB& b, const uint8_t* a, int64_t lda, const float* a_scale,
+              int64_t M, Epilogue ep, float* c, int32_t* c32, int64_t ldc) {
+  const int64_t nblocks = b.Np / 16;
+  const bool parallel = M * b.N * b.K >= kSerialMacs && get_num_threads() > 1;
+  GemmJob base;
+  base.a = a;
+  base.lda = lda;
+  base.a_scale = a_scale;
+  base.b = &b;
+  base.epilogue = ep;
+  base.c = c;
+  base.c32 = c32;
+  base.ldc = ldc;
+  if (!parallel) {
+    GemmJob j = base;
+    j.m0 = 0;
+    j.m1 = M;
+    j.nb0 = 0;
+    j.nb1 = nblocks;
+    k.gemm_s8(j);
+    return;
+  }
+  // Tasks: 64 channels x up to 64 rows, fewer rows when that leaves threads idle.
+  const int64_t nt = get_num_threads();
+  const int64_t nchunks = (nblocks + 3) / 4;
+  int64_t mc = 64;
+  while (mc > 4 && ((M + mc - 1) / mc) * nchunks < 4 * nt) mc /= 2;
+  const int64_t mchunks = (M + mc - 1) / mc;
+  parallel_for(mchunks * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      GemmJob j = base;
+      j.m0 = (t / nchunks) * mc;
+      j.m1 = std::min(M, j.m0 + mc);
+      j.nb0 = (t % nchunks) * 4;
+      j.nb1 = std::min(nblocks, j.nb0 + 4);
+      k.gemm_s8(j);
+    }
+  });
+}
+
+void sigmoid_inplace(float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = 1.f / (1.f + std::exp(-y[i]));
+}
+
+}  // namespace
+
+Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, const float* bias) {
+  if (N < 1 || K < 1) throw std::invalid_argument("an int8 layer needs N >= 1 and K >= 1");
+  const int64_t Np = round_up(N, 16), Kp = round_up(K, 4);
+  rowmajor_.assign(w, w + N * K);
+  packed_.assign(static_cast<size_t>(Np * Kp), 0);
+  comp_.assign(static_cast<size_t>(Np), 0);
+  scale_.assign(static_cast<size_t>(Np), 0.f);
+  std::copy(scale, scale + N, scale_.begin());
+  if (bias) {
+    bias_.assign(static_cast<size_t>(Np), 0.f);
+    std::copy(bias, bias + N, bias_.begin());
+  }
+  const int64_t kg = Kp / 4;
+  for (int64_t n = 0; n < N; ++n) {
+    int32_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int8_t v = w[n * K + k];
+      sum += v;
+      // block n/16, group k/4, lane n%16, byte k%4
+      packed_[static_cast<size_t>(((n / 16) * kg + k / 4) * 64 + (n % 16) * 4 + k % 4)] = v;
+    }
+    comp_[static_cast<size_t>(n)] = 128 * sum;
+  }
+  view_.N = N;
+  view_.K = K;
+  view_.Np = Np;
+  view_.Kp = Kp;
+  view_.packed = packed_.data();
+  view_.rowmajor = rowmajor_.data();
+  view_.comp = comp_.data();
+  view_.scale = scale_.data();
+  view_.bias = bias ? bias_.data() : nullptr;
+}
+
+void int8_linear_forward(const Int8Layer& layer, const float* x, int64_t M, int64_t ldx, Activation act, float* y) {
+  if (M == 0) return;
+  const KernelTable& k = kernels();
+  const PackedB& b = layer.view();
+  std::vector<uint8_t> a;
+  std::vector<float> a_scale;
+  quantize(k, x, M, ldx, b.K, b.Kp, &a, &a_scale, M * b.K >= (int64_t{1} << 18));
+  run_gemm(k, b, a.data(), b.Kp, a_scale.data(), M, act == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone, y,
+           nullptr, b.N);
+  if (act == Activation::kSigmoid) sigmoid_inplace(y, M * b.N);
+}
+
+void int8_linear_int32(const Int8Layer& layer, const int8_t* q, int64_t M, int32_t* y32) {
+  if (M == 0) return;
+  const PackedB& b = layer.view();
+  std::vector<uint8_t> a(static_cast<size_t>(M * b.Kp), 128);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t kk = 0; kk < b.K; ++kk) a[m * b.Kp + kk] = static_cast<uint8_t>(q[m * b.K + kk] + 128);
+  std::vector<float> ones(static_cast<size_t>(M), 1.f);
+  run_gemm(kernels(), b, a.data(), b.Kp, ones.data(), M, Epilogue::kInt32, nullptr, y32, b.N);
+}
+
+void int8_mlp_forward(const std::vector<const Int8Layer*>& layers, const std::vector<Activation>& acts,
+                      const float* x, int64_t M, float* y) {
+  if (layers.empty()) throw std::invalid_argument("an MLP needs at least one layer");
+  if (acts.size() != layers.size()) throw std::invalid_argument("one activation per layer is required");
+  for (size_t i = 1; i < layers.size(); ++i) {
+    if (layers[i]->in_features() != layers[i - 1]->out_features()) {
+      throw std::invalid_argument("layer " + std::to_string(i) + " takes " + std::to_string(layers[i]->in_features()) +
+                                  " features but layer " + std::to_string(i - 1) + " gives " +
+                                  std::to_string(layers[i - 1]->out_features()));
+    }
+  }
+  std::vector<float> bufs[2];
+  const float* in = x;
+  int64_t ld = layers[0]->in_features();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const bool last = i + 1 == layers.size();
+    float* out = y;
+    if (!last) {
+      bufs[i % 2].resize(static_cast<size_t>(M * layers[i]->out_features()));
+      out = bufs[i % 2].data();
+    }
+    int8_linear_forward(*layers[i], in, M, ld, acts[i], out);
+    in = out;
+    ld = layers[i]->out_features();
+  }
+}
+
+void quantize_rows_int8(const float* x, int64_t M, int64_t K, int8_t* q, float* scale) {
+  const int64_t Kp = round_up(K, 4);
+  std::vector<uint8_t> a;
+  std::vector<float> s;
+  quantize(kernels(), x, M, K, K, Kp, &a, &s, false);
+  for (int64_t m = 0; m < M; ++m) {
+    scale[m] = s[m];
+    for (int64_t k = 0; k < K; ++k) q[m * K + k] = static_cast<int8_t>(static_cast<int32_t>(a[m * Kp + k]) - 128);
+  }
+}
+
+}  // namespace fastrec

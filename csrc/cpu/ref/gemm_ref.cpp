@@ -1,0 +1,58 @@
+// Scalar reference int8 GEMM and activation quantization: plain loops that define the exact
+// integer result every optimised variant must reproduce bit for bit.
+#include <algorithm>
+#include <cmath>
+
+#include "fastrec/dispatch.h"
+
+namespace fastrec {
+namespace ref {
+
+int64_t quantize_rows(const QuantizeJob& j) {
+  int64_t bad_row = -1;
+  for (int64_t m = j.m0; m < j.m1; ++m) {
+    const float* x = j.x + m * j.ldx;
+    uint8_t* a = j.a + m * j.Kp;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < j.K; ++k) {
+      finite = finite && std::isfinite(x[k]);
+      amax = std::fmax(amax, std::fabs(x[k]));
+    }
+    if (!finite && bad_row < 0) bad_row = m;
+    // q = round-half-even(x * (127 / amax)), the same float operations as the SIMD variants.
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    j.a_scale[m] = amax / 127.f;
+    for (int64_t k = 0; k < j.K; ++k) {
+      float q = std::nearbyint(x[k] * inv);
+      q = std::fmin(127.f, std::fmax(-127.f, q));
+      a[k] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
+    }
+    for (int64_t k = j.K; k < j.Kp; ++k) a[k] = 128;
+  }
+  return bad_row;
+}
+
+void gemm_s8(const GemmJob& j) {
+  const PackedB& b = *j.b;
+  for (int64_t m = j.m0; m < j.m1; ++m) {
+    const uint8_t* a = j.a + m * j.lda;
+    const int64_t n_end = std::min<int64_t>(b.N, j.nb1 * 16);
+    for (int64_t n = j.nb0 * 16; n < n_end; ++n) {
+      const int8_t* w = b.rowmajor + n * b.K;
+      int32_t acc = 0;
+      for (int64_t k = 0; k < b.K; ++k) acc += (static_cast<int32_t>(a[k]) - 128) * static_cast<int32_t>(w[k]);
+      if (j.epilogue == Epilogue::kInt32) {
+        j.c32[m * j.ldc + n] = acc;
+        continue;
+      }
+      float y = static_cast<float>(acc) * (j.a_scale[m] * b.scale[n]);
+      if (b.bias) y += b.bias[n];
+      if (j.epilogue == Epilogue::kRelu) y = std::fmax(y, 0.f);
+      j.c[m * j.ldc + n] = y;
+    }
+  }
+}
+
+}  // namespace ref
+}  // namespace fastrec

@@ -1,0 +1,46 @@
+// int8 GEMM with fused epilogue: C[m, n] = act(scale_a[m] * scale_b[n] * sum_k qa[m, k] * qb[n, k] + bias[n]).
+// Activations are quantized per row (symmetric int8, stored as u8 = q + 128 for VNNI);
+// weights per output channel (symmetric int8), packed once at load.
+#pragma once
+#include <cstdint>
+
+namespace fastrec {
+
+// Weights packed for the kernels: blocks of 16 output channels x 4 k-values, 64 bytes each,
+// laid out [Np/16][Kp/4][16][4] (VNNI's u8 x s8 dot-product operand; the AVX2 kernel reads
+// the same blocks). Padding is zero.
+struct PackedB {
+  int64_t N = 0, K = 0;    // logical
+  int64_t Np = 0, Kp = 0;  // padded to 16 and 4
+  const int8_t* packed = nullptr;    // Np * Kp bytes
+  const int8_t* rowmajor = nullptr;  // N x K, for the scalar reference
+  const int32_t* comp = nullptr;     // Np: 128 * sum_k qb[n, k] (undoes the +128 of u8 activations)
+  const float* scale = nullptr;      // Np, zero padded
+  const float* bias = nullptr;       // Np or null
+};
+
+enum class Epilogue : int32_t { kNone = 0, kRelu = 1, kInt32 = 3 };
+
+// One kernel call: rows [m0, m1) x 16-channel blocks [nb0, nb1).
+struct GemmJob {
+  const uint8_t* a = nullptr;  // u8 activations (q + 128), row stride lda (= Kp), padding 128
+  int64_t lda = 0;
+  const float* a_scale = nullptr;  // per row
+  const PackedB* b = nullptr;
+  int64_t m0 = 0, m1 = 0, nb0 = 0, nb1 = 0;
+  Epilogue epilogue = Epilogue::kNone;
+  float* c = nullptr;       // float output (row stride ldc) unless epilogue == kInt32
+  int32_t* c32 = nullptr;   // int32 output: sum_k qa * qb exactly
+  int64_t ldc = 0;
+};
+
+// Quantizes rows [m0, m1) of x (row stride ldx, K columns) to u8 (q + 128, padded with 128
+// to Kp) and per-row scales. Returns the first row holding NaN/Inf, or -1.
+struct QuantizeJob {
+  const float* x = nullptr;
+  int64_t ldx = 0, K = 0, Kp = 0, m0 = 0, m1 = 0;
+  uint8_t* a = nullptr;
+  float* a_scale = nullptr;
+};
+
+}  // namespace fastrec

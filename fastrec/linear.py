@@ -1,0 +1,151 @@
+"""int8 linear layers and MLPs: per-channel int8 weights packed once, activations quantized per
+row inside the kernel, int32 accumulation, bias / ReLU / dequantization fused in the epilogue.
+
+    lin = fastrec.Int8Linear.from_float(weight, bias)     # weight (N, K), nn.Linear's layout
+    y = lin(x, activation="relu")                          # x float32 (B, K) -> (B, N)
+    mlp = fastrec.Int8MLP.from_float([(w1, b1), (w2, b2)], ["relu", "sigmoid"])
+    p = mlp(x)
+
+Quantization: weights symmetric per output channel (scale = max|w_n| / 127), activations
+symmetric per row (scale = max|x_b| / 127), both rounded half to even to [-127, 127].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import _C
+
+__all__ = ["Int8Linear", "Int8MLP"]
+
+_ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "sigmoid": 2}
+
+
+def _activation_code(activation) -> int:
+    try:
+        return _ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be None, 'relu' or 'sigmoid', got {activation!r}") from None
+
+
+def _float_matrix(a, name: str) -> np.ndarray:
+    if hasattr(a, "detach") and hasattr(a, "cpu"):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def quantize_weight(weight) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: returns (q (N, K) int8, scale (N,) float32)."""
+    w = _float_matrix(weight, "weight")
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {w.shape}")
+    if w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"weight must have at least one row and one column, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf")
+    amax = np.abs(w).max(axis=1)
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(w * inv[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+class Int8Linear:
+    """``y = x @ W.T + b`` with int8 weights and dynamically quantized int8 activations.
+
+    Attributes: ``weight_int8`` (N, K) int8, ``weight_scale`` (N,) float32, ``bias`` (N,) float32
+    or None, ``in_features`` (K), ``out_features`` (N).
+    """
+
+    def __init__(self, weight_int8, weight_scale, bias=None):
+        self._core = _C.Int8LayerCore(weight_int8, weight_scale, bias)
+        self.weight_int8 = np.array(weight_int8, dtype=np.int8, copy=True)
+        self.weight_scale = np.array(weight_scale, dtype=np.float32, copy=True)
+        self.bias = None if bias is None else np.array(bias, dtype=np.float32, copy=True)
+
+    @classmethod
+    def from_float(cls, weight, bias=None) -> "Int8Linear":
+        """Quantize a float layer: ``weight`` (out_features, in_features), ``bias`` (out_features,)."""
+        q, scale = quantize_weight(weight)
+        if bias is not None:
+            bias = _float_matrix(bias, "bias")
+            if bias.shape != (q.shape[0],):
+                raise ValueError(f"bias must have shape ({q.shape[0]},), got {bias.shape}")
+            if not np.isfinite(bias).all():
+                raise ValueError("bias contains NaN or Inf")
+        return cls(q, scale, bias)
+
+    @property
+    def in_features(self) -> int:
+        return self._core.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._core.out_features
+
+    def __call__(self, x, activation=None) -> np.ndarray:
+        from .ops import int8_linear
+
+        return int8_linear(x, self, activation=activation)
+
+    def dequantized_weight(self) -> np.ndarray:
+        """The float32 weights these int8 codes stand for."""
+        return self.weight_int8.astype(np.float32) * self.weight_scale[:, None]
+
+    def __repr__(self) -> str:
+        return (f"Int8Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None})")
+
+
+class Int8MLP:
+    """Layers run back to back inside one C++ call (no Python between layers).
+
+    ``activations`` has one entry per layer: None, "relu" or "sigmoid" (DLRM's top MLP ends
+    with a width-1 layer and a sigmoid).
+    """
+
+    def __init__(self, layers: Sequence[Int8Linear], activations):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("an MLP needs at least one layer")
+        if not all(isinstance(lin, Int8Linear) for lin in layers):
+            raise TypeError("layers must be Int8Linear objects (or use Int8MLP.from_float)")
+        activations = list(activations)
+        if len(activations) != len(layers):
+            raise ValueError(f"one activation per layer is required ({len(layers)}), got {len(activations)}")
+        for i in range(1, len(layers)):
+            if layers[i].in_features != layers[i - 1].out_features:
+                raise ValueError(f"layer {i} takes {layers[i].in_features} features but layer {i - 1} "
+                                 f"gives {layers[i - 1].out_features}")
+        self.layers = layers
+        self.activations = activations
+        self._codes = [_activation_code(a) for a in activations]
+        self._cores = [lin._core for lin in layers]
+
+    @classmethod
+    def from_float(cls, layers, activations) -> "Int8MLP":
+        """``layers``: a sequence of (weight (N, K), bias (N,) or None) pairs."""
+        return cls([Int8Linear.from_float(w, b) for w, b in layers], activations)
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+    def __call__(self, x) -> np.ndarray:
+        from .ops import _linear_input
+
+        x = _linear_input(x, self.in_features)
+        return _C.int8_mlp(x, self._cores, self._codes)
+
+    def __repr__(self) -> str:
+        dims = [self.in_features] + [lin.out_features for lin in self.layers]
+        return f"Int8MLP({'-'.join(map(str, dims))}, activations={self.activations})"
