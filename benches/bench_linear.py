@@ -144,17 +144,22 @@ class _Case:
             engines = torch.backends.quantized.supported_engines
             torch.backends.quantized.engine = "fbgemm" if "fbgemm" in engines else "x86"
             model = copy.deepcopy(self.torch_fp32())
-            if isinstance(model, nn.Sequential):
-                names = list(model._modules)
-                pairs = [[a, b] for a, b in zip(names, names[1:])
-                         if isinstance(model._modules[a], nn.Linear)
-                         and isinstance(model._modules[b], nn.ReLU)]
-                if pairs:
-                    model = fuse_modules(model, pairs)
+            if not isinstance(model, nn.Sequential):
+                model = nn.Sequential(model)  # quantize_dynamic swaps children, never the root
+            names = list(model._modules)
+            pairs = [[a, b] for a, b in zip(names, names[1:])
+                     if isinstance(model._modules[a], nn.Linear)
+                     and isinstance(model._modules[b], nn.ReLU)]
+            if pairs:
+                model = fuse_modules(model, pairs)
             spec = {nn.Linear: per_channel_dynamic_qconfig, nni.LinearReLU: per_channel_dynamic_qconfig}
             with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
                 warnings.simplefilter("ignore")
-                self._impls["torch-dynq"] = quantize_dynamic(model, spec, dtype=torch.qint8).eval()
+                model = quantize_dynamic(model, spec, dtype=torch.qint8).eval()
+            left = [type(m).__name__ for m in model.modules()
+                    if isinstance(m, (nn.Linear, nni.LinearReLU))]
+            assert not left, f"torch-dynq: modules left in fp32: {left}"
+            self._impls["torch-dynq"] = model
         return self._impls["torch-dynq"]
 
     def onnx_model(self):

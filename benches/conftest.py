@@ -41,6 +41,12 @@ def pytest_report_header(config):
     lines = [f"fastrec bench threads: {THREADS} (fastrec.set_num_threads / torch.set_num_threads)"]
     if torch is not None:
         lines.append(f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}")
+    try:
+        import onnxruntime
+    except ImportError:
+        pass
+    else:
+        lines.append(f"onnxruntime {onnxruntime.__version__} (bench_linear.py: intra-op threads {THREADS})")
     return lines
 
 

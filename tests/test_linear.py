@@ -1,0 +1,200 @@
+"""Int8Linear / Int8MLP / ops.int8_linear: exact integer accumulation on every ISA, accuracy
+against float64 and against torch's dynamic int8 Linear, awkward shapes, errors."""
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec import Int8Linear, Int8MLP, _C, ops
+from conftest import needs_torch
+
+SHAPES = [(1, 1), (3, 3), (97, 97), (3, 97), (97, 3), (512, 256), (64, 1)]
+
+
+def _layer(rng, K, N, bias=True):
+    W = rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K)
+    b = rng.standard_normal(N).astype(np.float32) if bias else None
+    return W, b
+
+
+def _ref_quantize_rows(x):
+    """numpy version of the kernels' activation quantization (float32 arithmetic)."""
+    amax = np.abs(x).max(axis=1).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
+    return q, (amax / np.float32(127)).astype(np.float32)
+
+
+@pytest.mark.parametrize("K,N", SHAPES + [(1024, 1024), (13, 512)])
+@pytest.mark.parametrize("B", [0, 1, 3, 33, 257])
+def test_int32_accumulation_is_exact(isa, rng, K, N, B):
+    W, b = _layer(rng, K, N)
+    lin = Int8Linear.from_float(W, b)
+    q = rng.integers(-128, 128, size=(B, K)).astype(np.int8)
+    ref = q.astype(np.int64) @ lin.weight_int8.astype(np.int64).T
+    out = _C.int8_linear_int32(q, lin._core)
+    assert out.dtype == np.int32 and out.shape == (B, N)
+    assert np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("K", [1, 3, 17, 97, 1024])
+def test_activation_quantization_matches_numpy(isa, rng, K):
+    x = (rng.standard_normal((9, K)) * rng.uniform(0.01, 100, size=(9, 1))).astype(np.float32)
+    x[0] = 0.0  # an all-zero row
+    q, s = _C.quantize_rows_int8(x)
+    q_ref, s_ref = _ref_quantize_rows(x)
+    assert np.array_equal(q, q_ref)
+    assert np.array_equal(s, s_ref)
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("B", [0, 1, 3, 97])
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
+def test_float_output_matches_quantized_reference(isa, rng, K, N, B, activation):
+    """The fused epilogue equals the float64 evaluation of the same quantized operands."""
+    W, b = _layer(rng, K, N)
+    lin = Int8Linear.from_float(W, b)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    y = lin(x, activation=activation)
+    assert y.dtype == np.float32 and y.shape == (B, N)
+    q, s = _ref_quantize_rows(x)
+    acc = q.astype(np.float64) @ lin.weight_int8.astype(np.float64).T
+    ref = acc * s[:, None].astype(np.float64) * lin.weight_scale.astype(np.float64)[None, :] + b
+    if activation == "relu":
+        ref = np.maximum(ref, 0)
+    elif activation == "sigmoid":
+        ref = 1 / (1 + np.exp(-ref))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_bias_and_zero_rows(rng):
+    W, _ = _layer(rng, 16, 8, bias=False)
+    lin = Int8Linear.from_float(W)
+    x = np.zeros((2, 16), dtype=np.float32)
+    assert np.array_equal(lin(x), np.zeros((2, 8), dtype=np.float32))
+    W[3] = 0.0  # an all-zero output channel
+    lin = Int8Linear.from_float(W, np.ones(8, dtype=np.float32))
+    y = lin(rng.standard_normal((4, 16)).astype(np.float32))
+    assert np.all(y[:, 3] == 1.0)
+
+
+def test_attributes(rng):
+    W, b = _layer(rng, 10, 4)
+    lin = Int8Linear.from_float(W, b)
+    assert (lin.in_features, lin.out_features) == (10, 4)
+    assert lin.weight_int8.dtype == np.int8 and lin.weight_int8.shape == (4, 10)
+    assert lin.weight_scale.dtype == np.float32 and lin.weight_scale.shape == (4,)
+    assert np.abs(lin.weight_int8).max() == 127
+    np.testing.assert_allclose(lin.dequantized_weight(), W, atol=float(lin.weight_scale.max()) / 2 + 1e-7)
+
+
+def test_large_batch_parallel_matches_single_thread(rng):
+    W, b = _layer(rng, 256, 320)
+    lin = Int8Linear.from_float(W, b)
+    x = rng.standard_normal((1000, 256)).astype(np.float32)
+    before = fastrec.get_num_threads()
+    try:
+        fastrec.set_num_threads(1)
+        one = lin(x, activation="relu")
+        fastrec.set_num_threads(fastrec._config.available_cpus())
+        many = lin(x, activation="relu")
+    finally:
+        fastrec.set_num_threads(before)
+    assert np.array_equal(one, many)
+
+
+def test_mlp_equals_layer_by_layer(isa, rng):
+    dims = [13, 64, 32, 1]
+    layers = [_layer(rng, dims[i], dims[i + 1]) for i in range(3)]
+    acts = ["relu", "relu", "sigmoid"]
+    mlp = Int8MLP.from_float(layers, acts)
+    x = rng.standard_normal((37, 13)).astype(np.float32)
+    y = mlp(x)
+    h = x
+    for lin, act in zip(mlp.layers, acts):
+        h = lin(h, activation=act)
+    assert y.shape == (37, 1)
+    assert np.array_equal(y, h)
+    assert np.all((y > 0) & (y < 1))
+    assert mlp(np.zeros((0, 13), np.float32)).shape == (0, 1)
+
+
+def test_accuracy_against_float64(rng):
+    """Relative error of a 512x256 layer stays at int8 quantization level."""
+    W, b = _layer(rng, 512, 256)
+    x = rng.standard_normal((64, 512)).astype(np.float32)
+    ref = x.astype(np.float64) @ W.T.astype(np.float64) + b
+    y = Int8Linear.from_float(W, b)(x)
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 0.02
+
+
+@needs_torch
+@pytest.mark.parametrize("K,N", [(3, 3), (97, 97), (512, 256), (1024, 1024)])
+@pytest.mark.parametrize("B", [1, 32, 256])
+def test_error_no_worse_than_torch_dynamic_quantization(rng, K, N, B):
+    import torch
+
+    W, b = _layer(rng, K, N)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    ref = x.astype(np.float64) @ W.T.astype(np.float64) + b
+    m = torch.nn.Sequential(torch.nn.Linear(K, N))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.from_numpy(W))
+        m[0].bias.copy_(torch.from_numpy(b))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = torch.ao.quantization.quantize_dynamic(
+            m, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    with torch.inference_mode():
+        peer = qm(torch.from_numpy(x)).numpy()
+    ours = Int8Linear.from_float(W, b)(x)
+    err_ours = np.abs(ours - ref).max()
+    err_peer = np.abs(peer - ref).max()
+    assert err_ours <= err_peer * 1.0 + 1e-6, (err_ours, err_peer)
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+def test_errors(rng):
+    W, b = _layer(rng, 8, 4)
+    lin = Int8Linear.from_float(W, b)
+    with pytest.raises(ValueError, match="features"):
+        lin(np.zeros((2, 7), np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        lin(np.zeros(8, np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        lin(np.zeros((2, 8), np.float64))
+    with pytest.raises(ValueError, match="activation"):
+        lin(np.zeros((2, 8), np.float32), activation="gelu")
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.ones((5, 8), np.float32)
+        x[3, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf \\(row 3\\)"):
+            lin(x)
+    with pytest.raises(TypeError, match="Int8Linear"):
+        ops.int8_linear(np.zeros((1, 8), np.float32), W)
+    with pytest.raises(ValueError, match="2-D"):
+        Int8Linear.from_float(W[0])
+    with pytest.raises(TypeError, match="floating"):
+        Int8Linear.from_float(W.astype(np.int32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Int8Linear.from_float(np.full((2, 2), np.nan, np.float32))
+    with pytest.raises(ValueError, match="bias"):
+        Int8Linear.from_float(W, b[:2])
+    with pytest.raises(ValueError, match="layer 1 takes"):
+        Int8MLP.from_float([_layer(rng, 8, 4), _layer(rng, 5, 2)], ["relu", None])
+    with pytest.raises(ValueError, match="one activation per layer"):
+        Int8MLP.from_float([_layer(rng, 8, 4)], [])
+
+
+def test_nan_in_a_big_parallel_batch(rng):
+    W, b = _layer(rng, 512, 512)
+    lin = Int8Linear.from_float(W, b)
+    x = rng.standard_normal((4000, 512)).astype(np.float32)
+    x[3999, 5] = np.nan
+    x[2500, 1] = np.inf
+    with pytest.raises(ValueError, match="row 2500"):
+        lin(x)
