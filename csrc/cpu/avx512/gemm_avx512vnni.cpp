@@ -13,6 +13,74 @@ namespace fastrec {
 namespace avx512vnni {
 namespace {
 
+// Epilogue for one 16-channel block of one row.
+inline void store_block(const GemmJob& j, int64_t m, int64_t n0, __m512i acc) {
+  const PackedB& b = *j.b;
+  const int64_t valid = b.N - n0 < 16 ? b.N - n0 : 16;
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  const __m512i exact = _mm512_sub_epi32(acc, _mm512_loadu_si512(b.comp + n0));
+  if (j.epilogue == Epilogue::kInt32) {
+    _mm512_mask_storeu_epi32(j.c32 + m * j.ldc + n0, mask, exact);
+    return;
+  }
+  const __m512 s = _mm512_mul_ps(_mm512_set1_ps(j.a_scale[m]), _mm512_loadu_ps(b.scale + n0));
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), s);
+  if (b.bias) y = _mm512_add_ps(y, _mm512_loadu_ps(b.bias + n0));
+  if (j.epilogue == Epilogue::kRelu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  _mm512_mask_storeu_ps(j.c + m * j.ldc + n0, mask, y);
+}
+
+inline __m512i broadcast4(const uint8_t* p) {
+  // Four u8 activations broadcast straight from memory (a load-port broadcast; going through
+  // a general register would put a shuffle on the port vpdpbusd needs).
+  return _mm512_castps_si512(_mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(p))));
+}
+
+// The main tile: MR (1-4) rows x 4 blocks of 16 channels, accumulators as named variables.
+// (GCC copies an array of accumulators between register sets on every iteration, which
+// halves the throughput; named variables keep the loop to loads and vpdpbusd.)
+template <int MR>
+void tile4(const GemmJob& j, int64_t m, int64_t nb) {
+  const PackedB& b = *j.b;
+  const int64_t kg = b.Kp / 4;
+  const int8_t* w0 = b.packed + nb * 16 * b.Kp;
+  const int8_t* w1 = w0 + kg * 64;
+  const int8_t* w2 = w1 + kg * 64;
+  const int8_t* w3 = w2 + kg * 64;
+  const uint8_t* a0 = j.a + m * j.lda;
+  const uint8_t* a1 = a0 + (MR > 1 ? j.lda : 0);
+  const uint8_t* a2 = a0 + (MR > 2 ? 2 * j.lda : 0);
+  const uint8_t* a3 = a0 + (MR > 3 ? 3 * j.lda : 0);
+#define FASTREC_Z(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
+  FASTREC_Z(0) FASTREC_Z(1) FASTREC_Z(2) FASTREC_Z(3)
+#undef FASTREC_Z
+  for (int64_t g = 0; g < kg; ++g) {
+    const __m512i b0 = _mm512_loadu_si512(w0 + g * 64), b1 = _mm512_loadu_si512(w1 + g * 64);
+    const __m512i b2 = _mm512_loadu_si512(w2 + g * 64), b3 = _mm512_loadu_si512(w3 + g * 64);
+#define FASTREC_ROW(r)                                   \
+  if constexpr (MR > r) {                                \
+    const __m512i av = broadcast4(a##r + 4 * g);         \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, av, b0);      \
+    c##r##1 = _mm512_dpbusd_epi32(c##r##1, av, b1);      \
+    c##r##2 = _mm512_dpbusd_epi32(c##r##2, av, b2);      \
+    c##r##3 = _mm512_dpbusd_epi32(c##r##3, av, b3);      \
+  }
+    FASTREC_ROW(0) FASTREC_ROW(1) FASTREC_ROW(2) FASTREC_ROW(3)
+#undef FASTREC_ROW
+  }
+  const int64_t n0 = nb * 16;
+#define FASTREC_STORE(r)                                                      \
+  if constexpr (MR > r) {                                                     \
+    store_block(j, m + r, n0, c##r##0);                                       \
+    store_block(j, m + r, n0 + 16, c##r##1);                                  \
+    store_block(j, m + r, n0 + 32, c##r##2);                                  \
+    store_block(j, m + r, n0 + 48, c##r##3);                                  \
+  }
+  FASTREC_STORE(0) FASTREC_STORE(1) FASTREC_STORE(2) FASTREC_STORE(3)
+#undef FASTREC_STORE
+}
+
+// Edge tiles (fewer than 4 blocks left): MR rows x NR (1-3) blocks.
 template <int MR, int NR>
 void tile(const GemmJob& j, int64_t m, int64_t nb) {
   const PackedB& b = *j.b;
@@ -20,43 +88,24 @@ void tile(const GemmJob& j, int64_t m, int64_t nb) {
   __m512i acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_si512();
-  const int8_t* w = b.packed + nb * 16 * b.Kp;  // block nb starts at nb * (Kp/4) * 64 bytes
+  const int8_t* w = b.packed + nb * 16 * b.Kp;
   const uint8_t* a = j.a + m * j.lda;
   for (int64_t g = 0; g < kg; ++g) {
     __m512i wv[NR];
     for (int c = 0; c < NR; ++c) wv[c] = _mm512_loadu_si512(w + (c * kg + g) * 64);
     for (int r = 0; r < MR; ++r) {
-      int32_t four;
-      std::memcpy(&four, a + r * j.lda + 4 * g, 4);
-      const __m512i av = _mm512_set1_epi32(four);
+      const __m512i av = broadcast4(a + r * j.lda + 4 * g);
       for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, wv[c]);
     }
   }
-  for (int c = 0; c < NR; ++c) {
-    const int64_t n0 = (nb + c) * 16;
-    const int64_t valid = b.N - n0 < 16 ? b.N - n0 : 16;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-    const __m512i comp = _mm512_loadu_si512(b.comp + n0);
-    const __m512 ws = _mm512_loadu_ps(b.scale + n0);
-    const __m512 bias = b.bias ? _mm512_loadu_ps(b.bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < MR; ++r) {
-      const __m512i exact = _mm512_sub_epi32(acc[r][c], comp);
-      if (j.epilogue == Epilogue::kInt32) {
-        _mm512_mask_storeu_epi32(j.c32 + (m + r) * j.ldc + n0, mask, exact);
-        continue;
-      }
-      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(j.a_scale[m + r]), ws);
-      __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), s), bias);
-      if (j.epilogue == Epilogue::kRelu) y = _mm512_max_ps(y, _mm512_setzero_ps());
-      _mm512_mask_storeu_ps(j.c + (m + r) * j.ldc + n0, mask, y);
-    }
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) store_block(j, m + r, (nb + c) * 16, acc[r][c]);
 }
 
 template <int MR>
 void row_block(const GemmJob& j, int64_t m) {
   int64_t nb = j.nb0;
-  for (; nb + 4 <= j.nb1; nb += 4) tile<MR, 4>(j, m, nb);
+  for (; nb + 4 <= j.nb1; nb += 4) tile4<MR>(j, m, nb);
   switch (j.nb1 - nb) {
     case 3: tile<MR, 3>(j, m, nb); break;
     case 2: tile<MR, 2>(j, m, nb); break;
