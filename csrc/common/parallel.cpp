@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <stdexcept>
@@ -18,8 +19,20 @@ namespace {
 
 thread_local bool t_in_pool_task = false;
 
+// How long an idle worker spins before it sleeps on the condition variable.
+constexpr int kSpinMicros = 50;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
 struct Job {
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  bool fixed = false;  // parallel_for_each_thread: participant t of n runs fn(t, n) once
   int64_t n = 0;
   int64_t chunk = 1;
   std::atomic<int64_t> next{0};
@@ -29,13 +42,13 @@ struct Job {
 class Pool {
  public:
   explicit Pool(int nthreads) : nthreads_(std::max(1, nthreads)) {
-    for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this] { worker_loop(); });
+    for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
   }
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -44,18 +57,19 @@ class Pool {
   std::mutex& call_mutex() { return call_mu_; }
 
   // Caller holds call_mutex().
-  void run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  void run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn, bool fixed = false) {
     job_.fn = &fn;
+    job_.fixed = fixed;
     job_.n = n;
     job_.chunk = chunk;
     job_.next.store(0, std::memory_order_relaxed);
     job_.active.store(nthreads_, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lk(mu_);
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    work();
+    work(0);
     // Wait for the workers: spin a little (calls are short), then sleep.
     for (int spin = 0; job_.active.load(std::memory_order_acquire) != 0; ++spin) {
       if (spin < 2000) {
@@ -68,12 +82,16 @@ class Pool {
   }
 
  private:
-  void work() {
+  void work(int index) {
     t_in_pool_task = true;
-    for (;;) {
-      const int64_t b = job_.next.fetch_add(job_.chunk, std::memory_order_relaxed);
-      if (b >= job_.n) break;
-      (*job_.fn)(b, std::min(job_.n, b + job_.chunk));
+    if (job_.fixed) {
+      if (index < job_.n) (*job_.fn)(index, job_.n);
+    } else {
+      for (;;) {
+        const int64_t b = job_.next.fetch_add(job_.chunk, std::memory_order_relaxed);
+        if (b >= job_.n) break;
+        (*job_.fn)(b, std::min(job_.n, b + job_.chunk));
+      }
     }
     t_in_pool_task = false;
     if (job_.active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
@@ -82,16 +100,29 @@ class Pool {
     }
   }
 
-  void worker_loop() {
+  void worker_loop(int index) {
     uint64_t seen = 0;
     for (;;) {
+      // Spin briefly before sleeping: back-to-back calls (the layers of an MLP, a stream of
+      // requests) then find the worker awake instead of paying a futex wake-up each time.
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      bool woke = false;
+      for (int i = 0; !woke; ++i) {
+        if (generation_.load(std::memory_order_acquire) != seen) {
+          woke = true;
+        } else if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) {
+          break;
+        } else {
+          cpu_relax();
+        }
+      }
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return generation_ != seen; });
-        seen = generation_;
+        cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        seen = generation_.load(std::memory_order_acquire);
         if (stop_) return;
       }
-      work();
+      work(index);
     }
   }
 
@@ -100,7 +131,7 @@ class Pool {
   std::mutex call_mu_;  // one pool call at a time
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
   bool stop_ = false;
   Job job_;
 };
@@ -167,6 +198,26 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     return;
   }
   pool->run(n, grain, fn);
+}
+
+}  // namespace fastrec
+
+namespace fastrec {
+
+int parallel_for_each_thread(const std::function<void(int64_t, int64_t)>& fn) {
+  const int nt = get_num_threads();
+  if (nt <= 1 || t_in_pool_task) {
+    fn(0, 1);
+    return 1;
+  }
+  std::unique_lock<std::mutex> call;
+  Pool* pool = lock_pool(nt, &call);
+  if (pool == nullptr) {
+    fn(0, 1);
+    return 1;
+  }
+  pool->run(nt, 1, fn, /*fixed=*/true);
+  return nt;
 }
 
 }  // namespace fastrec

@@ -15,6 +15,7 @@ namespace fastrec {
 namespace {
 
 constexpr int64_t kSerialMacs = int64_t{1} << 21;  // below this, one thread: waking the pool costs more
+constexpr int64_t kStaticMacs = int64_t{1} << 18;  // few-row calls above this split channels per core
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -63,6 +64,19 @@ void run_gemm(const KernelTable& k, const PackedB& b, const uint8_t* a, int64_t 
   base.c = c;
   base.c32 = c32;
   base.ldc = ldc;
+  // A few rows (a single request): split the channels statically, so each core keeps its
+  // slice of the weights in its own L2 from call to call; the GEMV is bound by reading them.
+  if (!parallel && M <= 4 && M * b.N * b.K >= kStaticMacs && get_num_threads() > 1 && nblocks >= 2) {
+    parallel_for_each_thread([&](int64_t t, int64_t n) {
+      GemmJob j = base;
+      j.m0 = 0;
+      j.m1 = M;
+      j.nb0 = nblocks * t / n;
+      j.nb1 = nblocks * (t + 1) / n;
+      if (j.nb1 > j.nb0) k.gemm_s8(j);
+    });
+    return;
+  }
   if (!parallel) {
     GemmJob j = base;
     j.m0 = 0;
