@@ -20,6 +20,7 @@ def info() -> dict:
         "cpu_isa": _C.current_isa(),
         "cpu_isas_available": list(_C.available_isas()),
         "cpu_features": dict(_C.cpu_features()),
+        "int8_gemm": _C.gemm_variant(),
         "num_threads": fastrec.get_num_threads(),
         "cpus_available": _config.available_cpus(),
         "openmp": build["openmp"],
@@ -41,6 +42,7 @@ def format_info(d: dict) -> str:
     lines.append(f"  CPU ISAs available : {', '.join(d['cpu_isas_available'])}")
     feats = ", ".join(k for k, v in d["cpu_features"].items() if v) or "none"
     lines.append(f"  CPU features       : {feats}")
+    lines.append(f"  int8 GEMM kernel   : {d['int8_gemm']}")
     lines.append(f"  threads            : {d['num_threads']} of {d['cpus_available']} CPUs available")
     lines.append(f"  OpenMP             : {'yes' if d['openmp'] else 'no'} (thread pool: {d['thread_pool']})")
     lines.append(f"  compiler           : {d['compiler']}")

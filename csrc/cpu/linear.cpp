@@ -150,7 +150,7 @@ void int8_linear_forward(const Int8Layer& layer, const float* x, int64_t M, int6
   const PackedB& b = layer.view();
   std::vector<uint8_t> a;
   std::vector<float> a_scale;
-  quantize(k, x, M, ldx, b.K, b.Kp, &a, &a_scale, M * b.K >= (int64_t{1} << 18));
+  quantize(k, x, M, ldx, b.K, b.Kp, &a, &a_scale, M * b.K >= (int64_t{1} << 16));
   run_gemm(k, b, a.data(), b.Kp, a_scale.data(), M, act == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone, y,
            nullptr, b.N);
   if (act == Activation::kSigmoid) sigmoid_inplace(y, M * b.N);
