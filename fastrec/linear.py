@@ -64,9 +64,14 @@ class Int8Linear:
 
     def __init__(self, weight_int8, weight_scale, bias=None):
         self._core = _C.Int8LayerCore(weight_int8, weight_scale, bias)
+        # Read-only copies: the kernels use their own packed copy, made above, so writing to
+        # these arrays could never change the results; numpy refuses it instead.
         self.weight_int8 = np.array(weight_int8, dtype=np.int8, copy=True)
         self.weight_scale = np.array(weight_scale, dtype=np.float32, copy=True)
         self.bias = None if bias is None else np.array(bias, dtype=np.float32, copy=True)
+        for a in (self.weight_int8, self.weight_scale, self.bias):
+            if a is not None:
+                a.flags.writeable = False
 
     @classmethod
     def from_float(cls, weight, bias=None) -> "Int8Linear":

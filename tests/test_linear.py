@@ -198,3 +198,35 @@ def test_nan_in_a_big_parallel_batch(rng):
     x[2500, 1] = np.inf
     with pytest.raises(ValueError, match="row 2500"):
         lin(x)
+
+
+def test_weights_are_read_only(rng):
+    lin = Int8Linear.from_float(*_layer(rng, 8, 4))
+    with pytest.raises(ValueError):
+        lin.weight_int8[0, 0] = 1
+
+
+def test_many_threads_share_one_layer(rng):
+    import threading
+
+    W, b = _layer(rng, 256, 128)
+    lin = Int8Linear.from_float(W, b)
+    mlp = Int8MLP.from_float([(W, b), _layer(rng, 128, 1)], ["relu", "sigmoid"])
+    inputs = [rng.standard_normal((B, 256)).astype(np.float32) for B in (1, 4, 64, 700)]
+    expected = [(lin(x, activation="relu"), mlp(x)) for x in inputs]
+    errors = []
+
+    def worker(k):
+        for rep in range(25):
+            i = (k + rep) % len(inputs)
+            if not (np.array_equal(lin(inputs[i], activation="relu"), expected[i][0])
+                    and np.array_equal(mlp(inputs[i]), expected[i][1])):
+                errors.append((k, rep))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors
