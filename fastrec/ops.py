@@ -103,18 +103,27 @@ def embedding_bag(weight, indices, offsets=None, *, mode="sum", per_sample_weigh
         if code != 0:
             raise ValueError(f"per_sample_weights is only supported with mode 'sum', got mode {mode!r}")
         per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
-    pad = -1
-    if padding_idx is not None:
-        if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
-            raise TypeError(f"padding_idx must be an int, got {type(padding_idx).__name__}")
-        rows = weight.num_rows if isinstance(weight, QuantizedTable) else np.shape(weight)[0]
-        pad = int(padding_idx) + rows if padding_idx < 0 else int(padding_idx)
-        if not 0 <= pad < rows:
-            raise ValueError(f"padding_idx must be within [-{rows}, {rows}), got {padding_idx}")
+    pad = _padding_code(padding_idx, _num_rows(weight))
     return _C.embedding_bags((weight,), indices, offsets, (code,), per_sample_weights, (pad,), _table)
 
 
-def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=None) -> np.ndarray:
+def _padding_code(padding_idx, rows: int) -> int:
+    if padding_idx is None:
+        return -1
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+        raise TypeError(f"padding_idx must be an int, got {type(padding_idx).__name__}")
+    pad = int(padding_idx) + rows if padding_idx < 0 else int(padding_idx)
+    if not 0 <= pad < rows:
+        raise ValueError(f"padding_idx must be within [-{rows}, {rows}), got {padding_idx}")
+    return pad
+
+
+def _num_rows(table) -> int:
+    return table.num_rows if isinstance(table, QuantizedTable) else np.shape(table)[0]
+
+
+def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=None,
+                   padding_idx=None) -> np.ndarray:
     """Pool T tables in one call (one parallel pass over every (table, bag) pair).
 
     Args:
@@ -125,6 +134,8 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
             of table t is ``indices[offsets[t*B + b] : offsets[t*B + b + 1]]``.
         modes: one mode for all tables, or one per table.
         per_sample_weights: float32, one per index; requires every mode to be ``"sum"``.
+        padding_idx: None, or one id per table (None for a table without one); entries equal
+            to it are skipped, as in :func:`embedding_bag`.
 
     Returns:
         float32 ``(B, sum(D_t))``, table t's block in column order.
@@ -150,7 +161,15 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
         if any(c != 0 for c in codes):
             raise ValueError("per_sample_weights is only supported when every mode is 'sum'")
         per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
-    return _C.embedding_bags(tables, indices, offsets, codes, per_sample_weights, (-1,) * T, _table)
+    if padding_idx is None:
+        pads = (-1,) * T
+    else:
+        if isinstance(padding_idx, (int, np.integer)) or not isinstance(padding_idx, (list, tuple)):
+            raise TypeError("padding_idx must be None or a list with one entry (an int or None) per table")
+        if len(padding_idx) != T:
+            raise ValueError(f"padding_idx must have one entry per table ({T}), got {len(padding_idx)}")
+        pads = tuple(_padding_code(p, _num_rows(_table(t))) for p, t in zip(padding_idx, tables))
+    return _C.embedding_bags(tables, indices, offsets, codes, per_sample_weights, pads, _table)
 
 
 def _linear_input(x, in_features: int) -> np.ndarray:

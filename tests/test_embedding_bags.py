@@ -88,3 +88,35 @@ def test_matches_torch_modules(rng):
             eb = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(W[t]), mode="sum")
             blocks.append(eb(torch.from_numpy(indices[off[0]:off[-1]]), torch.from_numpy(off[:-1] - off[0])).numpy())
     testing.assert_close(out, np.concatenate(blocks, axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_per_table_padding_idx(isa, rng):
+    tables, rows, dims = _mixed_tables(rng)
+    T, B = len(tables), 29
+    indices, offsets = _kjt(rng, T, B, rows)
+    pads = [1, None, -1, 0, None, 2]
+    for t, p in enumerate(pads):  # make padding entries common
+        if p is not None:
+            lo, hi = offsets[t * B], offsets[(t + 1) * B]
+            indices[lo:hi:3] = p % rows[t]
+    for modes in ("sum", "mean", ["max", "mean", "sum", "max", "sum", "mean"]):
+        out = ops.embedding_bags(tables, indices, offsets, modes=modes, padding_idx=pads)
+        col = 0
+        ms = [modes] * T if isinstance(modes, str) else modes
+        for t in range(T):
+            off = offsets[t * B:(t + 1) * B + 1]
+            ref = testing.embedding_bag_ref(tables[t], indices[off[0]:off[-1]], off - off[0], mode=ms[t],
+                                            padding_idx=pads[t])
+            testing.assert_close(out[:, col:col + dims[t]], ref, rtol=1e-5, atol=1e-4)
+            col += dims[t]
+
+
+def test_per_table_padding_idx_errors(rng):
+    tables, rows, dims = _mixed_tables(rng)
+    indices, offsets = _kjt(rng, len(tables), 3, rows)
+    with pytest.raises(ValueError, match="one entry per table"):
+        ops.embedding_bags(tables, indices, offsets, padding_idx=[0])
+    with pytest.raises(TypeError, match="one entry"):
+        ops.embedding_bags(tables, indices, offsets, padding_idx=0)
+    with pytest.raises(ValueError, match="padding_idx must be within"):
+        ops.embedding_bags(tables, indices, offsets, padding_idx=[999, None, None, None, None, None])
