@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _C
+from ._arrays import as_numpy
 
 __all__ = ["Int8Linear", "Int8MLP"]
 
@@ -31,9 +32,7 @@ def _activation_code(activation) -> int:
 
 
 def _float_matrix(a, name: str) -> np.ndarray:
-    if hasattr(a, "detach") and hasattr(a, "cpu"):
-        a = a.detach().cpu().numpy()
-    a = np.asarray(a)
+    a = as_numpy(a)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got {a.dtype}")
     return np.ascontiguousarray(a, dtype=np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
+from ._arrays import as_numpy
 from .tables import QuantizedTable
 
 __all__ = ["embedding_bag", "embedding_bags", "int8_linear"]
@@ -27,23 +28,18 @@ def _mode_code(mode) -> int:
 def _index_array(x, name: str) -> np.ndarray:
     """An int32/int64 ndarray (no copy when it already is one)."""
     if not isinstance(x, np.ndarray):
-        if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor
-            x = x.detach().cpu().numpy()
-        else:
-            x = np.asarray(x)
-            if x.size == 0 and x.dtype == np.float64:  # [] -> float64 by default
-                x = x.astype(np.int64)
+        x = as_numpy(x)
+        if x.size == 0 and x.dtype == np.float64:  # [] -> float64 by default
+            x = x.astype(np.int64)
     if x.dtype != np.int64 and x.dtype != np.int32:
         raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
     return x
 
 
 def _weights_array(x, n: int) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        if hasattr(x, "detach") and hasattr(x, "cpu"):
-            x = x.detach().cpu().numpy()
-        else:
-            x = np.asarray(x, dtype=np.float32)
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x, dtype=np.float32)
+    x = as_numpy(x)
     if x.dtype != np.float32:
         raise TypeError(f"per_sample_weights must be float32, got {x.dtype}")
     if x.size != n:
@@ -56,7 +52,7 @@ def _table(t):
     if isinstance(t, (np.ndarray, QuantizedTable)):
         return t
     if hasattr(t, "detach") and hasattr(t, "cpu"):
-        return t.detach().cpu().numpy()
+        return as_numpy(t)
     raise TypeError(f"an embedding table must be a numpy array or a fastrec.QuantizedTable, got {type(t).__name__}")
 
 
@@ -173,11 +169,7 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
 
 
 def _linear_input(x, in_features: int) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        if hasattr(x, "detach") and hasattr(x, "cpu"):
-            x = x.detach().cpu().numpy()
-        else:
-            x = np.asarray(x)
+    x = as_numpy(x)
     if x.dtype != np.float32:
         raise TypeError(f"x must be float32, got {x.dtype}")
     if x.ndim != 2:

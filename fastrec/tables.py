@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
+from ._arrays import as_numpy
 
 __all__ = ["QuantizedTable"]
 
@@ -37,9 +38,7 @@ def _check_bits(bits) -> int:
 
 
 def _float_weight(weight) -> np.ndarray:
-    if hasattr(weight, "detach") and hasattr(weight, "cpu"):
-        weight = weight.detach().cpu().float().numpy()
-    w = np.asarray(weight)
+    w = as_numpy(weight)
     if w.dtype.kind != "f":
         raise TypeError(f"weight must be a floating-point array, got {w.dtype}")
     if w.ndim != 2:
@@ -143,9 +142,7 @@ class QuantizedTable(_C.PackedTable):
         ``dim`` defaults to what the row width implies.
         """
         bits = _check_bits(bits)
-        if hasattr(packed, "detach") and hasattr(packed, "cpu"):
-            packed = packed.detach().cpu().numpy()
-        packed = np.asarray(packed)
+        packed = as_numpy(packed)
         if packed.dtype != np.uint8:
             raise TypeError(f"packed rows must be uint8, got {packed.dtype}")
         if packed.ndim != 2:

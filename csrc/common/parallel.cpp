@@ -200,24 +200,19 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   pool->run(n, grain, fn);
 }
 
-}  // namespace fastrec
-
-namespace fastrec {
-
-int parallel_for_each_thread(const std::function<void(int64_t, int64_t)>& fn) {
+void parallel_for_each_thread(const std::function<void(int64_t, int64_t)>& fn) {
   const int nt = get_num_threads();
   if (nt <= 1 || t_in_pool_task) {
     fn(0, 1);
-    return 1;
+    return;
   }
   std::unique_lock<std::mutex> call;
   Pool* pool = lock_pool(nt, &call);
   if (pool == nullptr) {
     fn(0, 1);
-    return 1;
+    return;
   }
   pool->run(nt, 1, fn, /*fixed=*/true);
-  return nt;
 }
 
 }  // namespace fastrec

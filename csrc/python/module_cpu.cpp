@@ -141,11 +141,10 @@ TableView float_view(py::handle obj, size_t t, std::vector<py::object>& keep, co
 
 // int32 / int64 arrays: the element size, or 0 for any other dtype.
 int64_t int_itemsize(const py::array& a) {
-  const int tn = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr)->type_num;
-  const char order = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr)->byteorder;
-  if (order == '>') return 0;
-  if (tn == kNpyInt32) return 4;
-  if (tn == kNpyLongLong || (tn == kNpyLong && sizeof(long) == 8)) return 8;
+  const auto* d = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr);
+  if (d->byteorder == '>') return 0;
+  if (d->type_num == kNpyInt32) return 4;
+  if (d->type_num == kNpyLongLong || (d->type_num == kNpyLong && sizeof(long) == 8)) return 8;
   return 0;
 }
 
@@ -227,7 +226,6 @@ void advise_hugepages(py::array arr) {
 #endif
 }
 
-
 // ---- int8 linear -----------------------------------------------------------------------
 
 using F32Array = py::array_t<float, py::array::c_style>;
@@ -299,7 +297,6 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("embedding_bags", &embedding_bags_py, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
         py::arg("modes"), py::arg("per_sample_weights"), py::arg("padding_idx"), py::arg("convert") = py::none());
-
 
   py::class_<Int8Layer, std::shared_ptr<Int8Layer>>(m, "Int8LayerCore")
       .def(py::init(&make_layer), py::arg("weight_int8"), py::arg("weight_scale"), py::arg("bias") = py::none())

@@ -17,10 +17,10 @@ void set_num_threads(int n);
 // fn must not throw: kernels record errors and the caller raises after the pass.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
-// Runs fn(t, n) once on each of the pool's n threads, t = 0 (the caller) .. n-1, and returns
-// n; when the pool is busy or the call is nested, runs fn(0, 1) alone and returns 1. The same
+// Runs fn(t, n) once on each of the pool's n threads, t = 0 (the caller) .. n-1; when the
+// pool is busy or the call is nested, runs fn(0, 1) alone on the calling thread. The same
 // thread gets the same t on every call, so per-thread data (a slice of the weights) stays in
 // that core's cache from call to call.
-int parallel_for_each_thread(const std::function<void(int64_t, int64_t)>& fn);
+void parallel_for_each_thread(const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace fastrec
