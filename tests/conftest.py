@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import numpy as np
 import pytest
 
@@ -45,3 +47,44 @@ except Exception:  # pragma: no cover
     HAS_TORCH = False
 
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+
+
+# ---- CUDA: tests skip cleanly without the CUDA module, a GPU, or the framework ---------------
+def _cuda_usable() -> str | None:
+    """None when CUDA tests can run here, else the reason they cannot."""
+    try:
+        from fastrec import _C_cuda
+    except ImportError:
+        return "fastrec._C_cuda not built"
+    if _C_cuda.device_count() == 0:
+        return "no CUDA device"
+    return None
+
+
+CUDA_SKIP_REASON = _cuda_usable()
+needs_cuda = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or "")
+
+
+@pytest.fixture(params=["torch", "cupy"])
+def to_device(request):
+    """A function copying a numpy array to the GPU as a torch CUDA tensor or a CuPy array.
+
+    Skips without a GPU or without that framework's CUDA support."""
+    if CUDA_SKIP_REASON is not None:
+        pytest.skip(CUDA_SKIP_REASON)
+    if request.param == "torch":
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("torch has no CUDA here")
+        return lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
+    cupy = pytest.importorskip("cupy")
+    return lambda a: cupy.asarray(np.ascontiguousarray(a))
+
+
+def to_host(x) -> np.ndarray:
+    """A torch tensor or CuPy array (or numpy array) as a numpy array."""
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.asarray(x)

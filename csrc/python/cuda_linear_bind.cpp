@@ -1,0 +1,12 @@
+// Bindings of the CUDA linear ops into fastrec._C_cuda.
+#include "cuda_bindings.h"
+
+namespace py = pybind11;
+
+namespace fastrec {
+namespace python {
+
+void bind_cuda_linear(py::module_& m) { (void)m; }
+
+}  // namespace python
+}  // namespace fastrec

@@ -1,0 +1,164 @@
+"""CUDA plumbing shared by the ops: the lazily imported module, device arrays and streams.
+
+fastrec takes device arrays from torch (CUDA tensors) and CuPy, zero-copy, through
+``__cuda_array_interface__``. Results are allocated by the caller's framework on the same device
+and the kernels run on the caller's current stream, so ordering with the caller's own work is
+the framework's usual one.
+
+Nothing here imports torch or CuPy unless the caller already passed one of their arrays.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+_module = None
+
+
+def module():
+    """The compiled CUDA module, or a RuntimeError that says why it cannot be used."""
+    global _module
+    if _module is None:
+        try:
+            from . import _C_cuda
+        except ImportError as e:
+            raise RuntimeError(
+                "fastrec's CUDA module (fastrec._C_cuda) is not available in this build "
+                f"({e}). It is built when nvcc is found at install time (FASTREC_CUDA=AUTO|ON); "
+                "see `python -m fastrec.info`."
+            ) from None
+        if _C_cuda.device_count() == 0:
+            raise RuntimeError(
+                "fastrec's CUDA module is built but no CUDA device is usable here (no GPU or no "
+                "driver); see `python -m fastrec.info`."
+            )
+        _module = _C_cuda
+    return _module
+
+
+def _framework(x) -> str | None:
+    """'torch' or 'cupy' for a device array of that framework, else None (host arrays)."""
+    mod = type(x).__module__
+    if mod.startswith("torch") and "torch" in sys.modules:
+        import torch
+
+        if isinstance(x, torch.Tensor) and x.is_cuda:
+            return "torch"
+        return None
+    if mod.startswith("cupy") and "cupy" in sys.modules:
+        import cupy
+
+        if isinstance(x, cupy.ndarray):
+            return "cupy"
+    return None
+
+
+def is_device_array(x) -> bool:
+    """True for a torch CUDA tensor or a CuPy array."""
+    return _framework(x) is not None
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A C-contiguous device array, seen through ``__cuda_array_interface__``."""
+
+    obj: object          # the framework's array (kept alive while the view is used)
+    framework: str       # "torch" or "cupy"
+    ptr: int
+    shape: tuple
+    dtype: np.dtype
+    device: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _contiguous(x, framework: str):
+    if framework == "torch":
+        return x.contiguous()
+    import cupy
+
+    return cupy.ascontiguousarray(x)
+
+
+def _device_index(x, framework: str) -> int:
+    return int(x.device.index) if framework == "torch" else int(x.device.id)
+
+
+def view(x, name: str = "array") -> DeviceArray:
+    """A contiguous view of a device array (copied on its device only if it is strided)."""
+    fw = _framework(x)
+    if fw is None:
+        raise TypeError(f"{name} must be a CUDA array (torch CUDA tensor or CuPy array), got {type(x).__name__}")
+    if fw == "torch" and str(x.dtype) == "torch.bfloat16":
+        x = x.float()
+    x = _contiguous(x, fw)
+    cai = x.__cuda_array_interface__
+    return DeviceArray(obj=x, framework=fw, ptr=int(cai["data"][0]), shape=tuple(cai["shape"]),
+                       dtype=np.dtype(cai["typestr"]), device=_device_index(x, fw))
+
+
+def stream(a: DeviceArray) -> int:
+    """The caller's current stream on ``a``'s device, as an integer handle (0: legacy default)."""
+    if a.framework == "torch":
+        import torch
+
+        return int(torch.cuda.current_stream(a.device).cuda_stream)
+    import cupy
+
+    with cupy.cuda.Device(a.device):
+        return int(cupy.cuda.get_current_stream().ptr)
+
+
+def empty(like: DeviceArray, shape, dtype) -> DeviceArray:
+    """An uninitialised array of ``like``'s framework on ``like``'s device."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    if like.framework == "torch":
+        import torch
+
+        t = torch.empty(shape, dtype=_TORCH_DTYPES[dtype.name](), device=like.obj.device)
+    else:
+        import cupy
+
+        with cupy.cuda.Device(like.device):
+            t = cupy.empty(shape, dtype=dtype)
+    return view(t)
+
+
+def from_host(like: DeviceArray, arr: np.ndarray) -> DeviceArray:
+    """Copy a host array to ``like``'s device, in ``like``'s framework."""
+    arr = np.ascontiguousarray(arr)
+    if like.framework == "torch":
+        import torch
+
+        t = torch.from_numpy(arr).to(like.obj.device)
+    else:
+        import cupy
+
+        with cupy.cuda.Device(like.device):
+            t = cupy.asarray(arr)
+    return view(t)
+
+
+def _torch_dtype(name):
+    def get():
+        import torch
+
+        return getattr(torch, name)
+
+    return get
+
+
+_TORCH_DTYPES = {
+    "float32": _torch_dtype("float32"),
+    "float16": _torch_dtype("float16"),
+    "int8": _torch_dtype("int8"),
+    "uint8": _torch_dtype("uint8"),
+    "int32": _torch_dtype("int32"),
+    "int64": _torch_dtype("int64"),
+}
