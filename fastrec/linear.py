@@ -6,6 +6,10 @@ row inside the kernel, int32 accumulation, bias / ReLU / dequantization fused in
     mlp = fastrec.Int8MLP.from_float([(w1, b1), (w2, b2)], ["relu", "sigmoid"])
     p = mlp(x)
 
+Device arrays (torch CUDA tensors, CuPy arrays) run on the GPU (see fastrec._cuda_linear): the
+result is of the caller's framework, on the same device, computed on the caller's current stream;
+the weights are uploaded to each device once, on first use there.
+
 Quantization: weights symmetric per output channel (scale = max|w_n| / 127), activations
 symmetric per row (scale = max|x_b| / 127), both rounded half to even to [-127, 127].
 """
@@ -18,6 +22,7 @@ import numpy as np
 
 from . import _C
 from ._arrays import as_numpy
+from ._cuda import is_device_array
 
 __all__ = ["Int8Linear", "Int8MLP"]
 
@@ -71,6 +76,8 @@ class Int8Linear:
         for a in (self.weight_int8, self.weight_scale, self.bias):
             if a is not None:
                 a.flags.writeable = False
+        self._cuda_weights = {}  # device -> weights uploaded there (fastrec._cuda_linear)
+        self._cuda_plans = {}    # (device, activation code) -> launch plan
 
     @classmethod
     def from_float(cls, weight, bias=None) -> "Int8Linear":
@@ -92,7 +99,16 @@ class Int8Linear:
     def out_features(self) -> int:
         return self._core.out_features
 
-    def __call__(self, x, activation=None) -> np.ndarray:
+    def __call__(self, x, activation=None, *, check_finite: bool = True):
+        """``activation(x @ W.T + b)``; x float32 (B, K), a numpy array or a device array.
+
+        ``check_finite`` matters on the GPU only (the CPU check is free): False skips the host
+        wait that the NaN/Inf check costs, and such rows then come out as NaN.
+        """
+        if is_device_array(x):
+            from ._cuda_linear import int8_linear as cuda_int8_linear
+
+            return cuda_int8_linear(x, self, activation, check_finite=check_finite)
         from .ops import int8_linear
 
         return int8_linear(x, self, activation=activation)
@@ -130,6 +146,7 @@ class Int8MLP:
         self.activations = activations
         self._codes = [_activation_code(a) for a in activations]
         self._cores = [lin._core for lin in layers]
+        self._cuda_plans = {}  # device -> launch plan (fastrec._cuda_linear)
 
     @classmethod
     def from_float(cls, layers, activations) -> "Int8MLP":
@@ -144,7 +161,12 @@ class Int8MLP:
     def out_features(self) -> int:
         return self.layers[-1].out_features
 
-    def __call__(self, x) -> np.ndarray:
+    def __call__(self, x, *, check_finite: bool = True):
+        """The layers on x (float32 (B, in_features), numpy or device array); see Int8Linear.__call__."""
+        if is_device_array(x):
+            from ._cuda_linear import int8_mlp
+
+            return int8_mlp(x, self, check_finite=check_finite)
         from .ops import _linear_input
 
         x = _linear_input(x, self.in_features)
