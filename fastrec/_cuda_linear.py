@@ -18,6 +18,10 @@ one host wait per call: for the last layer's quantization pass (so also for ever
 before it on the stream); the last GEMM is already queued then and overlaps the return to Python.
 ``check_finite=False`` skips the wait: the call returns as soon as the kernels are queued, and a
 row holding NaN or Inf comes out as a row of NaN.
+
+CUDA graphs: with ``check_finite=False`` a call only enqueues kernels, so torch.cuda.graph / CuPy
+stream capture can record it (call it once before capturing, so the weights are uploaded); with
+``check_finite=True`` a call inside a capture raises ValueError before enqueueing anything.
 """
 
 from __future__ import annotations

@@ -303,6 +303,35 @@ def test_cupy_stream_is_used():
     np.testing.assert_array_equal(cupy.asnumpy(y), ref)
 
 
+def test_torch_cuda_graph():
+    """check_finite=False only launches kernels, so a CUDA graph can capture it."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(18)
+    mlp = Int8MLP([_layer(rng, 479, 256), _layer(rng, 256, 1)], ["relu", "sigmoid"])
+    lin = mlp.layers[0]
+    x_static = torch.from_numpy(_x(rng, 16, 479)).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture: uploads the weights
+        lin(x_static, activation="relu", check_finite=False)
+        mlp(x_static, check_finite=False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y_static = lin(x_static, activation="relu", check_finite=False)
+        p_static = mlp(x_static, check_finite=False)
+    x = _x(rng, 16, 479)
+    x_static.copy_(torch.from_numpy(x))
+    g.replay()
+    torch.cuda.synchronize()
+    with scalar_cpu():
+        np.testing.assert_array_equal(y_static.cpu().numpy(), lin(x, activation="relu"))
+        np.testing.assert_allclose(p_static.cpu().numpy(), mlp(x), rtol=2e-6, atol=2e-7)
+    with pytest.raises(ValueError, match="check_finite=False"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            lin(x_static)
+
+
 def test_threads(to_device):
     rng = np.random.default_rng(13)
     lin = _layer(rng, 479, 256)  # first use happens in the threads: one upload, shared

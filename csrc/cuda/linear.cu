@@ -615,6 +615,18 @@ void Int8LinearPlan::forward(const float* x, int64_t M, float* y, void* scratch,
   if (reinterpret_cast<std::uintptr_t>(scratch) % 16 != 0) throw std::invalid_argument("scratch must be 16-byte aligned");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   DeviceScope scope(device_);
+  if (check_finite) {
+    // A graph capture cannot wait on the GPU: refuse before anything is enqueued, so the
+    // capture stays valid. (check_finite=False only launches kernels, which a capture records.)
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
+      cudaGetLastError();
+    } else if (capture != cudaStreamCaptureStatusNone) {
+      throw std::invalid_argument(
+          "check_finite=True waits for the GPU, which a CUDA graph capture cannot do: pass "
+          "check_finite=False while capturing");
+    }
+  }
 
   char* base = static_cast<char*>(scratch);
   int8_t* a = reinterpret_cast<int8_t*>(base);
