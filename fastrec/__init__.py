@@ -17,6 +17,7 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken
 from ._config import get_num_threads, set_num_threads
 from .tables import QuantizedTable
 from .linear import Int8Linear, Int8MLP
+from .index import ItemIndex
 from . import ops, testing
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Int8Linear",
     "Int8MLP",
+    "ItemIndex",
     "QuantizedTable",
     "get_num_threads",
     "ops",

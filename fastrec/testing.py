@@ -11,10 +11,12 @@ import numpy as np
 __all__ = [
     "assert_close",
     "assert_no_worse_than",
+    "assert_topk_matches",
     "dense_table_f64",
     "embedding_bag_ref",
     "embedding_bags_ref",
     "max_abs_error",
+    "topk_ref",
     "torch_offsets",
 ]
 
@@ -114,3 +116,61 @@ def assert_no_worse_than(actual, peer, oracle, *, factor=2.0, atol=1e-6, err_msg
     theirs = max_abs_error(peer, oracle)
     if not ours <= factor * theirs + atol:
         raise AssertionError(f"{err_msg} max error {ours:.3e} > {factor} x peer's {theirs:.3e} + {atol:.1e}")
+
+
+def topk_ref(queries, items, k: int, *, ids=None, exclude=None):
+    """Exact float64 inner-product top-k: ``(scores float64 (Q, k), ids int64 (Q, k))``, best
+    first, ties by the smaller id, padded with (-inf, -1). ``exclude``: a list of Q id lists."""
+    q = np.asarray(queries, dtype=np.float64)
+    x = np.asarray(items, dtype=np.float64)
+    ids = np.arange(x.shape[0], dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    Q = q.shape[0]
+    out_s = np.full((Q, k), -np.inf)
+    out_i = np.full((Q, k), -1, dtype=np.int64)
+    for r in range(Q):
+        scores = x @ q[r]
+        keep = np.ones(x.shape[0], dtype=bool)
+        if exclude is not None and exclude[r] is not None and len(exclude[r]):
+            keep &= ~np.isin(ids, np.asarray(exclude[r], dtype=np.int64))
+        cand = np.flatnonzero(keep)
+        order = cand[np.lexsort((ids[cand], -scores[cand]))][:k]
+        out_s[r, : len(order)] = scores[order]
+        out_i[r, : len(order)] = ids[order]
+    return out_s, out_i
+
+
+def assert_topk_matches(scores, ids, items, queries, ref_scores, ref_ids, *, item_ids=None, rtol=1e-5,
+                        atol=1e-5, min_recall=1.0, exact_scores=True) -> None:
+    """Checks a top-k result against :func:`topk_ref`'s, "equal up to ties".
+
+    Every returned id is a real, distinct item; scores are sorted; where ``exact_scores`` they
+    equal the float64 inner products of the returned ids within tolerance; the padding matches;
+    recall against the reference is at least ``min_recall``, counting as found any reference
+    item whose score ties (within tolerance) with the last returned score.
+    """
+    scores = np.asarray(scores)
+    ids = np.asarray(ids)
+    x = np.asarray(items, dtype=np.float64)
+    q = np.asarray(queries, dtype=np.float64)
+    item_ids = np.arange(x.shape[0], dtype=np.int64) if item_ids is None else np.asarray(item_ids)
+    row_of = {int(v): i for i, v in enumerate(item_ids)}
+    assert scores.shape == ids.shape == ref_ids.shape, (scores.shape, ids.shape, ref_ids.shape)
+    for r in range(scores.shape[0]):
+        n_ref = int((ref_ids[r] >= 0).sum())
+        got = ids[r][ids[r] >= 0]
+        assert len(got) == n_ref, f"query {r}: {len(got)} results, expected {n_ref}"
+        assert (ids[r][n_ref:] == -1).all() and np.isneginf(scores[r][n_ref:]).all(), f"query {r}: bad padding"
+        assert len(set(got.tolist())) == len(got), f"query {r}: duplicate ids"
+        s = scores[r][:n_ref].astype(np.float64)
+        assert np.all(s[:-1] >= s[1:]), f"query {r}: scores not sorted"
+        if n_ref == 0:
+            continue
+        true = np.array([x[row_of[int(i)]] @ q[r] for i in got])
+        tol = atol + rtol * np.abs(ref_scores[r][:n_ref]).max()
+        if exact_scores:
+            np.testing.assert_allclose(s, true, rtol=0, atol=tol, err_msg=f"query {r}: scores")
+        last = ref_scores[r][n_ref - 1]
+        found = sum(1 for i, rs in zip(ref_ids[r][:n_ref], ref_scores[r][:n_ref])
+                    if int(i) in set(got.tolist()) or abs(rs - last) <= tol)
+        recall = found / n_ref
+        assert recall >= min_recall, f"query {r}: recall {recall:.4f} < {min_recall}"

@@ -15,6 +15,7 @@
 #include "fastrec/dispatch.h"
 #include "fastrec/embedding.h"
 #include "fastrec/linear.h"
+#include "fastrec/topk.h"
 #include "fastrec/parallel.h"
 
 namespace py = pybind11;
@@ -275,6 +276,75 @@ Activation activation_of(int code) {
   return static_cast<Activation>(code);
 }
 
+// ---- top-k ------------------------------------------------------------------------------
+
+constexpr int kNpyInt64 = 7;
+constexpr int kNpyUint8 = 2;
+
+std::shared_ptr<ItemBlock> make_item_block(py::handle items, int precision, bool keep_f32) {
+  py::array xa = require(items, kNpyFloat32, "items", "float32", 2);
+  if (precision < 0 || precision > 2) throw py::value_error("precision code must be 0 (int8), 1 (fp16) or 2 (fp32)");
+  if (xa.shape(1) < 1) throw py::value_error("items must have at least one column");
+  const float* p = static_cast<const float*>(xa.data());
+  const int64_t N = xa.shape(0), D = xa.shape(1);
+  py::gil_scoped_release release;
+  return std::make_shared<ItemBlock>(p, N, D, static_cast<ItemPrecision>(precision), keep_f32);
+}
+
+py::tuple topk_search_py(const std::vector<std::shared_ptr<ItemBlock>>& blocks, const std::vector<py::handle>& ids,
+                         const std::vector<py::handle>& removed, py::handle queries, int64_t k, int64_t candidates,
+                         bool rerank, py::handle exclude_ids, py::handle exclude_offsets) {
+  if (ids.size() != blocks.size() || removed.size() != blocks.size()) {
+    throw py::value_error("blocks, ids and removed must have the same length");
+  }
+  py::array qa = require(queries, kNpyFloat32, "queries", "float32", 2);
+  const int64_t Q = qa.shape(0), D = qa.shape(1);
+  std::vector<py::array> keep;  // holds the arrays while the GIL is released
+  std::vector<SegmentRef> segs(blocks.size());
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    if (!blocks[i]) throw py::type_error("blocks must be ItemBlock objects");
+    py::array ia = require(ids[i], kNpyInt64, "ids", "int64", 1);
+    if (ia.shape(0) != blocks[i]->size()) throw py::value_error("ids must have one id per item");
+    keep.push_back(ia);
+    segs[i].block = blocks[i].get();
+    segs[i].ids = static_cast<const int64_t*>(ia.data());
+    if (!removed[i].is_none()) {
+      py::array ra = require(removed[i], kNpyUint8, "removed", "uint8", 1);
+      if (ra.shape(0) != blocks[i]->size()) throw py::value_error("removed must have one flag per item");
+      keep.push_back(ra);
+      segs[i].removed = static_cast<const uint8_t*>(ra.data());
+    }
+  }
+  TopKRequest req;
+  req.queries = static_cast<const float*>(qa.data());
+  req.Q = Q;
+  req.D = D;
+  req.k = k;
+  req.candidates = candidates;
+  req.rerank = rerank;
+  py::array ea, eo;
+  if (!exclude_offsets.is_none()) {
+    ea = require(exclude_ids, kNpyInt64, "exclude ids", "int64", 1);
+    eo = require(exclude_offsets, kNpyInt64, "exclude offsets", "int64", 1);
+    if (eo.shape(0) != Q + 1) throw py::value_error("exclude offsets must have Q + 1 entries");
+    const int64_t* o = static_cast<const int64_t*>(eo.data());
+    if (o[0] != 0 || o[Q] != ea.shape(0)) throw py::value_error("exclude offsets must start at 0 and end at len(exclude ids)");
+    for (int64_t q = 0; q < Q; ++q) {
+      if (o[q + 1] < o[q]) throw py::value_error("exclude offsets must be non-decreasing");
+    }
+    req.exclude_ids = static_cast<const int64_t*>(ea.data());
+    req.exclude_offsets = o;
+  }
+  if (k < 1) throw py::value_error("k must be >= 1");
+  F32Array scores({Q, k});
+  py::array_t<int64_t> out_ids({Q, k});
+  {
+    py::gil_scoped_release release;
+    topk_search(segs, req, scores.mutable_data(), out_ids.mutable_data());
+  }
+  return py::make_tuple(scores, out_ids);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -294,6 +364,23 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_rows", [](const PackedTable& t) { return t.view.num_rows; })
       .def_property_readonly("row_stride", [](const PackedTable& t) { return t.view.row_stride; })
       .def_property_readonly("layout", [](const PackedTable& t) { return t.layout; });
+
+  py::class_<ItemBlock, std::shared_ptr<ItemBlock>>(m, "ItemBlock")
+      .def(py::init(&make_item_block), py::arg("items"), py::arg("precision"), py::arg("keep_f32"))
+      .def("__len__", &ItemBlock::size)
+      .def_property_readonly("dim", &ItemBlock::dim)
+      .def_property_readonly("nbytes", &ItemBlock::nbytes)
+      .def_property_readonly("has_f32", &ItemBlock::has_f32)
+      .def("to_float",
+           [](const ItemBlock& b) {
+             F32Array out({b.size(), b.dim()});
+             b.to_float(out.mutable_data());
+             return out;
+           })
+      .def_property_readonly("precision", [](const ItemBlock& b) { return static_cast<int>(b.precision()); });
+  m.def("topk_search", &topk_search_py, py::arg("blocks"), py::arg("ids"), py::arg("removed"), py::arg("queries"),
+        py::arg("k"), py::arg("candidates"), py::arg("rerank"), py::arg("exclude_ids") = py::none(),
+        py::arg("exclude_offsets") = py::none());
 
   m.def("embedding_bags", &embedding_bags_py, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
         py::arg("modes"), py::arg("per_sample_weights"), py::arg("padding_idx"), py::arg("convert") = py::none());

@@ -1,0 +1,298 @@
+"""fastrec.ItemIndex and fastrec.ops.topk against the exact float64 oracle."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec.testing import assert_topk_matches, topk_ref
+
+PRECISIONS = ["fp32", "fp16", "int8"]
+
+
+def data(rng, N, D, Q):
+    return (rng.standard_normal((N, D)).astype(np.float32), rng.standard_normal((Q, D)).astype(np.float32))
+
+
+def check(index, items, queries, k, *, ids=None, exclude=None, precision=None, search_exclude=None):
+    precision = precision or index.precision
+    scores, got = index.search(queries, k, exclude=exclude if search_exclude is None else search_exclude)
+    ref_s, ref_i = topk_ref(queries, items, k, ids=ids, exclude=exclude)
+    assert scores.dtype == np.float32 and got.dtype == np.int64
+    assert scores.shape == got.shape == (queries.shape[0], k)
+    if index.rerank or precision == "fp32":
+        # exact scores for the returned ids; int8/fp16 candidates may (rarely) miss an item
+        assert_topk_matches(scores, got, items, queries, ref_s, ref_i, item_ids=ids,
+                            min_recall=1.0 if precision == "fp32" else 0.98)
+    else:
+        assert_topk_matches(scores, got, items, queries, ref_s, ref_i, item_ids=ids, exact_scores=False,
+                            min_recall=0.8)
+    return scores, got
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("N,D,Q,k", [(1000, 64, 5, 10), (777, 97, 9, 50), (300, 3, 4, 7), (50, 1, 3, 5),
+                                     (2000, 32, 70, 100), (10, 8, 2, 20), (5000, 16, 2, 4096)])
+def test_matches_oracle(rng, isa, precision, N, D, Q, k):
+    items, queries = data(rng, N, D, Q)
+    check(fastrec.ItemIndex(items, precision=precision), items, queries, k)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_without_rerank(rng, isa, precision):
+    items, queries = data(rng, 3000, 48, 6)
+    index = fastrec.ItemIndex(items, precision=precision, rerank=False)
+    assert not index.rerank
+    scores, got = check(index, items, queries, 20)
+    true = np.einsum("qd,qkd->qk", queries.astype(np.float64), items[got].astype(np.float64))
+    tol = 0.05 if precision == "int8" else 0.01
+    assert np.abs(scores - true).max() <= tol * np.abs(true).max()
+
+
+def test_isas_agree(rng):
+    from fastrec import _C
+
+    items, queries = data(rng, 4000, 40, 33)
+    results = {}
+    before = _C.current_isa()
+    try:
+        for isa in _C.available_isas():
+            _C.set_isa(isa)
+            for p in PRECISIONS:
+                results[(isa, p)] = fastrec.ItemIndex(items, precision=p, rerank=False).search(queries, 17)
+    finally:
+        _C.set_isa(before)
+    for (isa, p), (s, i) in results.items():
+        s0, i0 = results[("scalar", p)]
+        np.testing.assert_array_equal(i, i0, err_msg=f"{isa} {p}")
+        np.testing.assert_allclose(s, s0, rtol=1e-5, atol=1e-5, err_msg=f"{isa} {p}")
+
+
+def test_q0_and_k_larger_than_n(rng):
+    items, queries = data(rng, 5, 4, 3)
+    index = fastrec.ItemIndex(items)
+    s, i = index.search(np.empty((0, 4), np.float32), 3)
+    assert s.shape == (0, 3) and i.shape == (0, 3)
+    s, i = index.search(queries, 8)
+    assert (i[:, 5:] == -1).all() and np.isneginf(s[:, 5:]).all()
+    assert sorted(i[0, :5].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_single_query_vector(rng):
+    items, queries = data(rng, 200, 16, 1)
+    index = fastrec.ItemIndex(items, precision="fp32")
+    s1, i1 = index.search(queries[0], 5)
+    s2, i2 = index.search(queries, 5)
+    assert s1.shape == (5,) and i1.shape == (5,)
+    np.testing.assert_array_equal(i1, i2[0])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_ties_broken_by_smaller_id(isa, precision):
+    items = np.ones((100, 8), np.float32)
+    ids = np.arange(100, dtype=np.int64)[::-1] * 7 + 3  # descending external ids
+    index = fastrec.ItemIndex(items, ids=ids, precision=precision)
+    s, i = index.search(np.ones((2, 8), np.float32), 10)
+    np.testing.assert_array_equal(i[0], np.sort(ids)[:10])
+    np.testing.assert_array_equal(i[1], np.sort(ids)[:10])
+    assert (s == s[0, 0]).all()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_custom_ids_and_exclude(rng, isa, precision):
+    items, queries = data(rng, 800, 24, 5)
+    ids = rng.permutation(10_000)[:800].astype(np.int64)
+    index = fastrec.ItemIndex(items, ids=ids, precision=precision)
+    _, top = index.search(queries, 30)
+    exclude = [top[0, :10], [], top[2, ::2].tolist(), None, np.array([123456789], np.int64)]
+    s, got = check(index, items, queries, 30, ids=ids, exclude=exclude)
+    for r in (0, 2):
+        assert not set(got[r].tolist()) & set(np.asarray(exclude[r]).tolist())
+    # the same as CSR
+    parts = [np.asarray(e if e is not None else [], np.int64) for e in exclude]
+    off = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+    s2, got2 = index.search(queries, 30, exclude=(np.concatenate(parts), off))
+    np.testing.assert_array_equal(got, got2)
+    np.testing.assert_array_equal(s, s2)
+
+
+def test_exclude_everything_pads(rng):
+    items, queries = data(rng, 20, 4, 2)
+    index = fastrec.ItemIndex(items, precision="fp32")
+    s, i = index.search(queries, 5, exclude=[np.arange(20), np.arange(18)])
+    assert (i[0] == -1).all() and np.isneginf(s[0]).all()
+    assert sorted(i[1, :2].tolist()) == [18, 19] and (i[1, 2:] == -1).all()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_add_and_remove(rng, isa, precision):
+    items, queries = data(rng, 500, 16, 4)
+    index = fastrec.ItemIndex(items[:300], precision=precision)
+    assert len(index) == 300 and index.dim == 16 and index.precision == precision
+    index.add(items[300:], np.arange(300, 500))
+    assert len(index) == 500
+    check(index, items, queries, 25)
+    gone = rng.choice(500, 120, replace=False)
+    index.remove(gone)
+    assert len(index) == 380
+    keep = np.setdiff1d(np.arange(500), gone)
+    check(index, items[keep], queries, 25, ids=keep)
+    with pytest.raises(KeyError):
+        index.remove([int(gone[0])])
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(items[:1], [int(keep[0])])
+    index.add(items[gone[:5]], gone[:5])  # removed ids can come back
+    back = np.sort(np.concatenate([keep, gone[:5]]))
+    check(index, items[back], queries, 25, ids=back)
+    np.testing.assert_array_equal(index.ids, back)
+
+
+def test_many_adds_merge_and_mass_remove(rng):
+    items, queries = data(rng, 400, 8, 3)
+    index = fastrec.ItemIndex(items[:10], precision="int8")
+    for s in range(10, 400, 10):
+        index.add(items[s:s + 10], np.arange(s, s + 10))
+    assert len(index._snap.segments) <= 16
+    check(index, items, queries, 15)
+    index.remove(np.arange(0, 390))
+    assert len(index) == 10
+    check(index, items[390:], queries, 15, ids=np.arange(390, 400))
+    index.remove(np.arange(390, 400))
+    assert len(index) == 0
+    s, i = index.search(queries, 3)
+    assert (i == -1).all()
+    index.add(items[:3], [7, 8, 9])
+    assert sorted(index.search(queries, 3)[1][0].tolist()) == [7, 8, 9]
+
+
+def test_empty_index(rng):
+    index = fastrec.ItemIndex(np.empty((0, 5), np.float32))
+    assert len(index) == 0
+    s, i = index.search(np.ones((2, 5), np.float32), 4)
+    assert (i == -1).all() and np.isneginf(s).all()
+    index.add(np.ones((1, 5), np.float32), [42])
+    assert index.search(np.ones((1, 5), np.float32), 1)[1][0, 0] == 42
+
+
+def test_searches_during_updates_see_old_or_new(rng):
+    """Searches in other threads meanwhile see either the old or the new catalogue."""
+    items, queries = data(rng, 2000, 16, 8)
+    index = fastrec.ItemIndex(items, precision="int8")
+    base = index.search(queries, 5)[1]
+    boost = np.tile(queries.sum(0, keepdims=True) * 100, (5, 1)).astype(np.float32)
+    boosted_ids = np.arange(10_000, 10_005)
+    errors = []
+    stop = threading.Event()
+
+    def searcher():
+        while not stop.is_set():
+            got = index.search(queries, 5)[1]
+            if not (np.array_equal(got, base) or set(got[0].tolist()) == set(boosted_ids.tolist())):
+                errors.append(got)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(15):
+            index.add(boost, boosted_ids)
+            index.remove(boosted_ids)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+def test_concurrent_searches_agree(rng):
+    items, queries = data(rng, 20_000, 32, 20)
+    index = fastrec.ItemIndex(items, precision="int8")
+    expected = index.search(queries, 10)
+    out = [None] * 6
+
+    def run(t):
+        out[t] = index.search(queries, 10)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s, i in out:
+        np.testing.assert_array_equal(i, expected[1])
+        np.testing.assert_array_equal(s, expected[0])
+
+
+def test_nbytes_and_repr(rng):
+    items, _ = data(rng, 1000, 64, 1)
+    small = fastrec.ItemIndex(items, precision="int8", rerank=False)
+    big = fastrec.ItemIndex(items, precision="int8", rerank=True)
+    assert 64_000 <= small.nbytes < big.nbytes
+    assert big.nbytes >= 1000 * 64 * 4
+    assert "int8" in repr(small)
+
+
+def test_ops_topk(rng, isa):
+    items, queries = data(rng, 1500, 20, 7)
+    s, i = fastrec.ops.topk(queries, items, 12)
+    ref_s, ref_i = topk_ref(queries, items, 12)
+    assert_topk_matches(s, i, items, queries, ref_s, ref_i)
+
+
+def test_against_faiss(rng):
+    faiss = pytest.importorskip("faiss")
+    items, queries = data(rng, 5000, 32, 10)
+    flat = faiss.IndexFlatIP(32)
+    flat.add(items)
+    fs, fi = flat.search(queries, 20)
+    s, i = fastrec.ItemIndex(items, precision="fp32").search(queries, 20)
+    np.testing.assert_allclose(s, fs, rtol=1e-5, atol=1e-5)
+    ref_s, ref_i = topk_ref(queries, items, 20)
+    assert_topk_matches(s, i, items, queries, ref_s, ref_i)
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+def test_errors(rng):
+    items, queries = data(rng, 50, 8, 2)
+    index = fastrec.ItemIndex(items)
+    with pytest.raises(ValueError, match="dimension"):
+        index.search(np.ones((2, 7), np.float32), 3)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        index.search(queries, 0)
+    with pytest.raises(TypeError):
+        index.search(queries, 2.5)
+    with pytest.raises(TypeError, match="float32"):
+        index.search(queries.astype(np.float64), 3)
+    bad = queries.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        index.search(bad, 3)
+    bad_items = items.copy()
+    bad_items[7, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fastrec.ItemIndex(bad_items)
+    with pytest.raises(ValueError, match="unique"):
+        fastrec.ItemIndex(items, ids=np.zeros(50, np.int64))
+    with pytest.raises(ValueError, match="one id per item"):
+        fastrec.ItemIndex(items, ids=np.arange(49))
+    with pytest.raises(ValueError, match="precision"):
+        fastrec.ItemIndex(items, precision="int4")
+    with pytest.raises(ValueError, match="2-D"):
+        fastrec.ItemIndex(items[0])
+    with pytest.raises(KeyError):
+        index.remove([1000])
+    with pytest.raises(ValueError, match="unique"):
+        index.add(items[:2], [100, 100])
+    with pytest.raises(ValueError, match="dimension"):
+        index.add(np.ones((1, 3), np.float32), [100])
+    with pytest.raises(ValueError, match="one id list per query"):
+        index.search(queries, 3, exclude=[[1]])
+    with pytest.raises(ValueError, match="offsets"):
+        index.search(queries, 3, exclude=(np.array([1, 2]), np.array([0, 3, 2])))
+    with pytest.raises(TypeError):
+        index.search(queries, 3, exclude=(np.array([1.5]), np.array([0, 1, 1])))
+    assert len(index) == 50  # nothing was changed by the failed calls
