@@ -340,7 +340,7 @@ def test_threads(to_device):
     with scalar_cpu():
         refs = [(lin(x, activation="relu"), mlp(x)) for x in inputs]
     errors = []
-    barrier = threading.Barrier(len(inputs))
+    barrier = threading.Barrier(len(inputs), timeout=120)
 
     def work(i):
         try:
@@ -362,6 +362,7 @@ def test_threads(to_device):
                     np.testing.assert_allclose(p, refs[i][1], rtol=2e-6, atol=2e-7)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
+            barrier.abort()  # the others stop waiting for this thread
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
     for t in threads:

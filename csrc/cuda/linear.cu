@@ -212,11 +212,25 @@ gemm_small_m_kernel(const int8_t* __restrict__ A, const float* __restrict__ a_sc
       for (int b = 0; b < NB; ++b) mma_k64(acc[b], wl[u], wh[u], xv[u][b]);
     }
   }
-  for (; kc < nk; kc += nwarps) {
-    const int64_t off = static_cast<int64_t>(kc) * kChunk;
-    const uint4 wl = ldg16(w_lo + off), wh = ldg16(w_hi + off);
+  if (kc < nk) {  // fewer than U chunks left for this warp: their loads in flight at once too
+    uint4 wl[U - 1], wh[U - 1], xv[U - 1][NB];
 #pragma unroll
-    for (int b = 0; b < NB; ++b) mma_k64(acc[b], wl, wh, ok[b] ? ldg16(xr[b] + off) : zero);
+    for (int u = 0; u < U - 1; ++u) {
+      if (kc + u * nwarps < nk) {  // warp-uniform
+        const int64_t off = static_cast<int64_t>(kc + u * nwarps) * kChunk;
+        wl[u] = ldg16(w_lo + off);
+        wh[u] = ldg16(w_hi + off);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) xv[u][b] = ok[b] ? ldg16(xr[b] + off) : zero;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U - 1; ++u) {
+      if (kc + u * nwarps < nk) {
+#pragma unroll
+        for (int b = 0; b < NB; ++b) mma_k64(acc[b], wl[u], wh[u], xv[u][b]);
+      }
+    }
   }
 
 #pragma unroll
