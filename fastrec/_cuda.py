@@ -89,13 +89,37 @@ def _device_index(x, framework: str) -> int:
     return int(x.device.index) if framework == "torch" else int(x.device.id)
 
 
+_TORCH_NP: dict = {}  # torch dtype -> numpy dtype, filled on first use
+
+
+def _torch_view(x) -> DeviceArray:
+    # The hot path of every op on torch tensors: no __cuda_array_interface__ (it builds a dict
+    # and costs several microseconds a call).
+    if not _TORCH_NP:
+        import torch
+
+        _TORCH_NP.update({torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+                          torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8),
+                          torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
+                          torch.float64: np.dtype(np.float64), torch.int16: np.dtype(np.int16),
+                          torch.bool: np.dtype(np.bool_)})
+    if x.dtype not in _TORCH_NP:
+        if str(x.dtype) != "torch.bfloat16":
+            raise TypeError(f"unsupported torch dtype {x.dtype}")
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return DeviceArray(obj=x, framework="torch", ptr=x.data_ptr(), shape=tuple(x.shape),
+                       dtype=_TORCH_NP[x.dtype], device=x.get_device())
+
+
 def view(x, name: str = "array") -> DeviceArray:
     """A contiguous view of a device array (copied on its device only if it is strided)."""
     fw = _framework(x)
     if fw is None:
         raise TypeError(f"{name} must be a CUDA array (torch CUDA tensor or CuPy array), got {type(x).__name__}")
-    if fw == "torch" and str(x.dtype) == "torch.bfloat16":
-        x = x.float()
+    if fw == "torch":
+        return _torch_view(x)
     x = _contiguous(x, fw)
     cai = x.__cuda_array_interface__
     return DeviceArray(obj=x, framework=fw, ptr=int(cai["data"][0]), shape=tuple(cai["shape"]),
@@ -107,6 +131,9 @@ def stream(a: DeviceArray) -> int:
     if a.framework == "torch":
         import torch
 
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # fast; same value as below
+        if raw is not None:
+            return int(raw(a.device))
         return int(torch.cuda.current_stream(a.device).cuda_stream)
     import cupy
 
@@ -122,6 +149,7 @@ def empty(like: DeviceArray, shape, dtype) -> DeviceArray:
         import torch
 
         t = torch.empty(shape, dtype=_TORCH_DTYPES[dtype.name](), device=like.obj.device)
+        return _torch_view(t)
     else:
         import cupy
 

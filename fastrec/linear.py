@@ -105,13 +105,9 @@ class Int8Linear:
         ``check_finite`` matters on the GPU only (the CPU check is free): False skips the host
         wait that the NaN/Inf check costs, and such rows then come out as NaN.
         """
-        if is_device_array(x):
-            from ._cuda_linear import int8_linear as cuda_int8_linear
-
-            return cuda_int8_linear(x, self, activation, check_finite=check_finite)
         from .ops import int8_linear
 
-        return int8_linear(x, self, activation=activation)
+        return int8_linear(x, self, activation=activation, check_finite=check_finite)
 
     def dequantized_weight(self) -> np.ndarray:
         """The float32 weights these int8 codes stand for."""

@@ -79,6 +79,15 @@ void tile(const Int8TopkJob& j, int64_t r0, int64_t p0, int64_t* nhits) {
   FASTREC_INIT(0) FASTREC_INIT(1) FASTREC_INIT(2) FASTREC_INIT(3) FASTREC_INIT(4) FASTREC_INIT(5)
 #undef FASTREC_INIT
   for (int64_t g = 0; g < kg; ++g) {
+    if constexpr (MR <= 2) {
+      // Few queries: the kernel streams items from memory; fetch the tile after next (8 KB
+      // ahead) so several cache lines are always in flight.
+      const int8_t* ahead = w + 8 * kg * 64 + g * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + kg * 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + 2 * kg * 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + 3 * kg * 64), _MM_HINT_T0);
+    }
     const __m512i b0 = _mm512_loadu_si512(w + g * 64);
     const __m512i b1 = NR > 1 ? _mm512_loadu_si512(w + (kg + g) * 64) : b0;
     const __m512i b2 = NR > 2 ? _mm512_loadu_si512(w + (2 * kg + g) * 64) : b0;
