@@ -88,6 +88,8 @@ def report(data) -> str:
     out.append("Ratio = peer time / fastrec time (>1: fastrec faster).")
     out.append("")
 
+    topk = {g: v for g, v in groups.items() if g.startswith("topk")}
+    groups = {g: v for g, v in groups.items() if g not in topk}
     large = {g: v for g, v in groups.items() if g.startswith("large")}
     dense = {g: v for g, v in groups.items() if g.startswith(DENSE_PREFIXES)}
     small = {g: v for g, v in groups.items() if g not in large and g not in dense}
@@ -127,7 +129,26 @@ def report(data) -> str:
 
     if dense:
         out.extend(dense_table(dense))
+    if topk:
+        out.extend(topk_table(topk))
     return "\n".join(out)
+
+
+def topk_table(groups) -> list:
+    """One row per (group, impl): median, recall, and each peer's time over fastrec-int8's."""
+    out = ["| group | impl | median | recall@k | time / fastrec-int8 |", "|---|---|---:|---:|---:|"]
+    for g in sorted(groups, key=lambda g: int(g.split("-Q")[1].split("-")[0])):
+        impls = groups[g]
+        base = impls.get("fastrec-int8")
+        base_t = base["stats"]["median"] if base else None
+        for name in sorted(impls, key=lambda n: (not n.startswith("fastrec"), n)):
+            b = impls[name]
+            t = b["stats"]["median"]
+            rec = b.get("extra_info", {}).get("recall")
+            out.append(f"| {g} | {name} | {_fmt_time(t)} | {'-' if rec is None else f'{rec:.4f}'} | "
+                       f"{_ratio(t, base_t)} |")
+    out.append("")
+    return out
 
 
 def _dense_sort_key(group: str):

@@ -357,7 +357,6 @@ void topk_search(const std::vector<SegmentRef>& segments, const TopKRequest& req
   }
   std::vector<uint8_t> qa;
   std::vector<float> qa_scale;
-  std::vector<Cand> merged;
 
   for (int64_t q0 = 0; q0 < Q; q0 += qchunk) {
     const int64_t nq = std::min(qchunk, Q - q0);
@@ -390,33 +389,42 @@ void topk_search(const std::vector<SegmentRef>& segments, const TopKRequest& req
       run(0, 1);
     }
 
-    // Merge the threads' candidates, rerank, sort, write out.
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t q = q0 + i;
-      merged.clear();
-      for (auto& ts : states) {
-        const auto& v = ts.bufs[static_cast<size_t>(i)].v;
-        merged.insert(merged.end(), v.begin(), v.end());
-      }
-      if (static_cast<int64_t>(merged.size()) > s.keep) {
-        std::nth_element(merged.begin(), merged.begin() + (s.keep - 1), merged.end(), s.better);
-        merged.resize(static_cast<size_t>(s.keep));
-      }
-      if (req.rerank) {
-        const float* qv = req.queries + q * D;
-        for (Cand& c : merged) {
-          const float* x = segments[static_cast<size_t>(c.seg)].block->f32_rows() + c.row * D;
-          double acc = 0.0;
-          for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(qv[d]) * static_cast<double>(x[d]);
-          c.score = static_cast<float>(acc);
+    // Merge the threads' candidates, rerank, sort, write out (queries in parallel).
+    auto finish = [&](int64_t i0, int64_t i1) {
+      std::vector<Cand> merged;
+      merged.reserve(s.cap * states.size());
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t q = q0 + i;
+        merged.clear();
+        for (auto& ts : states) {
+          const auto& v = ts.bufs[static_cast<size_t>(i)].v;
+          merged.insert(merged.end(), v.begin(), v.end());
+        }
+        if (static_cast<int64_t>(merged.size()) > s.keep) {
+          std::nth_element(merged.begin(), merged.begin() + (s.keep - 1), merged.end(), s.better);
+          merged.resize(static_cast<size_t>(s.keep));
+        }
+        if (req.rerank) {
+          const float* qv = req.queries + q * D;
+          for (Cand& c : merged) {
+            const float* x = segments[static_cast<size_t>(c.seg)].block->f32_rows() + c.row * D;
+            double acc = 0.0;
+            for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(qv[d]) * static_cast<double>(x[d]);
+            c.score = static_cast<float>(acc);
+          }
+        }
+        const int64_t out = std::min<int64_t>(k, static_cast<int64_t>(merged.size()));
+        std::partial_sort(merged.begin(), merged.begin() + out, merged.end(), s.better);
+        for (int64_t j = 0; j < out; ++j) {
+          scores[q * k + j] = merged[static_cast<size_t>(j)].score;
+          ids[q * k + j] = s.better.id(merged[static_cast<size_t>(j)]);
         }
       }
-      const int64_t out = std::min<int64_t>(k, static_cast<int64_t>(merged.size()));
-      std::partial_sort(merged.begin(), merged.begin() + out, merged.end(), s.better);
-      for (int64_t j = 0; j < out; ++j) {
-        scores[q * k + j] = merged[static_cast<size_t>(j)].score;
-        ids[q * k + j] = s.better.id(merged[static_cast<size_t>(j)]);
-      }
+    };
+    if (parallel && nq >= 8) {
+      parallel_for(nq, 4, finish);
+    } else {
+      finish(0, nq);
     }
   }
 }
