@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _C
+from . import _C, _cuda, _cuda_embedding
 from ._arrays import as_numpy
 from .tables import QuantizedTable
 
@@ -25,25 +25,47 @@ def _mode_code(mode) -> int:
         raise ValueError(f"mode must be one of 'sum', 'mean', 'max', got {mode!r}") from None
 
 
+def _check_index_dtype(dtype, name: str) -> None:
+    if dtype != np.int64 and dtype != np.int32:
+        raise TypeError(f"{name} must be int32 or int64, got {dtype}")
+
+
 def _index_array(x, name: str) -> np.ndarray:
     """An int32/int64 ndarray (no copy when it already is one)."""
     if not isinstance(x, np.ndarray):
         x = as_numpy(x)
         if x.size == 0 and x.dtype == np.float64:  # [] -> float64 by default
             x = x.astype(np.int64)
-    if x.dtype != np.int64 and x.dtype != np.int32:
-        raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
+    _check_index_dtype(x.dtype, name)
     return x
+
+
+def _check_bag_shapes(indices_shape, offsets_shape) -> None:
+    """The 2-D (B, L) form when offsets_shape is None, else 1-D indices with CSR offsets."""
+    if offsets_shape is None:
+        if len(indices_shape) != 2:
+            raise ValueError(f"indices must be 2-D (B, L) when offsets is None, got {len(indices_shape)}-D")
+        return
+    if len(indices_shape) != 1:
+        raise ValueError(f"indices must be 1-D when offsets are given, got {len(indices_shape)}-D")
+    if len(offsets_shape) != 1:
+        raise ValueError(f"offsets must be 1-D, got {len(offsets_shape)}-D")
+    if offsets_shape[0] < 1:
+        raise ValueError("offsets must have length B + 1 >= 1 (CSR), got an empty array")
+
+
+def _check_weights(dtype, shape, n: int) -> None:
+    if dtype != np.float32:
+        raise TypeError(f"per_sample_weights must be float32, got {dtype}")
+    if int(np.prod(shape, dtype=np.int64)) != n:
+        raise ValueError(f"per_sample_weights must have one weight per index ({n}), got shape {tuple(shape)}")
 
 
 def _weights_array(x, n: int) -> np.ndarray:
     if isinstance(x, (list, tuple)):
         x = np.asarray(x, dtype=np.float32)
     x = as_numpy(x)
-    if x.dtype != np.float32:
-        raise TypeError(f"per_sample_weights must be float32, got {x.dtype}")
-    if x.size != n:
-        raise ValueError(f"per_sample_weights must have one weight per index ({n}), got shape {x.shape}")
+    _check_weights(x.dtype, x.shape, n)
     return x.reshape(-1)
 
 
@@ -51,13 +73,24 @@ def _table(t):
     """A QuantizedTable or a 2-D float32/float16 ndarray (dtype checks happen in C++)."""
     if isinstance(t, (np.ndarray, QuantizedTable)):
         return t
+    if _cuda.is_device_array(t):
+        raise TypeError(_cuda_embedding.MIXED_MESSAGE.format(what="an embedding table"))
     if hasattr(t, "detach") and hasattr(t, "cpu"):
         return as_numpy(t)
     raise TypeError(f"an embedding table must be a numpy array or a fastrec.QuantizedTable, got {type(t).__name__}")
 
 
+def _on_device(*arrays) -> bool:
+    """Whether any input is a CUDA array (torch / CuPy) or a QuantizedTable on the GPU; cheap
+    for numpy inputs, so the CPU path pays next to nothing for the check."""
+    for x in arrays:
+        if x is not None and type(x) is not np.ndarray and _cuda_embedding.is_device_input(x):
+            return True
+    return False
+
+
 def embedding_bag(weight, indices, offsets=None, *, mode="sum", per_sample_weights=None,
-                  padding_idx=None) -> np.ndarray:
+                  padding_idx=None):
     """Pool rows of one embedding table per bag.
 
     Args:
@@ -71,33 +104,36 @@ def embedding_bag(weight, indices, offsets=None, *, mode="sum", per_sample_weigh
         padding_idx: an id whose entries are skipped (negative counts from the end, as in torch);
             ``mean`` divides by the number of the other entries; an all-padding bag gives zeros.
 
+    On the GPU: pass CUDA arrays (torch CUDA tensors or CuPy arrays, zero-copy) for the ids,
+    offsets and weights, and a CUDA float table or a :meth:`QuantizedTable.to_device` table,
+    all on one device. The result is a float32 array of the indices' framework on that device,
+    computed on the caller's current stream; the call waits for the kernel (the bounds check
+    reads 16 bytes back), so it raises IndexError / ValueError exactly like the CPU op.
+
     Returns:
         float32 array ``(B, D)``.
 
     Raises:
-        TypeError: wrong dtype or type. ValueError: wrong shape or value (offsets, mode, weights
-        with a mode other than sum). IndexError: an id < 0 or >= R (names its position and value).
+        TypeError: wrong dtype or type, or host and GPU inputs mixed. ValueError: wrong shape
+        or value (offsets, mode, weights with a mode other than sum, inputs on two GPUs).
+        IndexError: an id < 0 or >= R (names its position and value).
     """
+    code = _mode_code(mode)
+    if per_sample_weights is not None and code != 0:
+        raise ValueError(f"per_sample_weights is only supported with mode 'sum', got mode {mode!r}")
+    if _on_device(indices, offsets, per_sample_weights, weight):
+        return _cuda_embedding.embedding_bag(weight, indices, offsets, code, per_sample_weights, padding_idx)
     weight = _table(weight)
     indices = _index_array(indices, "indices")
-    code = _mode_code(mode)
     if offsets is None:
-        if indices.ndim != 2:
-            raise ValueError(f"indices must be 2-D (B, L) when offsets is None, got {indices.ndim}-D")
+        _check_bag_shapes(indices.shape, None)
         B, L = indices.shape
         offsets = np.arange(B + 1, dtype=np.int64) * L
         indices = indices.reshape(-1)
     else:
-        if indices.ndim != 1:
-            raise ValueError(f"indices must be 1-D when offsets are given, got {indices.ndim}-D")
         offsets = _index_array(offsets, "offsets")
-        if offsets.ndim != 1:
-            raise ValueError(f"offsets must be 1-D, got {offsets.ndim}-D")
-        if offsets.shape[0] < 1:
-            raise ValueError("offsets must have length B + 1 >= 1 (CSR), got an empty array")
+        _check_bag_shapes(indices.shape, offsets.shape)
     if per_sample_weights is not None:
-        if code != 0:
-            raise ValueError(f"per_sample_weights is only supported with mode 'sum', got mode {mode!r}")
         per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
     pad = _padding_code(padding_idx, _num_rows(weight))
     return _C.embedding_bags((weight,), indices, offsets, (code,), per_sample_weights, (pad,), _table)
@@ -118,8 +154,28 @@ def _num_rows(table) -> int:
     return table.num_rows if isinstance(table, QuantizedTable) else np.shape(table)[0]
 
 
+def _mode_codes(modes, T: int) -> tuple:
+    if isinstance(modes, str):
+        return (_mode_code(modes),) * T
+    codes = tuple(_mode_code(m) for m in modes)
+    if len(codes) != T:
+        raise ValueError(f"modes must be one string or one per table ({T}), got {len(codes)}")
+    return codes
+
+
+def _padding_codes(padding_idx, T: int, rows_of) -> tuple:
+    """One padding code per table (-1 for none); rows_of(t) gives table t's row count."""
+    if padding_idx is None:
+        return (-1,) * T
+    if isinstance(padding_idx, (int, np.integer)) or not isinstance(padding_idx, (list, tuple)):
+        raise TypeError("padding_idx must be None or a list with one entry (an int or None) per table")
+    if len(padding_idx) != T:
+        raise ValueError(f"padding_idx must have one entry per table ({T}), got {len(padding_idx)}")
+    return tuple(_padding_code(p, rows_of(t)) for t, p in enumerate(padding_idx))
+
+
 def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=None,
-                   padding_idx=None) -> np.ndarray:
+                   padding_idx=None):
     """Pool T tables in one call (one parallel pass over every (table, bag) pair).
 
     Args:
@@ -133,6 +189,9 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
         padding_idx: None, or one id per table (None for a table without one); entries equal
             to it are skipped, as in :func:`embedding_bag`.
 
+    GPU inputs as for :func:`embedding_bag` (every table on the GPU too); all tables are
+    pooled by one kernel launch per row format present.
+
     Returns:
         float32 ``(B, sum(D_t))``, table t's block in column order.
     """
@@ -141,12 +200,11 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
     if len(tables) == 0:
         raise ValueError("tables must not be empty")
     T = len(tables)  # tables are checked in C++, which calls _table only for non-numpy inputs
-    if isinstance(modes, str):
-        codes = (_mode_code(modes),) * T
-    else:
-        codes = tuple(_mode_code(m) for m in modes)
-        if len(codes) != T:
-            raise ValueError(f"modes must be one string or one per table ({T}), got {len(codes)}")
+    codes = _mode_codes(modes, T)
+    if per_sample_weights is not None and any(c != 0 for c in codes):
+        raise ValueError("per_sample_weights is only supported when every mode is 'sum'")
+    if _on_device(indices, offsets, per_sample_weights) or _cuda_embedding.any_device_table(tables):
+        return _cuda_embedding.embedding_bags(tables, indices, offsets, codes, per_sample_weights, padding_idx)
     indices = _index_array(indices, "indices")
     offsets = _index_array(offsets, "offsets")
     if indices.ndim != 1:
@@ -154,17 +212,8 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
     if offsets.ndim != 1:
         raise ValueError(f"offsets must be 1-D, got {offsets.ndim}-D")
     if per_sample_weights is not None:
-        if any(c != 0 for c in codes):
-            raise ValueError("per_sample_weights is only supported when every mode is 'sum'")
         per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
-    if padding_idx is None:
-        pads = (-1,) * T
-    else:
-        if isinstance(padding_idx, (int, np.integer)) or not isinstance(padding_idx, (list, tuple)):
-            raise TypeError("padding_idx must be None or a list with one entry (an int or None) per table")
-        if len(padding_idx) != T:
-            raise ValueError(f"padding_idx must have one entry per table ({T}), got {len(padding_idx)}")
-        pads = tuple(_padding_code(p, _num_rows(_table(t))) for p, t in zip(padding_idx, tables))
+    pads = _padding_codes(padding_idx, T, lambda t: _num_rows(_table(tables[t])))
     return _C.embedding_bags(tables, indices, offsets, codes, per_sample_weights, pads, _table)
 
 

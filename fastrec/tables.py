@@ -11,13 +11,18 @@ Layouts (one row; R rows stored back to back, ``row_stride`` bytes apart):
   rows may be padded (pass ``dim``).
 
 A value is ``scale * code + bias``.
+
+A table's rows can live in GPU memory: :meth:`QuantizedTable.to_device` copies them there, and
+:meth:`QuantizedTable.from_fbgemm` wraps a CUDA uint8 array (torch or CuPy) without a copy. Such a
+table (a ``fastrec._cuda_embedding.DeviceQuantizedTable``, still a QuantizedTable) is pooled by
+the CUDA kernels when the ids are on the same GPU.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _C
+from . import _C, _cuda
 from ._arrays import as_numpy
 
 __all__ = ["QuantizedTable"]
@@ -140,12 +145,19 @@ class QuantizedTable(_C.PackedTable):
         ``layout="tbe"``: fbgemm_gpu / TorchRec inference layout (fp16 scale and bias, then codes;
         rows may be padded, in which case pass ``dim``).
         ``dim`` defaults to what the row width implies.
+        A CUDA array (torch CUDA tensor or CuPy array) gives a table on that GPU, sharing its memory.
         """
         bits = _check_bits(bits)
-        packed = as_numpy(packed)
+        on_gpu = _cuda.is_device_array(packed)
+        if on_gpu:
+            from ._cuda_embedding import device_view
+
+            packed = device_view(packed, "packed rows")
+        else:
+            packed = as_numpy(packed)
         if packed.dtype != np.uint8:
             raise TypeError(f"packed rows must be uint8, got {packed.dtype}")
-        if packed.ndim != 2:
+        if len(packed.shape) != 2:
             raise ValueError(f"packed rows must be 2-D (rows, bytes per row), got shape {packed.shape}")
         if layout not in ("fbgemm", "tbe"):
             raise ValueError(f"layout must be 'fbgemm' or 'tbe', got {layout!r}")
@@ -157,7 +169,26 @@ class QuantizedTable(_C.PackedTable):
                 raise ValueError(f"packed rows of {width} bytes hold no values at {bits} bits")
         elif isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        if on_gpu:
+            from ._cuda_embedding import DeviceQuantizedTable
+
+            return DeviceQuantizedTable(packed.obj, bits, int(dim), layout)
         return cls(packed, bits, int(dim), layout)
+
+    def to_device(self, like="torch", device=None) -> "QuantizedTable":
+        """A copy of this table with its rows in GPU memory, for the CUDA embedding ops.
+
+        ``like``: ``"torch"`` or ``"cupy"`` (the framework that holds the rows), or a CUDA array
+        whose framework and device to use. ``device``: a CUDA device index (default: ``like``'s
+        device, else the framework's current device). Same bits, dim, layout and bytes.
+        """
+        from ._cuda_embedding import table_to_device
+
+        return table_to_device(self, like, device)
+
+    def to_host(self) -> "QuantizedTable":
+        """This table with its rows in host memory (itself, for a host table)."""
+        return self
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,295 @@
+"""The CUDA path of ``fastrec.ops.embedding_bag`` / ``embedding_bags``, and QuantizedTables on the GPU.
+
+``fastrec.ops`` sends a call here when any input is a CUDA array (a torch CUDA tensor or a CuPy
+array) or a :class:`DeviceQuantizedTable`. Every array input must then be a CUDA array on one
+device: ids, offsets and per-sample weights are read in place (zero-copy, a contiguous copy
+only for strided inputs), the result is allocated by the indices' framework on their device,
+and the kernel runs on that framework's current stream there. The call waits for the kernel:
+the bounds check reads 16 bytes back per call, so a bad id raises IndexError (position, value,
+table, bag: the CPU op's message) on the call that made it, and leaves the CUDA context usable.
+
+Nothing here imports torch or CuPy: their arrays are only met when a caller passes them, and
+``QuantizedTable.to_device`` imports the framework it is asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _C, _cuda
+from .tables import QuantizedTable
+
+MIXED_MESSAGE = (
+    "{what} is a host array while other inputs are CUDA arrays: pass the ids, offsets, weights and "
+    "tables all on one GPU (torch CUDA tensors / CuPy arrays, QuantizedTable.to_device()), or all on the host"
+)
+
+_KIND_F32, _KIND_F16, _KIND_Q8, _KIND_Q4, _KIND_Q2, _KIND_Q8_HALF = range(6)  # RowKind codes
+_TORCH_TO_NUMPY = {}
+
+
+def _torch_dtype_map():
+    if not _TORCH_TO_NUMPY:
+        import torch
+
+        for name in ("float32", "float16", "int32", "int64", "uint8", "int8"):
+            _TORCH_TO_NUMPY[getattr(torch, name)] = np.dtype(name)
+    return _TORCH_TO_NUMPY
+
+
+def device_view(x, name: str) -> _cuda.DeviceArray:
+    """A contiguous DeviceArray of a CUDA array; TypeError (naming ``name``) for anything else.
+
+    Contiguous torch tensors of the dtypes the kernels read skip ``__cuda_array_interface__``
+    (which costs several microseconds a call in torch); everything else goes through
+    :func:`fastrec._cuda.view`.
+    """
+    fw = _cuda._framework(x)
+    if fw is None:
+        raise TypeError(MIXED_MESSAGE.format(what=name))
+    if fw == "torch":
+        dtype = _torch_dtype_map().get(x.dtype)
+        if dtype is not None and x.is_contiguous():
+            return _cuda.DeviceArray(obj=x, framework="torch", ptr=int(x.data_ptr()), shape=tuple(x.shape),
+                                     dtype=dtype, device=int(x.device.index))
+    return _cuda.view(x, name)
+
+
+# ---- quantized tables on the GPU ------------------------------------------------------------
+
+
+class DeviceQuantizedTable(QuantizedTable):
+    """A :class:`fastrec.QuantizedTable` whose packed rows live in GPU memory (a torch CUDA
+    tensor or a CuPy array, ``(R, row_stride)`` uint8, same byte layout as on the host).
+
+    Made by :meth:`QuantizedTable.to_device` or by :meth:`QuantizedTable.from_fbgemm` on a CUDA
+    array (zero-copy). ``data`` is that device array; ``device`` its device index; ``framework``
+    "torch" or "cupy". :meth:`dequantize`, :meth:`to_fbgemm` and :meth:`to_host` copy to the host.
+    """
+
+    def __init__(self, data, bits, dim, layout="fbgemm"):
+        dev = device_view(data, "packed table data")
+        if dev.dtype != np.uint8:
+            raise TypeError(f"packed table data must be uint8, got {dev.dtype}")
+        if len(dev.shape) != 2:
+            raise ValueError(f"packed table data must be 2-D (rows, bytes per row), got shape {dev.shape}")
+        # The C++ base checks bits, layout, dim and the row width on an empty host stand-in of
+        # the same width; the rows themselves stay on the GPU.
+        _C.PackedTable.__init__(self, np.empty((0, dev.shape[1]), dtype=np.uint8), int(bits), int(dim), layout)
+        self._dev = dev
+
+    @property
+    def data(self):
+        return self._dev.obj
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._dev.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._dev.shape[0]) * int(self._dev.shape[1])
+
+    @property
+    def device(self) -> int:
+        return self._dev.device
+
+    @property
+    def framework(self) -> str:
+        return self._dev.framework
+
+    def to_host(self) -> QuantizedTable:
+        """The same table with its rows copied into host memory."""
+        host = self._dev.obj.get() if self.framework == "cupy" else self._dev.obj.cpu().numpy()
+        return QuantizedTable(host, self.bits, self.dim, self.layout)
+
+    def to_device(self, like="torch", device=None) -> "DeviceQuantizedTable":
+        fw, dev = _target(like, device)
+        if fw == self.framework and dev == self.device:
+            return self
+        return DeviceQuantizedTable(_to_framework(self._dev.obj, fw, dev), self.bits, self.dim, self.layout)
+
+    def _codes_and_qparams(self):
+        return self.to_host()._codes_and_qparams()
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 table on the host (the rows are copied back first)."""
+        return self.to_host().dequantize()
+
+    def to_fbgemm(self) -> np.ndarray:
+        return self.to_host().to_fbgemm()
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTable(num_rows={self.num_rows}, dim={self.dim}, bits={self.bits}, "
+                f"layout={self.layout!r}, nbytes={self.nbytes}, device='cuda:{self.device}', "
+                f"framework={self.framework!r})")
+
+
+def _target(like, device):
+    """(framework, device index) for to_device(like, device)."""
+    if isinstance(like, str):
+        if like not in ("torch", "cupy"):
+            raise ValueError(f"like must be 'torch', 'cupy' or a CUDA array, got {like!r}")
+        fw = like
+        if device is None:
+            if fw == "torch":
+                import torch
+
+                device = torch.cuda.current_device()
+            else:
+                import cupy
+
+                device = cupy.cuda.Device().id
+    else:
+        arr = device_view(like, "like")
+        fw = arr.framework
+        if device is None:
+            device = arr.device
+    if isinstance(device, bool) or not isinstance(device, (int, np.integer)) or device < 0:
+        raise TypeError(f"device must be a CUDA device index (int >= 0), got {device!r}")
+    return fw, int(device)
+
+
+def _to_framework(x, framework: str, device: int):
+    """A copy (or, on the same device, a zero-copy view) of x (numpy, torch or CuPy) as a CUDA
+    array of `framework` on `device`."""
+    if framework == "torch":
+        import torch
+
+        if isinstance(x, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(x)).to(f"cuda:{device}")
+        return torch.as_tensor(x, device=f"cuda:{device}")
+    import cupy
+
+    with cupy.cuda.Device(device):
+        if _cuda._framework(x) == "cupy" and x.device.id == device:
+            return x
+        if _cuda._framework(x) is not None:  # another device or framework: through the host
+            x = x.get() if _cuda._framework(x) == "cupy" else x.cpu().numpy()
+        return cupy.asarray(x)
+
+
+def table_to_device(table: QuantizedTable, like="torch", device=None) -> DeviceQuantizedTable:
+    """Implements :meth:`QuantizedTable.to_device` for a host table."""
+    fw, dev = _target(like, device)
+    return DeviceQuantizedTable(_to_framework(table.data, fw, dev), table.bits, table.dim, table.layout)
+
+
+# ---- routing --------------------------------------------------------------------------------
+
+
+def is_device_input(x) -> bool:
+    return type(x) is DeviceQuantizedTable or _cuda.is_device_array(x)
+
+
+def any_device_table(tables) -> bool:
+    """Whether any table is on the GPU (cheap for numpy and host QuantizedTable inputs)."""
+    for t in tables:
+        tp = type(t)
+        if tp is not np.ndarray and tp is not QuantizedTable and is_device_input(t):
+            return True
+    return False
+
+
+class _Table:
+    """A table as the launcher takes it."""
+
+    __slots__ = ("args", "rows", "dim", "keep")
+
+    def __init__(self, t, index: int, device: int):
+        if isinstance(t, DeviceQuantizedTable):
+            dev = t._dev
+            bits, tbe = t.bits, t.layout == "tbe"
+            kind = {8: _KIND_Q8_HALF if tbe else _KIND_Q8, 4: _KIND_Q4, 2: _KIND_Q2}[bits]
+            rows, dim, stride = t.num_rows, t.dim, t.row_stride
+        else:
+            if isinstance(t, QuantizedTable):
+                raise TypeError(MIXED_MESSAGE.format(what=f"table {index} (a host QuantizedTable; use .to_device())"))
+            dev = device_view(t, f"table {index}")
+            if dev.dtype == np.float32:
+                kind = _KIND_F32
+            elif dev.dtype == np.float16:
+                kind = _KIND_F16
+            else:
+                raise TypeError(f"table {index} must be float32 or float16 (or a QuantizedTable), got {dev.dtype}")
+            if len(dev.shape) != 2:
+                raise ValueError(f"table {index} must be 2-D (rows, dim), got {len(dev.shape)}-D")
+            rows, dim = dev.shape
+            stride, tbe = dim * dev.dtype.itemsize, False
+        _same_device(dev, f"table {index}", device)
+        self.rows, self.dim, self.keep = int(rows), int(dim), dev
+        self.args = [dev.ptr, self.rows, self.dim, int(stride), kind, tbe, 0, -1]
+
+
+def _same_device(a: _cuda.DeviceArray, name: str, device: int) -> None:
+    if a.device != device:
+        raise ValueError(f"{name} is on cuda:{a.device} but the indices are on cuda:{device}; "
+                         "pass every input on one GPU")
+
+
+def _index_view(x, name: str) -> _cuda.DeviceArray:
+    from .ops import _check_index_dtype
+
+    v = device_view(x, name)
+    _check_index_dtype(v.dtype, name)
+    return v
+
+
+def _launch(tables, codes, pads, idx, off, fixed_len, num_offsets, per_sample_weights):
+    """Runs the kernel for normalised inputs; returns the output array of idx's framework."""
+    n = idx.size
+    psw = None
+    if per_sample_weights is not None:
+        from .ops import _check_weights
+
+        psw = device_view(per_sample_weights, "per_sample_weights")
+        _check_weights(psw.dtype, psw.shape, n)
+        _same_device(psw, "per_sample_weights", idx.device)
+    T = len(tables)
+    if (num_offsets - 1) % T != 0:
+        raise ValueError(f"offsets must have length T*B + 1 (T={T} tables), got length {num_offsets}")
+    B = (num_offsets - 1) // T
+    for t, c, p in zip(tables, codes, pads):
+        t.args[6], t.args[7] = c, p
+    out = _cuda.empty(idx, (B, sum(t.dim for t in tables)), np.float32)
+    _cuda.module().embedding_bags(
+        [t.args for t in tables], idx.ptr, n, idx.dtype == np.int64,
+        0 if off is None else off.ptr, num_offsets, off is not None and off.dtype == np.int64,
+        -1 if fixed_len is None else fixed_len, 0 if psw is None else psw.ptr, out.ptr,
+        idx.device, _cuda.stream(idx))
+    return out.obj
+
+
+def embedding_bag(weight, indices, offsets, code: int, per_sample_weights, padding_idx):
+    """ops.embedding_bag on the GPU (mode already parsed, weights/mode already checked)."""
+    from .ops import _check_bag_shapes, _padding_code
+
+    idx = _index_view(indices, "indices")
+    if offsets is None:
+        _check_bag_shapes(idx.shape, None)
+        B, L = idx.shape
+        off, fixed_len, num_offsets = None, L, B + 1
+    else:
+        off = _index_view(offsets, "offsets")
+        _check_bag_shapes(idx.shape, off.shape)
+        _same_device(off, "offsets", idx.device)
+        fixed_len, num_offsets = None, off.shape[0]
+    table = _Table(weight, 0, idx.device)
+    pad = _padding_code(padding_idx, table.rows)
+    return _launch([table], (code,), (pad,), idx, off, fixed_len, num_offsets, per_sample_weights)
+
+
+def embedding_bags(tables, indices, offsets, codes, per_sample_weights, padding_idx):
+    """ops.embedding_bags on the GPU (tables, modes and weights/mode already checked)."""
+    from .ops import _padding_codes
+
+    idx = _index_view(indices, "indices")
+    off = _index_view(offsets, "offsets")
+    if len(idx.shape) != 1:
+        raise ValueError(f"indices must be 1-D, got {len(idx.shape)}-D")
+    if len(off.shape) != 1:
+        raise ValueError(f"offsets must be 1-D, got {len(off.shape)}-D")
+    _same_device(off, "offsets", idx.device)
+    views = [_Table(t, i, idx.device) for i, t in enumerate(tables)]
+    pads = _padding_codes(padding_idx, len(views), lambda t: views[t].rows)
+    return _launch(views, codes, pads, idx, off, None, off.shape[0], per_sample_weights)
