@@ -7,6 +7,44 @@ import json
 import sys
 
 
+def _version(v: int) -> str | None:
+    """CUDA's integer version (12040) as "12.4"; None for 0 (no driver)."""
+    return f"{v // 1000}.{v % 1000 // 10}" if v else None
+
+
+def cuda_info() -> dict:
+    """The CUDA module's build (architectures, runtime) and the GPUs it sees. Never raises:
+    without the module, a driver or a GPU the fields say so."""
+    try:
+        from fastrec import _C_cuda
+    except ImportError as exc:
+        return {"built": False, "reason": str(exc), "archs": [], "runtime": None, "driver": None, "devices": []}
+    build = _C_cuda.build_info()
+    d = {
+        "built": True,
+        "archs": [a for a in str(build.get("archs", "")).split(",") if a],
+        "runtime": _version(int(build.get("runtime_version", 0))),
+        "driver": _version(int(_C_cuda.driver_version())),
+        "devices": [],
+    }
+    for i in range(_C_cuda.device_count()):
+        try:
+            p = _C_cuda.device_info(i)
+        except RuntimeError as exc:  # a device the driver lists but cannot open
+            d["devices"].append({"index": i, "error": str(exc)})
+            continue
+        major, minor = p["compute_capability"]
+        d["devices"].append({
+            "index": i,
+            "name": p["name"],
+            "compute_capability": f"{major}.{minor}",
+            "multiprocessors": int(p["multiprocessors"]),
+            "memory_gib": round(int(p["total_memory"]) / 2**30, 1),
+            "l2_mib": round(int(p["l2_bytes"]) / 2**20, 1),
+        })
+    return d
+
+
 def info() -> dict:
     """A dict describing the build, the CPU dispatch, threads and optional backends."""
     import fastrec
@@ -27,6 +65,7 @@ def info() -> dict:
         "thread_pool": build["thread_pool"],
         "compiler": build["compiler"],
         "cuda_module_built": cuda_built,
+        "cuda": cuda_info(),
         "backends": {
             "cpu": True,
             "cuda": cuda_built,
@@ -47,6 +86,18 @@ def format_info(d: dict) -> str:
     lines.append(f"  OpenMP             : {'yes' if d['openmp'] else 'no'} (thread pool: {d['thread_pool']})")
     lines.append(f"  compiler           : {d['compiler']}")
     lines.append(f"  CUDA module built  : {'yes' if d['cuda_module_built'] else 'no'}")
+    cu = d.get("cuda", {})
+    if cu.get("built"):
+        lines.append(f"  CUDA archs built   : {', '.join(cu['archs']) or 'unknown'} (runtime {cu['runtime']}, "
+                     f"driver {cu['driver'] or 'not found'})")
+        if not cu["devices"]:
+            lines.append("  GPUs               : none usable (no GPU or no driver)")
+        for g in cu["devices"]:
+            if "error" in g:
+                lines.append(f"  GPU {g['index']}              : unusable ({g['error']})")
+            else:
+                lines.append(f"  GPU {g['index']}              : {g['name']} (sm {g['compute_capability']}, "
+                             f"{g['multiprocessors']} SMs, {g['memory_gib']} GiB, L2 {g['l2_mib']} MiB)")
     lines.append("  backends           : " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in d["backends"].items()))
     return "\n".join(lines)
 
