@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _C
+from . import _C, _cuda
 from ._arrays import as_numpy
 
 __all__ = ["ItemIndex"]
@@ -214,8 +214,18 @@ class ItemIndex:
 
         Returns:
             ``(scores, ids)``: float32 and int64 ``(Q, k)``, best first, ties broken by the smaller
-            id; where fewer than k items remain the tail is id -1 with score -inf.
+            id; where fewer than k items remain the tail is id -1 with score -inf. Device queries
+            (torch CUDA tensor / CuPy array) give device arrays of their framework, computed on the
+            caller's current stream from a device copy of the index made on first use (see
+            ``fastrec/_cuda_topk.py``).
         """
+        # ---- CUDA: device queries (torch CUDA / CuPy) search a device copy of this snapshot,
+        # uploaded on first use; results are device arrays (fastrec/_cuda_topk.py).
+        if _cuda.is_device_array(queries):
+            from . import _cuda_topk
+
+            return _cuda_topk.search(self, self._snap, queries, k, exclude)
+        # ---- CPU
         single = False
         q = as_numpy(queries)
         if q.ndim == 1:

@@ -1,0 +1,307 @@
+"""CUDA path of ItemIndex.search and ops.topk: device queries in (torch CUDA tensors, CuPy arrays,
+zero-copy), ``(scores, ids)`` of the caller's framework out, on the same device, computed on the
+caller's current stream.
+
+How to use it: nothing changes in the API. ``ItemIndex.search(queries, k)`` with device queries
+searches a device copy of the index; the first such search on a device (and the first after an
+``add`` / ``remove``) uploads the current catalogue snapshot there, in the queries' framework,
+and later searches reuse it (the copy lives as long as the snapshot). ``upload(index, like)``
+does that upload ahead of time, on ``like``'s device and framework.
+``_cuda_topk.topk(queries, items, k)`` is the functional form for device items (exact fp32).
+
+Algorithm (csrc/cuda/topk.h): the Q x N score matrix is never written. Items live on the device
+in ascending-id order (so ties by id are ties by row, and a candidate is one 64-bit key). Per
+query chunk, the first items are scored and kept, an exact radix select gives each query a
+threshold (the keep-th best score so far: a lower bound of the final keep-th best), then
+geometrically growing ranges of the catalogue are scored in one fused pass each (int8 IMMA /
+fp16 HMMA tensor cores, fp32 FMA) keeping only scores >= the threshold, and the threshold is
+raised after each range. The last selection reranks the kept candidates in float64 over the
+float32 rows (int8 / fp16 with ``rerank=True``; fp32 always rescored when reranking), sorts them
+and writes the k best. Exclusions are dropped before every selection.
+
+A candidate buffer that overflows (a catalogue ordered so that the first items are poor) is
+detected per query and those queries are re-run with a 4x larger buffer, until none overflows:
+results are never dropped. The call waits for the stream once (to read those flags and the
+NaN / Inf check of the queries), like ``Int8Linear`` with ``check_finite=True``.
+
+Limits: k (after min(keep, len(index))) up to ``_C_cuda.topk_max_keep()`` kept candidates
+(16384: k up to 10,900 for int8 with rerank, 16384 for fp32 without); D up to 3200 (int8),
+1600 (fp16), 3200 (fp32).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+from . import _cuda
+
+__all__ = ["search", "topk", "upload"]
+
+_PREC = {"int8": 0, "fp16": 1, "fp32": 2}
+_lock = threading.RLock()
+_cache: dict = {}  # (id(snapshot), device, framework) -> _DeviceIndex
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+class _DeviceIndex:
+    """One snapshot of a catalogue on one device: framework arrays and the C++ view of them."""
+
+    def __init__(self, arrays, view, n: int, dim: int, precision: str, rerank: bool):
+        self.arrays = arrays  # keeps the device memory alive
+        self.view = view
+        self.n = n
+        self.dim = dim
+        self.precision = precision
+        self.rerank = rerank
+
+
+def _build(like: _cuda.DeviceArray, rows: np.ndarray, ids: np.ndarray, precision: str, rerank: bool) -> _DeviceIndex:
+    """Lays out float32 rows (n, D) (ascending ids) on like's device, in like's framework."""
+    n, D = rows.shape
+    np_ = _round_up(max(n, 1), 512)
+    up = lambda a: _cuda.from_host(like, a)  # noqa: E731
+    arrays = {"ids": up(np.ascontiguousarray(ids, dtype=np.int64) if n else np.zeros(1, np.int64))}
+    scales = rows_arr = None
+    stride_item = stride_d = 0
+    if precision == "fp32":
+        D4 = _round_up(D, 4)
+        xt = np.zeros((D4, np_), np.float32)
+        xt[:D, :n] = rows.T
+        arrays["codes"] = codes = up(xt)
+        row_bytes = 0
+        rows_arr, stride_item, stride_d = codes, 1, np_
+    else:
+        if precision == "int8":
+            row_bytes = _round_up(D, 64)
+            amax = np.abs(rows).max(axis=1) if n else np.zeros(0, np.float32)
+            # The CPU's per-item symmetric rounding (csrc/cpu/topk.cpp): inv = 127 / amax in
+            # float32, codes = round-half-even(x * inv) clamped to [-127, 127], scale = amax / 127.
+            inv = np.zeros_like(amax)
+            np.divide(np.float32(127), amax, out=inv, where=amax > 0)
+            c = np.zeros((np_, row_bytes), np.int8)
+            c[:n, :D] = np.clip(np.rint(rows * inv[:, None]), -127, 127).astype(np.int8)
+            s = np.zeros(np_, np.float32)
+            s[:n] = amax / np.float32(127)
+            arrays["scales"] = scales = up(s)
+        else:
+            row_bytes = _round_up(D, 32) * 2
+            c = np.zeros((np_, row_bytes // 2), np.float16)
+            c[:n, :D] = rows.astype(np.float16)
+        arrays["codes"] = codes = up(c)
+        if rerank:
+            arrays["rows"] = rows_arr = up(np.ascontiguousarray(rows) if n else np.zeros((1, D), np.float32))
+            stride_item, stride_d = D, 1
+    view = _cuda.module().TopkIndexView(
+        _PREC[precision], n, np_, D, row_bytes, codes.ptr, 0 if scales is None else scales.ptr,
+        0 if rows_arr is None else rows_arr.ptr, stride_item, stride_d, arrays["ids"].ptr)
+    _sync(like)  # uploads from pageable memory may still be in flight on this stream
+    return _DeviceIndex(arrays, view, n, D, precision, rerank)
+
+
+def _sync(a: _cuda.DeviceArray) -> None:
+    if a.framework == "torch":
+        import torch
+
+        torch.cuda.current_stream(a.device).synchronize()
+    else:
+        import cupy
+
+        with cupy.cuda.Device(a.device):
+            cupy.cuda.get_current_stream().synchronize()
+
+
+def _snapshot_rows(snap) -> np.ndarray:
+    """The live float32 rows of a snapshot, in ascending-id order (snap.sorted_ids)."""
+    n = snap.live
+    dim = snap.segments[0].block.dim if snap.segments else 0
+    rows = np.empty((n, dim), np.float32)
+    for s, seg in enumerate(snap.segments):
+        sel = snap.where[:, 0] == s
+        if sel.any():
+            rows[sel] = seg.block.to_float()[snap.where[sel, 1]]
+    return rows
+
+
+def _device_index(index, snap, like: _cuda.DeviceArray) -> _DeviceIndex:
+    key = (id(snap), like.device, like.framework)
+    dev = _cache.get(key)
+    if dev is None:
+        with _lock:
+            dev = _cache.get(key)
+            if dev is None:
+                rows = _snapshot_rows(snap) if snap.live else np.zeros((0, index.dim), np.float32)
+                dev = _build(like, rows, snap.sorted_ids, index.precision, index.rerank)
+                _cache[key] = dev
+                weakref.finalize(snap, _cache.pop, key, None)
+    return dev
+
+
+def upload(index, like) -> None:
+    """Uploads ``index``'s current snapshot to the device (and framework) of array ``like``."""
+    _device_index(index, index._snap, _cuda.view(like, "like"))
+
+
+def _host(x):
+    """Exclude id arrays may be device arrays: bring them to the host."""
+    if x is None:
+        return None
+    if _cuda.is_device_array(x):
+        a = _cuda.view(x, "exclude")
+        return a.obj.cpu().numpy() if a.framework == "torch" else a.obj.get()
+    return x
+
+
+def _exclude(exclude, Q: int, like: _cuda.DeviceArray):
+    """Device CSR (ids sorted within each query, offsets) or (None, None)."""
+    from .index import exclude_csr
+
+    if exclude is None:
+        return None, None, None
+    if isinstance(exclude, tuple):
+        exclude = tuple(_host(e) for e in exclude)
+    elif _cuda.is_device_array(exclude):
+        raise TypeError("exclude must be a list of id arrays (one per query) or a tuple (ids, offsets)")
+    elif isinstance(exclude, (list, np.ndarray)) or hasattr(exclude, "__len__"):
+        exclude = [_host(e) for e in exclude]
+    ids, off = exclude_csr(exclude, Q)
+    if ids.shape[0] == 0:
+        return None, None, None
+    seg = np.repeat(np.arange(Q, dtype=np.int64), np.diff(off))
+    ids = ids[np.lexsort((ids, seg))]
+    d_ids, d_off = _cuda.from_host(like, ids), _cuda.from_host(like, off)
+    return d_ids, d_off, (ids, off)
+
+
+def _queries(queries, dim: int):
+    if getattr(queries, "requires_grad", False):
+        queries = queries.detach()
+    a = _cuda.view(queries, "queries")
+    single = len(a.shape) == 1
+    if single:
+        a = _cuda.view(a.obj.reshape(1, -1), "queries")
+    if a.dtype != np.float32:
+        raise TypeError(f"queries must be float32, got {a.dtype}")
+    if len(a.shape) != 2:
+        raise ValueError(f"queries must be 2-D, got shape {a.shape}")
+    if a.shape[1] != dim:
+        raise ValueError(f"queries have dimension {a.shape[1]}, the index has {dim}")
+    return a, single
+
+
+def _run(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, ex, growth: int):
+    """One search of all rows of a; returns (scores, ids, overflowed query indices)."""
+    mod = _cuda.module()
+    Q = a.shape[0]
+    scores = _cuda.empty(a, (Q, k), np.float32)
+    ids = _cuda.empty(a, (Q, k), np.int64)
+    if Q == 0:
+        return scores, ids, []
+    keep = max(keep, k)
+    cap = mod.topk_cap(keep, dev.n, growth)
+    nbytes = mod.topk_scratch_bytes(dev.view, Q, cap)
+    scratch = _cuda.empty(a, (nbytes,), np.uint8)
+    ex_ids, ex_off = (0, 0) if ex[0] is None else (ex[0].ptr, ex[1].ptr)
+    bad, over = mod.topk_search(a.device, dev.view, a.ptr, Q, k, keep, cap, dev.rerank, ex_ids, ex_off,
+                                scores.ptr, ids.ptr, scratch.ptr, scratch.size, _cuda.stream(a))
+    if bad >= 0:
+        raise ValueError(f"queries contain NaN or Inf (row {bad})")
+    return scores, ids, over
+
+
+def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, exclude):
+    from .index import _check_k
+
+    k = _check_k(k)
+    Q = a.shape[0]
+    d_ids, d_off, host_ex = _exclude(exclude, Q, a)
+    if dev.n and min(keep, dev.n) > _cuda.module().topk_max_keep():
+        raise ValueError(f"k = {k} is too large for the CUDA top-k (at most {_cuda.module().topk_max_keep()} "
+                         "candidates per query); search with host queries instead")
+    scores, ids, over = _run(dev, a, k, keep, (d_ids, d_off), 1)
+    growth = 1
+    while over:  # candidate buffers overflowed: re-run those queries with 4x the room
+        growth *= 4
+        sel = np.asarray(over, dtype=np.int64)
+        sub = _cuda.view(a.obj[_cuda.from_host(a, sel).obj], "queries")
+        sub_ex = (None, None)
+        if host_ex is not None:
+            ids_h, off_h = host_ex
+            parts = [ids_h[off_h[q]:off_h[q + 1]] for q in sel]
+            s_off = np.zeros(len(sel) + 1, np.int64)
+            s_off[1:] = np.cumsum([p.shape[0] for p in parts])
+            s_ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            if s_ids.shape[0]:
+                sub_ex = (_cuda.from_host(a, s_ids), _cuda.from_host(a, s_off))
+        s_scores, s_ids_out, s_over = _run(dev, sub, k, keep, sub_ex, growth)
+        idx = _cuda.from_host(a, sel).obj
+        scores.obj[idx] = s_scores.obj
+        ids.obj[idx] = s_ids_out.obj
+        over = [int(sel[i]) for i in s_over]
+    return scores.obj, ids.obj
+
+
+def search(index, snap, queries, k, exclude):
+    """ItemIndex.search for device queries (the hook in fastrec/index.py calls this)."""
+    from .index import _candidates, _check_k
+
+    a, single = _queries(queries, index.dim)
+    k = _check_k(k)
+    dev = _device_index(index, snap, a)
+    keep = _candidates(k, index.precision, index.rerank)
+    scores, ids = _search_dev(dev, a, k, keep, exclude)
+    if single:
+        return scores[0], ids[0]
+    return scores, ids
+
+
+def topk(queries, items, k: int, *, exclude=None):
+    """ops.topk for device arrays: exact fp32 top-k of queries (Q, D) against items (N, D)."""
+    from .index import _candidates
+
+    x = _cuda.view(items.detach() if getattr(items, "requires_grad", False) else items, "items")
+    if x.dtype != np.float32:
+        raise TypeError(f"items must be float32, got {x.dtype}")
+    if len(x.shape) != 2:
+        raise ValueError(f"items must be 2-D, got shape {x.shape}")
+    if x.shape[1] < 1:
+        raise ValueError("items must have at least one column")
+    a, single = _queries(queries, x.shape[1])
+    if a.device != x.device:
+        raise ValueError(f"queries are on device {a.device}, items on device {x.device}")
+    n, D = x.shape
+    # Device-side layout (no host round trip): transposed, padded fp32 rows; ids 0..n-1.
+    np_ = _round_up(max(n, 1), 512)
+    D4 = _round_up(D, 4)
+    if x.framework == "torch":
+        import torch
+
+        if not bool(torch.isfinite(x.obj).all()):
+            raise ValueError("items contain NaN or Inf")
+        xt = torch.zeros((D4, np_), dtype=torch.float32, device=x.obj.device)
+        xt[:D, :n] = x.obj.T
+        ids = torch.arange(max(n, 1), dtype=torch.int64, device=x.obj.device)
+    else:
+        import cupy
+
+        with cupy.cuda.Device(x.device):
+            if not bool(cupy.isfinite(x.obj).all()):
+                raise ValueError("items contain NaN or Inf")
+            xt = cupy.zeros((D4, np_), dtype=cupy.float32)
+            xt[:D, :n] = x.obj.T
+            ids = cupy.arange(max(n, 1), dtype=cupy.int64)
+    xt_v, ids_v = _cuda.view(xt), _cuda.view(ids)
+    view = _cuda.module().TopkIndexView(_PREC["fp32"], n, np_, D, 0, xt_v.ptr, 0, xt_v.ptr, 1, np_, ids_v.ptr)
+    dev = _DeviceIndex({"codes": xt_v, "ids": ids_v}, view, n, D, "fp32", True)
+    from .index import _check_k
+
+    k = _check_k(k)
+    scores, out = _search_dev(dev, a, k, _candidates(k, "fp32", True), exclude)
+    if single:
+        return scores[0], out[0]
+    return scores, out

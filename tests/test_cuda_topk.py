@@ -1,0 +1,248 @@
+"""CUDA top-k / ItemIndex on device: against the CPU ItemIndex and the float64 oracle.
+
+Skipped cleanly without the CUDA module, a GPU, or torch / CuPy."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec import ItemIndex
+from fastrec.testing import assert_topk_matches, topk_ref
+
+from conftest import needs_cuda, to_host
+
+PRECISIONS = ["int8", "fp16", "fp32"]
+
+
+def _data(rng, n, d, q):
+    return rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((q, d)).astype(np.float32)
+
+
+def _check(index, items, queries, k, scores, ids, *, item_ids=None, exclude=None, precision="fp32", rerank=True):
+    scores, ids = to_host(scores), to_host(ids)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    rs, ri = topk_ref(queries, items, k, ids=item_ids, exclude=exclude)
+    exact = rerank or precision == "fp32"
+    # Without rerank, scores are the first pass's (int8 / fp16): compare with a relative tolerance
+    # and a recall a little below 1, as the CPU tests do for those paths.
+    rtol = 1e-5 if exact else (3e-2 if precision == "int8" else 3e-3)
+    min_recall = 1.0 if exact else 0.8
+    assert_topk_matches(scores, ids, items, queries, rs, ri, item_ids=item_ids, rtol=rtol, atol=rtol,
+                        min_recall=min_recall, exact_scores=True)
+    if exact:  # the device index equals the CPU index up to ties
+        cs, ci = index.search(queries, k, exclude=exclude)
+        np.testing.assert_allclose(scores, cs, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("rerank", [True, False])
+@pytest.mark.parametrize("d", [1, 3, 64, 97])
+def test_search_matches_cpu(to_device, rng, precision, rerank, d):
+    items, queries = _data(rng, 5000, d, 37)
+    index = ItemIndex(items, precision=precision, rerank=rerank)
+    for k in (1, 100):
+        s, i = index.search(to_device(queries), k)
+        assert type(s) is type(to_device(queries[:1]))
+        _check(index, items, queries, k, s, i, precision=precision, rerank=rerank)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_large_catalogue_many_stages(to_device, rng, precision):
+    # 200k items: several scoring stages and threshold updates.
+    items, queries = _data(rng, 200_003, 64, 70)
+    index = ItemIndex(items, precision=precision)
+    s, i = index.search(to_device(queries), 100)
+    _check(index, items, queries, 100, s, i, precision=precision)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_k_4096(to_device, rng, precision):
+    items, queries = _data(rng, 60_000, 32, 5)
+    index = ItemIndex(items, precision=precision)
+    s, i = index.search(to_device(queries), 4096)
+    _check(index, items, queries, 4096, s, i, precision=precision)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_k_larger_than_n_pads(to_device, rng, precision):
+    items, queries = _data(rng, 50, 8, 4)
+    index = ItemIndex(items, precision=precision)
+    s, i = index.search(to_device(queries), 100)
+    s, i = to_host(s), to_host(i)
+    assert (i[:, 50:] == -1).all() and np.isneginf(s[:, 50:]).all()
+    _check(index, items, queries, 100, s, i, precision=precision)
+
+
+@needs_cuda
+def test_q_zero_and_single_query(to_device, rng):
+    items, queries = _data(rng, 300, 16, 3)
+    index = ItemIndex(items)
+    s, i = index.search(to_device(np.zeros((0, 16), np.float32)), 5)
+    assert tuple(s.shape) == (0, 5) and tuple(i.shape) == (0, 5)
+    s, i = index.search(to_device(queries[0]), 5)
+    assert tuple(s.shape) == (5,)
+    cs, ci = index.search(queries[0], 5)
+    np.testing.assert_array_equal(to_host(i), ci)
+
+
+@needs_cuda
+def test_empty_index(to_device, rng):
+    index = ItemIndex(np.zeros((0, 8), np.float32))
+    s, i = index.search(to_device(np.ones((2, 8), np.float32)), 3)
+    assert (to_host(i) == -1).all() and np.isneginf(to_host(s)).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_exclude_both_forms(to_device, rng, precision):
+    items, queries = _data(rng, 20_000, 24, 9)
+    ids = rng.permutation(100_000)[:20_000].astype(np.int64)
+    index = ItemIndex(items, ids=ids, precision=precision)
+    base_s, base_i = index.search(queries, 50)
+    # exclude each query's top 30 (so the threshold must account for them) plus unknown ids
+    ex = [np.concatenate([base_i[r, :30], [-5, 10**9]]) if r % 3 else np.zeros(0, np.int64) for r in range(9)]
+    s, i = index.search(to_device(queries), 50, exclude=ex)
+    _check(index, items, queries, 50, s, i, item_ids=ids, exclude=ex, precision=precision)
+    off = np.zeros(10, np.int64)
+    off[1:] = np.cumsum([len(e) for e in ex])
+    csr = (to_device(np.concatenate(ex)), to_device(off))
+    s2, i2 = index.search(to_device(queries), 50, exclude=csr)
+    np.testing.assert_array_equal(to_host(i2), to_host(i))
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_ties_by_smaller_id(to_device, rng, precision):
+    base = rng.standard_normal((7, 16)).astype(np.float32)
+    items = np.repeat(base, 300, axis=0)  # 300 identical copies of each row
+    ids = rng.permutation(items.shape[0]).astype(np.int64) * 3 + 1
+    queries = rng.standard_normal((4, 16)).astype(np.float32)
+    index = ItemIndex(items, ids=ids, precision=precision)
+    s, i = index.search(to_device(queries), 500)
+    cs, ci = index.search(queries, 500)
+    np.testing.assert_array_equal(to_host(i), ci)
+
+
+@needs_cuda
+def test_all_equal_scores_overflow_retry(to_device, rng):
+    # every score ties: thresholds cannot cut anything, buffers overflow, the retry must be exact
+    items = np.ones((100_000, 4), np.float32)
+    index = ItemIndex(items, precision="fp32")
+    s, i = index.search(to_device(np.ones((3, 4), np.float32)), 10)
+    np.testing.assert_array_equal(to_host(i), np.tile(np.arange(10), (3, 1)))
+
+
+@needs_cuda
+def test_sorted_catalogue_overflow_retry(to_device, rng):
+    # items ordered worst-first for the query: the first stage's threshold is useless
+    items, _ = _data(rng, 300_000, 8, 1)
+    q = rng.standard_normal((2, 8)).astype(np.float32)
+    order = np.argsort(items @ q[0])
+    items = np.ascontiguousarray(items[order])
+    index = ItemIndex(items, precision="fp32")
+    s, i = index.search(to_device(q), 1000)
+    _check(index, items, q, 1000, s, i)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_add_remove(to_device, rng, precision):
+    items, queries = _data(rng, 4000, 16, 6)
+    index = ItemIndex(items, precision=precision)
+    dq = to_device(queries)
+    index.search(dq, 10)  # uploads the first snapshot
+    more = rng.standard_normal((500, 16)).astype(np.float32)
+    index.add(more, np.arange(10_000, 10_500))
+    index.remove(np.arange(0, 4000, 3))
+    s, i = index.search(dq, 10)
+    cs, ci = index.search(queries, 10)
+    np.testing.assert_array_equal(to_host(i), ci)
+
+
+@needs_cuda
+def test_non_default_stream_torch(rng):
+    torch = pytest.importorskip("torch")
+    items, queries = _data(rng, 30_000, 64, 16)
+    index = ItemIndex(items)
+    st = torch.cuda.Stream()
+    with torch.cuda.stream(st):
+        dq = torch.from_numpy(queries).cuda()
+        s, i = index.search(dq, 20)
+        i2 = i.clone()
+    st.synchronize()
+    np.testing.assert_array_equal(i2.cpu().numpy(), index.search(queries, 20)[1])
+
+
+@needs_cuda
+def test_threads(to_device, rng):
+    items, queries = _data(rng, 20_000, 32, 8)
+    index = ItemIndex(items)
+    want = index.search(queries, 10)[1]
+    dq = to_device(queries)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                np.testing.assert_array_equal(to_host(index.search(dq, 10)[1]), want)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+
+
+@needs_cuda
+def test_functional_topk(to_device, rng):
+    from fastrec import _cuda_topk
+
+    items, queries = _data(rng, 3000, 97, 11)
+    s, i = _cuda_topk.topk(to_device(queries), to_device(items), 25)
+    rs, ri = topk_ref(queries, items, 25)
+    assert_topk_matches(to_host(s), to_host(i), items, queries, rs, ri)
+
+
+@needs_cuda
+def test_errors(to_device, rng):
+    items, queries = _data(rng, 100, 8, 2)
+    index = ItemIndex(items)
+    with pytest.raises(TypeError):
+        index.search(to_device(queries.astype(np.float64)), 3)
+    with pytest.raises(ValueError):
+        index.search(to_device(queries[:, :5]), 3)
+    with pytest.raises(ValueError):
+        index.search(to_device(queries[None]), 3)
+    with pytest.raises(TypeError):
+        index.search(to_device(queries), 2.0)
+    with pytest.raises(ValueError):
+        index.search(to_device(queries), 0)
+    with pytest.raises(ValueError):
+        index.search(to_device(queries), 3, exclude=[[1]])
+    with pytest.raises(ValueError):
+        index.search(to_device(queries), 3, exclude=(np.array([1]), np.array([0, 1])))
+    bad = queries.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError):
+        index.search(to_device(bad), 3)
+    with pytest.raises(ValueError):  # too large for the shared-memory sort
+        index_big = ItemIndex(rng.standard_normal((40_000, 4)).astype(np.float32), precision="fp32", rerank=False)
+        index_big.search(to_device(queries[:, :4]), 20_000)
+
+
+def test_module_exports_without_gpu():
+    # importable everywhere; no GPU needed to import
+    from fastrec import _cuda_topk
+
+    assert callable(_cuda_topk.search) and fastrec.ItemIndex is ItemIndex
