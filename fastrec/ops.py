@@ -13,7 +13,7 @@ from . import _C, _cuda, _cuda_embedding
 from ._arrays import as_numpy
 from .tables import QuantizedTable
 
-__all__ = ["embedding_bag", "embedding_bags", "int8_linear"]
+__all__ = ["embedding_bag", "embedding_bags", "int8_linear", "topk"]
 
 _MODES = {"sum": 0, "mean": 1, "max": 2}
 
@@ -228,17 +228,43 @@ def _linear_input(x, in_features: int) -> np.ndarray:
     return x
 
 
-def int8_linear(x, lin, activation=None) -> np.ndarray:
+def int8_linear(x, lin, activation=None, *, check_finite: bool = True):
     """``activation(x @ W.T + b)`` through an :class:`fastrec.Int8Linear`.
 
-    x: float32 ``(B, K)``, any B >= 0. Activations are quantized per row inside the kernel
-    (NaN or Inf in x raises ValueError, found in that same pass); int32 accumulation; bias,
-    ReLU/sigmoid and dequantization in the epilogue. Returns float32 ``(B, N)``.
+    x: float32 ``(B, K)``, any B >= 0: a numpy array (or CPU tensor), or a CUDA array (torch
+    CUDA tensor / CuPy array; the result is then one of the same framework and device).
+    Activations are quantized per row inside the kernel (NaN or Inf in x raises ValueError,
+    found in that same pass); int32 accumulation; bias, ReLU/sigmoid and dequantization in the
+    epilogue. Returns float32 ``(B, N)``. ``check_finite=False`` (GPU only) skips the host wait
+    the NaN/Inf check costs there; such rows then come out as NaN.
     """
     from .linear import Int8Linear, _activation_code
 
     if not isinstance(lin, Int8Linear):
         raise TypeError(f"lin must be a fastrec.Int8Linear, got {type(lin).__name__}")
     code = _activation_code(activation)
+    if _cuda.is_device_array(x):
+        from ._cuda_linear import int8_linear as cuda_int8_linear
+
+        return cuda_int8_linear(x, lin, activation, check_finite=check_finite)
     x = _linear_input(x, lin.in_features)
     return _C.int8_linear(x, lin._core, code)
+
+
+def topk(queries, items, k: int, *, exclude=None):
+    """Exact inner-product top-k of float32 ``queries (Q, D)`` against ``items (N, D)``.
+
+    The functional form of :class:`fastrec.ItemIndex` with ``precision="fp32"``: packs the items
+    on every call, so build an ``ItemIndex`` once for repeated searches over one catalogue.
+    For cosine similarity, L2-normalise both sides first. Returns ``(scores, ids)``, float32 and
+    int64 ``(Q, k)``, best first, ties broken by the smaller id; where ``k > N`` the tail is id
+    -1 with score -inf. ``exclude`` as in :meth:`fastrec.ItemIndex.search`. CUDA arrays (torch
+    CUDA tensors / CuPy arrays) run on their GPU and return arrays of the same framework.
+    """
+    if _cuda.is_device_array(queries) or _cuda.is_device_array(items):
+        from ._cuda_topk import topk as cuda_topk
+
+        return cuda_topk(queries, items, k, exclude=exclude)
+    from .index import ItemIndex
+
+    return ItemIndex(items, precision="fp32", rerank=True).search(queries, k, exclude=exclude)
