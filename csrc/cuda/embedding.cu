@@ -698,6 +698,11 @@ void embedding_bags(const BagsArgs& a) {
     throw std::invalid_argument("offsets are required");
   }
   if (a.num_indices > 0 && a.indices == nullptr) throw std::invalid_argument("indices: null pointer");
+  if (a.per_sample_weights != nullptr) {
+    for (const BagTable& t : a.tables) {
+      if (t.mode != 0) throw std::invalid_argument("per_sample_weights is only supported with mode 'sum'");
+    }
+  }
 
   std::vector<Planned> plans;
   plans.reserve(T);
