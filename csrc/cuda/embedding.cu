@@ -51,17 +51,21 @@ namespace {
 constexpr int kBlockThreads = 256;
 constexpr int kWarpsPerBlock = kBlockThreads / 32;
 
-#ifndef UNROLL_WIDE
-#define UNROLL_WIDE 4
+// Tuning knobs (override with CUDAFLAGS="-DFASTREC_EMB_UNROLL_WIDE=..." on a fresh build):
+// rows in flight per lane, and the blocks per SM the register budget must allow, for
+// variants loading >= 8 bytes per lane ("wide") and 4 or fewer ("narrow"). The defaults keep
+// every variant spill-free (ptxas -v) at 64 / 80 registers: 32 / 24 warps per SM.
+#ifndef FASTREC_EMB_UNROLL_WIDE
+#define FASTREC_EMB_UNROLL_WIDE 4
 #endif
-#ifndef UNROLL_NARROW
-#define UNROLL_NARROW 8
+#ifndef FASTREC_EMB_UNROLL_NARROW
+#define FASTREC_EMB_UNROLL_NARROW 8
 #endif
-#ifndef MIN_BLOCKS_WIDE
-#define MIN_BLOCKS_WIDE 4
+#ifndef FASTREC_EMB_MIN_BLOCKS_WIDE
+#define FASTREC_EMB_MIN_BLOCKS_WIDE 4
 #endif
-#ifndef MIN_BLOCKS_NARROW
-#define MIN_BLOCKS_NARROW 3
+#ifndef FASTREC_EMB_MIN_BLOCKS_NARROW
+#define FASTREC_EMB_MIN_BLOCKS_NARROW 3
 #endif
 enum Kind : int32_t { kF32 = 0, kF16 = 1, kQ8 = 2, kQ4 = 3, kQ2 = 4, kQ8Half = 5 };  // = RowKind
 
@@ -160,8 +164,8 @@ struct FastRows {
   static constexpr int kBits = K == kF32 ? 32 : K == kF16 ? 16 : (K == kQ8 || K == kQ8Half) ? 8 : K == kQ4 ? 4 : 2;
   static constexpr int E = W * 8 / kBits;
   static constexpr bool kQuant = kBits <= 8;
-  static constexpr int kUnroll = W >= 8 ? UNROLL_WIDE : UNROLL_NARROW;  // rows in flight per lane
-  static constexpr int kMinBlocks = W >= 8 ? MIN_BLOCKS_WIDE : MIN_BLOCKS_NARROW;
+  static constexpr int kUnroll = W >= 8 ? FASTREC_EMB_UNROLL_WIDE : FASTREC_EMB_UNROLL_NARROW;  // rows in flight per lane
+  static constexpr int kMinBlocks = W >= 8 ? FASTREC_EMB_MIN_BLOCKS_WIDE : FASTREC_EMB_MIN_BLOCKS_NARROW;
   using R = typename RawVec<W>::T;
   using QP = std::conditional_t<!kQuant, NoQP, std::conditional_t<K == kQ8, float2, uint32_t>>;
 
@@ -223,8 +227,8 @@ __device__ __forceinline__ float half_value(uint32_t h) { return __half2float(__
 struct GenericRows {
   static constexpr int E = 1;
   static constexpr bool kQuant = false;
-  static constexpr int kUnroll = UNROLL_WIDE;
-  static constexpr int kMinBlocks = MIN_BLOCKS_WIDE;
+  static constexpr int kUnroll = FASTREC_EMB_UNROLL_WIDE;
+  static constexpr int kMinBlocks = FASTREC_EMB_MIN_BLOCKS_WIDE;
   using R = float;
   using QP = NoQP;
 
