@@ -14,6 +14,8 @@ Nothing here imports torch or CuPy: their arrays are only met when a caller pass
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import _C, _cuda
@@ -175,6 +177,45 @@ def table_to_device(table: QuantizedTable, like="torch", device=None) -> DeviceQ
     return DeviceQuantizedTable(_to_framework(table.data, fw, dev), table.bits, table.dim, table.layout)
 
 
+# ---- backend: the compiled module, or the CuPy RawKernel fallback (issue 6) --------------------
+
+_cupy_fallback = None  # fastrec.kernels.cupy_embedding, once chosen because _C_cuda is unusable
+
+
+def _embedding_backend():
+    """The object whose ``embedding_bags(...)`` (the ``_C_cuda`` signature) runs the kernels.
+
+    ``FASTREC_CUDA_BACKEND`` (read on every call): unset, "" or "auto": the compiled module
+    (``fastrec._C_cuda``), else :mod:`fastrec.kernels.cupy_embedding` when CuPy sees a GPU,
+    else the compiled module's RuntimeError; "compiled": the compiled module only; "cupy":
+    the CuPy kernels even when the compiled module exists (to compare the two).
+    """
+    global _cupy_fallback
+    choice = os.environ.get("FASTREC_CUDA_BACKEND", "").strip().lower()
+    if choice in ("", "auto"):
+        if _cupy_fallback is not None:
+            return _cupy_fallback
+        try:
+            return _cuda.module()
+        except RuntimeError as compiled_error:
+            from .kernels import cupy_embedding
+
+            if cupy_embedding.available() is not None:
+                raise RuntimeError(f"{compiled_error} CuPy fallback: {cupy_embedding.available()}.") from None
+            _cupy_fallback = cupy_embedding
+            return _cupy_fallback
+    if choice == "cupy":
+        from .kernels import cupy_embedding
+
+        reason = cupy_embedding.available()
+        if reason is not None:
+            raise RuntimeError(f"FASTREC_CUDA_BACKEND=cupy but {reason}")
+        return cupy_embedding
+    if choice == "compiled":
+        return _cuda.module()
+    raise ValueError(f"FASTREC_CUDA_BACKEND must be 'auto', 'compiled' or 'cupy', got {choice!r}")
+
+
 # ---- routing --------------------------------------------------------------------------------
 
 
@@ -252,7 +293,7 @@ def _launch(tables, codes, pads, idx, off, fixed_len, num_offsets, per_sample_we
     for t, c, p in zip(tables, codes, pads):
         t.args[6], t.args[7] = c, p
     out = _cuda.empty(idx, (B, sum(t.dim for t in tables)), np.float32)
-    _cuda.module().embedding_bags(
+    _embedding_backend().embedding_bags(
         [t.args for t in tables], idx.ptr, n, idx.dtype == np.int64,
         0 if off is None else off.ptr, num_offsets, off is not None and off.dtype == np.int64,
         -1 if fixed_len is None else fixed_len, 0 if psw is None else psw.ptr, out.ptr,

@@ -1,9 +1,16 @@
 """fastrec.kernels: Numba (CPU) and CuPy (GPU) kernels, installed as ``fastrec.kernels``.
 
-Kernels here are compiled lazily on first use (Numba ``nogil=True, cache=True``; CuPy RawKernel
-through NVRTC), so importing fastrec never requires Numba or CuPy. The featurizer's hashing and
-bucketizing kernels (issue "Models end to end") and the CuPy embedding bag (issue "CUDA
-backend") live here; the compiled C++ module covers the embedding bag on CPUs.
+Kernels here are compiled lazily on first use (Numba ``nogil=True, cache=True``; CuPy RawKernel /
+ElementwiseKernel through NVRTC), so importing fastrec never requires Numba or CuPy.
+
+* :mod:`fastrec.kernels.hashing`: the featurizer's stable 64-bit hashing of raw integer ids and
+  strings to rows (``hash_ids``), with bit-identical NumPy reference, Numba CPU kernel and CuPy
+  kernel.
+* :mod:`fastrec.kernels.cupy_embedding`: the embedding bag as CuPy RawKernels, the GPU path when
+  the compiled CUDA module (``fastrec._C_cuda``) is absent but CuPy sees a GPU, or when
+  ``FASTREC_CUDA_BACKEND=cupy`` asks for it.
+
+The compiled C++ module covers the embedding bag on CPUs (and, when built, on GPUs).
 """
 
 __all__: list[str] = []
