@@ -43,7 +43,7 @@ inline __m512i broadcast4(const uint8_t* p) {
   return _mm512_castps_si512(_mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(p))));
 }
 
-// The main tile: MR (1-4) rows x 4 blocks of 16 channels, accumulators as named variables.
+// The main tile: MR (1-6) rows x 4 blocks of 16 channels, accumulators as named variables.
 // (GCC copies an array of accumulators between register sets on every iteration, which
 // halves the throughput; named variables keep the loop to loads and vpdpbusd.)
 template <int MR>
@@ -58,8 +58,10 @@ void tile4(const GemmJob& j, int64_t m, int64_t nb) {
   const uint8_t* a1 = a0 + (MR > 1 ? j.lda : 0);
   const uint8_t* a2 = a0 + (MR > 2 ? 2 * j.lda : 0);
   const uint8_t* a3 = a0 + (MR > 3 ? 3 * j.lda : 0);
+  const uint8_t* a4 = a0 + (MR > 4 ? 4 * j.lda : 0);
+  const uint8_t* a5 = a0 + (MR > 5 ? 5 * j.lda : 0);
 #define FASTREC_Z(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
-  FASTREC_Z(0) FASTREC_Z(1) FASTREC_Z(2) FASTREC_Z(3)
+  FASTREC_Z(0) FASTREC_Z(1) FASTREC_Z(2) FASTREC_Z(3) FASTREC_Z(4) FASTREC_Z(5)
 #undef FASTREC_Z
   for (int64_t g = 0; g < kg; ++g) {
     const __m512i b0 = _mm512_loadu_si512(w0 + g * 64), b1 = _mm512_loadu_si512(w1 + g * 64);
@@ -72,7 +74,7 @@ void tile4(const GemmJob& j, int64_t m, int64_t nb) {
     dpbusd(c##r##2, av, b2);      \
     dpbusd(c##r##3, av, b3);      \
   }
-    FASTREC_ROW(0) FASTREC_ROW(1) FASTREC_ROW(2) FASTREC_ROW(3)
+    FASTREC_ROW(0) FASTREC_ROW(1) FASTREC_ROW(2) FASTREC_ROW(3) FASTREC_ROW(4) FASTREC_ROW(5)
 #undef FASTREC_ROW
   }
   const int64_t n0 = nb * 16;
@@ -83,7 +85,7 @@ void tile4(const GemmJob& j, int64_t m, int64_t nb) {
     store_block(j, m + r, n0 + 32, c##r##2);                                  \
     store_block(j, m + r, n0 + 48, c##r##3);                                  \
   }
-  FASTREC_STORE(0) FASTREC_STORE(1) FASTREC_STORE(2) FASTREC_STORE(3)
+  FASTREC_STORE(0) FASTREC_STORE(1) FASTREC_STORE(2) FASTREC_STORE(3) FASTREC_STORE(4) FASTREC_STORE(5)
 #undef FASTREC_STORE
 }
 
@@ -125,8 +127,10 @@ void row_block(const GemmJob& j, int64_t m) {
 
 void gemm_s8(const GemmJob& j) {
   int64_t m = j.m0;
-  for (; m + 4 <= j.m1; m += 4) row_block<4>(j, m);
+  for (; m + 6 <= j.m1; m += 6) row_block<6>(j, m);
   switch (j.m1 - m) {
+    case 5: row_block<5>(j, m); break;
+    case 4: row_block<4>(j, m); break;
     case 3: row_block<3>(j, m); break;
     case 2: row_block<2>(j, m); break;
     case 1: row_block<1>(j, m); break;
