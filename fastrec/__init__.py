@@ -18,6 +18,8 @@ from ._config import get_num_threads, set_num_threads
 from .tables import QuantizedTable
 from .linear import Int8Linear, Int8MLP
 from .index import ItemIndex
+from .io import ModelFormatError
+from .model import Model, load
 from . import ops, testing
 
 __version__ = "0.1.0"
@@ -26,8 +28,11 @@ __all__ = [
     "Int8Linear",
     "Int8MLP",
     "ItemIndex",
+    "Model",
+    "ModelFormatError",
     "QuantizedTable",
     "get_num_threads",
+    "load",
     "ops",
     "set_num_threads",
     "testing",

@@ -19,6 +19,105 @@ def _cmd_example(args) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _inspect_report(path: str) -> dict:
+    """What a model directory holds, from its validated manifest and tensor headers (nothing
+    is packed or built, so this is quick even for large models)."""
+    import os
+
+    from .io import MANIFEST_FILE, TENSORS_FILE, read_model
+
+    manifest, tensors = read_model(path)
+    m = manifest
+    tables = [{"name": t["name"], "rows": t["rows"], "dim": t["dim"], "storage": t["storage"],
+               "pooling": t["pooling"], "bytes": int(tensors[t["tensor"]].nbytes)} for t in m["tables"]]
+
+    def layers(ls):
+        return [{"in": x["in"], "out": x["out"], "activation": x["activation"],
+                 "bytes": int(sum(tensors[x[k]].nbytes for k in ("weight", "bias", "weight_scale")
+                                  if x.get(k) is not None))} for x in ls]
+
+    report = {"path": os.path.abspath(path), "format_version": m["format_version"], "kind": m["kind"],
+              "precision": m["precision"], "embedding_bits": m.get("embedding_bits"),
+              "producer": m.get("producer"), "tables": tables,
+              "sparse_features": [{"name": f["name"], "table": f["table"]} for f in m["sparse_features"]]}
+    if m["kind"] == "dlrm":
+        report["dense_features"] = m["dense_features"]
+        report["mlps"] = {"bottom_mlp": layers(m["dlrm"]["bottom_mlp"]), "top_mlp": layers(m["dlrm"]["top_mlp"])}
+        report["interaction"] = m["dlrm"]["interaction"]
+    else:
+        tt = m["two_tower"]
+        report["mlps"] = {"user.mlp": layers(tt["user"]["mlp"]), "item.mlp": layers(tt["item"]["mlp"])}
+        report["towers"] = {side: {"features": tt[side]["features"], "normalize": tt[side]["normalize"]}
+                            for side in ("user", "item")}
+        items = tensors[tt["index"]["items"]]
+        report["index"] = {"items": int(items.shape[0]), "dim": int(items.shape[1]),
+                           "precision": tt["index"]["precision"], "rerank": tt["index"]["rerank"],
+                           "bytes": int(items.nbytes + tensors[tt["index"]["ids"]].nbytes)}
+    report["metadata"] = m.get("metadata") or {}
+    report["file_bytes"] = {name: os.path.getsize(os.path.join(path, name)) for name in (MANIFEST_FILE, TENSORS_FILE)}
+    report["total_bytes"] = sum(report["file_bytes"].values())
+    return report
+
+
+def _print_inspect(r: dict) -> None:
+    print(f"{r['path']}: fastrec model, format version {r['format_version']}")
+    print(f"  kind       {r['kind']}")
+    print(f"  precision  {r['precision']} MLPs, embedding_bits {r['embedding_bits']}")
+    if r.get("producer"):
+        print(f"  producer   {r['producer']}")
+    if r["kind"] == "dlrm":
+        print(f"  dense      {r['dense_features']} features, interaction {r['interaction']}")
+    print(f"  tables ({len(r['tables'])}):")
+    w = max(len(t["name"]) for t in r["tables"])
+    for t in r["tables"]:
+        print(f"    {t['name']:<{w}}  rows {t['rows']:>12,}  dim {t['dim']:>5}  {t['storage']:<4}  "
+              f"{t['pooling']:<4}  {_size(t['bytes']):>10}")
+    feats = ", ".join(f["name"] if f["name"] == f["table"] else f"{f['name']}->{f['table']}"
+                      for f in r["sparse_features"])
+    print(f"  sparse features ({len(r['sparse_features'])}): {feats}")
+    for side, tower in r.get("towers", {}).items():
+        print(f"  {side} tower: features {tower['features']}, normalize {tower['normalize']}")
+    for name, layers in r["mlps"].items():
+        if not layers:
+            print(f"  {name}: (none)")
+            continue
+        dims = [str(layers[0]["in"])] + [f"{x['out']}" + ("" if x["activation"] == "none" else f" {x['activation']}")
+                                         for x in layers]
+        print(f"  {name}: {' -> '.join(dims)}  ({_size(sum(x['bytes'] for x in layers))})")
+    if "index" in r:
+        i = r["index"]
+        print(f"  index: {i['items']:,} items x {i['dim']}, precision {i['precision']}, rerank {i['rerank']}"
+              f"  ({_size(i['bytes'])} on disk)")
+    for k, v in r["metadata"].items():
+        print(f"  metadata.{k}: {v}")
+    print(f"  total      {_size(r['total_bytes'])} on disk")
+
+
+def _cmd_inspect(args) -> int:
+    import json
+
+    from .io import ModelFormatError
+
+    try:
+        report = _inspect_report(args.path)
+    except ModelFormatError as exc:
+        print(f"fastrec inspect: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_inspect(report)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastrec", description="fastrec: fast inference for recommendation models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +126,10 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_cmd_info)
     p = sub.add_parser("example", help="run a short embedding-bag example and time it against numpy")
     p.set_defaults(fn=_cmd_example)
+    p = sub.add_parser("inspect", help="what a model directory holds (kind, tables, layers, index, sizes)")
+    p.add_argument("path", help="a model directory (manifest.json + model.safetensors)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(fn=_cmd_inspect)
     args = parser.parse_args(argv)
     return args.fn(args)
 

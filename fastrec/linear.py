@@ -43,6 +43,18 @@ def _float_matrix(a, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _f32_vector(a, name: str, n: int) -> np.ndarray:
+    """A finite float32 array of shape (n,) (TypeError / ValueError otherwise)."""
+    a = as_numpy(a)
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got {a.dtype}")
+    if a.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return a
+
+
 def quantize_weight(weight) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel int8: returns (q (N, K) int8, scale (N,) float32)."""
     w = _float_matrix(weight, "weight")
@@ -90,6 +102,22 @@ class Int8Linear:
             if not np.isfinite(bias).all():
                 raise ValueError("bias contains NaN or Inf")
         return cls(q, scale, bias)
+
+    @classmethod
+    def from_int8(cls, weight_int8, weight_scale, bias=None) -> "Int8Linear":
+        """A layer from already-quantized weights (e.g. read from a model file): ``weight_int8``
+        int8 (out_features, in_features) with codes in [-127, 127], ``weight_scale`` float32
+        (out_features,) finite, ``bias`` float32 (out_features,) or None. No requantization."""
+        w = as_numpy(weight_int8)
+        if w.dtype != np.int8:
+            raise TypeError(f"weight_int8 must be int8, got {w.dtype}")
+        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+            raise ValueError(f"weight_int8 must be 2-D (out_features, in_features), got shape {w.shape}")
+        if w.size and int(w.min()) < -127:
+            raise ValueError("weight_int8 codes must be in [-127, 127] (symmetric quantization), found -128")
+        scale = _f32_vector(weight_scale, "weight_scale", w.shape[0])
+        bias = None if bias is None else _f32_vector(bias, "bias", w.shape[0])
+        return cls(w, scale, bias)
 
     @property
     def in_features(self) -> int:

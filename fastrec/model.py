@@ -1,0 +1,476 @@
+"""The model runtime: load a model directory (docs/FORMAT.md) and serve it with no torch.
+
+    model = fastrec.load("ctr_model/")
+    p = model.score(dense, {"C1": (ids, offsets), ...})        # kind "dlrm": probabilities (B,)
+    scores, items = model.recommend({"user_id": (ids, offsets)}, k=10)   # kind "two_tower"
+
+Everything a call needs is built once at load and never changed afterwards, so one Model can
+serve many threads at once. Tables and fp32 weights are views of the memory-mapped safetensors
+file (worker processes share one copy in the page cache); fp16 MLP weights are upcast to
+float32 once at load; int8 MLPs are packed once into :class:`fastrec.Int8MLP`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from ._arrays import as_numpy
+from .index import ItemIndex
+from .io import ModelFormatError, read_model
+from .linear import Int8Linear, Int8MLP
+from .tables import QuantizedTable
+
+__all__ = ["Model", "TableInfo", "load"]
+
+
+def load(path, *, num_threads=None) -> "Model":
+    """Loads a model directory written by ``fastrec.torch.export`` / :func:`fastrec.io.write_model`.
+
+    ``num_threads``: if given, calls :func:`fastrec.set_num_threads` (process-wide).
+    Raises :class:`fastrec.ModelFormatError` for anything wrong with the directory.
+    """
+    if num_threads is not None:
+        from ._config import set_num_threads
+
+        set_num_threads(num_threads)
+    manifest, tensors = read_model(path)
+    return Model(manifest, tensors, path=os.fspath(path), _validated=True)
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One embedding table: ``name``, ``rows``, ``dim``, ``storage`` ("fp32" | "fp16" | "q8" |
+    "q4"), ``pooling`` ("sum" | "mean" | "max") and ``nbytes`` (bytes of its rows)."""
+
+    name: str
+    rows: int
+    dim: int
+    storage: str
+    pooling: str
+    nbytes: int
+
+
+# ---- MLPs ---------------------------------------------------------------------------------
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # 0.5 * (1 + tanh(x / 2)): no overflow warnings for large |x|
+    np.multiply(x, 0.5, out=x)
+    np.tanh(x, out=x)
+    x += 1.0
+    x *= 0.5
+    return x
+
+
+class _FloatMLP:
+    """float32 numpy layers: ``x @ W.T + b`` then the activation (W a view of the file for
+    fp32, an upcast copy for fp16)."""
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)  # (W float32 (out, in), b float32 (out,) or None, activation)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        for W, b, act in self.layers:
+            x = x @ W.T
+            if b is not None:
+                x += b
+            if act == "relu":
+                np.maximum(x, 0, out=x)
+            elif act == "sigmoid":
+                x = _sigmoid(x)
+        return x
+
+    @property
+    def nbytes(self) -> int:
+        return sum(W.nbytes + (0 if b is None else b.nbytes) for W, b, _ in self.layers)
+
+
+class _Int8MLPRunner:
+    def __init__(self, mlp: Int8MLP):
+        self.mlp = mlp
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.mlp(np.ascontiguousarray(x, dtype=np.float32))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(lin.weight_int8.nbytes + lin.weight_scale.nbytes + (0 if lin.bias is None else lin.bias.nbytes)
+                   for lin in self.mlp.layers)
+
+
+def _identity(x):
+    return x
+
+
+def _build_mlp(layers, precision: str, tensors: dict):
+    if not layers:
+        return _identity
+    acts = [layer["activation"] for layer in layers]
+    if precision == "int8":
+        lins = []
+        for layer in layers:
+            bias = tensors[layer["bias"]] if layer.get("bias") is not None else None
+            lins.append(Int8Linear.from_int8(tensors[layer["weight"]], tensors[layer["weight_scale"]], bias))
+        return _Int8MLPRunner(Int8MLP(lins, [None if a == "none" else a for a in acts]))
+    out = []
+    for layer, act in zip(layers, acts):
+        W = tensors[layer["weight"]]
+        if W.dtype != np.float32:
+            W = W.astype(np.float32)  # fp16: upcast once
+        b = tensors[layer["bias"]] if layer.get("bias") is not None else None
+        out.append((W, b, act))
+    return _FloatMLP(out)
+
+
+def _mlp_nbytes(mlp) -> int:
+    return 0 if mlp is _identity else mlp.nbytes
+
+
+
+# ---- sparse input -------------------------------------------------------------------------
+
+def _int_1d(x, what: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        x = as_numpy(x)
+        if x.size == 0 and x.dtype == np.float64:
+            x = x.astype(np.int64)
+    if x.dtype != np.int64 and x.dtype != np.int32:
+        raise TypeError(f"{what} must be int32 or int64, got {x.dtype}")
+    if x.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {x.shape}")
+    return x
+
+
+_KERNEL_INDEX_ERROR = re.compile(r"index (-?\d+) at position (\d+) \(table (\d+), bag (\d+)\) is out of range \[0, (\d+)\)")
+
+
+def _offsets_message(feature, indices) -> str:
+    return (f"sparse[{feature!r}] offsets must start at 0, be non-decreasing and end at "
+            f"len(indices) = {np.shape(indices)[0]}")
+
+
+class _Group:
+    """The features one call pools (all of a DLRM's, or one tower's) in sparse_features order,
+    with their tables, modes and, for a tower, the column order of its concat."""
+
+    def __init__(self, features, tables, modes, table_names, dims, tower_order=None):
+        self.features = tuple(features)
+        self.tables = tuple(tables)
+        self.modes = tuple(modes)
+        self.table_names = tuple(table_names)
+        self.dims = tuple(dims)
+        self.width = int(sum(dims))
+        self.position = {f: i for i, f in enumerate(self.features)}
+        self.columns = None  # None: the kernel's column order is already the concat order
+        if tower_order is not None and tuple(tower_order) != self.features:
+            starts = np.concatenate([[0], np.cumsum(dims)]).astype(np.int64)
+            self.columns = np.concatenate([np.arange(starts[self.position[f]], starts[self.position[f] + 1])
+                                           for f in tower_order])
+
+    def pack(self, sparse, B: int | None):
+        """(indices, offsets, B, starts): one table-major CSR pair for this group; ``starts`` gives,
+        for dict input, where each feature's ids begin in ``indices`` (for error messages)."""
+        T = len(self.features)
+        if isinstance(sparse, dict):
+            unknown = [k for k in sparse if k not in self.position]
+            if unknown:
+                raise ValueError(f"unknown sparse feature {unknown[0]!r}; this call takes {list(self.features)}")
+            missing = [f for f in self.features if f not in sparse]
+            if missing:
+                raise ValueError(f"missing sparse feature(s) {missing}; this call takes {list(self.features)}")
+            idx_parts, off_parts, starts = [], [], []
+            base = 0
+            for f in self.features:
+                pair = sparse[f]
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise TypeError(f"sparse[{f!r}] must be a pair (indices, offsets)")
+                ind = _int_1d(pair[0], f"sparse[{f!r}] indices")
+                off = _int_1d(pair[1], f"sparse[{f!r}] offsets")
+                nb = off.shape[0] - 1
+                if nb < 0:
+                    raise ValueError(f"sparse[{f!r}] offsets must have length B + 1 >= 1, got an empty array")
+                if B is None:
+                    B = nb
+                elif nb != B:
+                    raise ValueError(f"sparse[{f!r}] has {nb} bags, expected {B} (the batch size)")
+                if off[0] != 0 or off[nb] != ind.shape[0]:
+                    raise ValueError(_offsets_message(f, ind))
+                # non-decreasing: checked by the kernel on the combined offsets (see pool)
+                starts.append(base)
+                idx_parts.append(ind)
+                off_parts.append(off[:-1])
+                base += ind.shape[0]
+            indices = np.concatenate(idx_parts).astype(np.int64, copy=False) if T > 1 else idx_parts[0]
+            off_parts.append(np.array([base], dtype=np.int64))
+            offsets = np.concatenate(off_parts).astype(np.int64, copy=False)
+            if T > 1 and B:
+                offsets[:-1] += np.repeat(np.array(starts, dtype=np.int64), B)
+            return indices, offsets, B, starts
+        if isinstance(sparse, (tuple, list)) and len(sparse) == 2:
+            indices = _int_1d(sparse[0], "sparse indices")
+            offsets = _int_1d(sparse[1], "sparse offsets")
+            n = offsets.shape[0] - 1
+            if n < 0 or n % T:
+                raise ValueError(f"sparse offsets must have length T*B + 1 with T={T} features "
+                                 f"{list(self.features)}, got length {offsets.shape[0]}")
+            if B is not None and n // T != B:
+                raise ValueError(f"sparse offsets hold {n // T} bags per feature, expected {B} (the batch size)")
+            return indices, offsets, n // T, None
+        raise TypeError("sparse must be a dict {feature: (indices, offsets)} or one table-major pair "
+                        f"(indices, offsets), got {type(sparse).__name__}")
+
+    def pool(self, sparse, B: int | None = None):
+        """(pooled float32 (B, width) in this group's concat order, B)."""
+        indices, offsets, B, starts = self.pack(sparse, B)
+        try:
+            out = ops.embedding_bags(list(self.tables), indices, offsets, modes=list(self.modes))
+        except IndexError as exc:
+            raise IndexError(self._index_message(str(exc), starts)) from None
+        except ValueError:
+            if starts is not None:  # name the feature whose offsets decrease
+                for f in self.features:
+                    off = np.asarray(sparse[f][1])
+                    if np.any(off[1:] < off[:-1]):
+                        raise ValueError(_offsets_message(f, sparse[f][0])) from None
+            raise
+        if self.columns is not None:
+            out = out[:, self.columns]
+        return out, B
+
+    def _index_message(self, msg: str, starts) -> str:
+        m = _KERNEL_INDEX_ERROR.search(msg)
+        if not m:
+            return msg
+        value, pos, t, bag, rows = (int(g) for g in m.groups())
+        where = f"position {pos - starts[t]} of its indices" if starts is not None else f"position {pos}"
+        return (f"sparse feature {self.features[t]!r} (table {self.table_names[t]!r}): id {value} at {where} "
+                f"(bag {bag}) is out of range [0, {rows})")
+
+
+# ---- the model ----------------------------------------------------------------------------
+
+class Model:
+    """A loaded model (see :func:`load`). Immutable after load; safe to call from many threads.
+
+    Properties: ``kind`` ("dlrm" | "two_tower"), ``precision`` (MLP precision), ``features``
+    (sparse feature names, the table-major order of a single ``(indices, offsets)`` pair),
+    ``tables`` (:class:`TableInfo` tuple), ``dense_features``, ``nbytes``, ``manifest``, ``path``.
+    """
+
+    def __init__(self, manifest: dict, tensors: dict, *, path: str | None = None, _validated: bool = False):
+        """Builds a model from a manifest and its tensors (normally through :func:`load`, which
+        reads them memory-mapped); the manifest is validated unless it came from ``read_model``."""
+        if not _validated:
+            from .io import validate_manifest
+
+            validate_manifest(manifest, tensors)
+        self._manifest = manifest
+        self._path = path
+        self._kind = manifest["kind"]
+        self._precision = manifest["precision"]
+        mfile = os.path.join(path, "manifest.json") if path else "manifest.json"
+
+        tables, infos, table_data = {}, [], []
+        for t in manifest["tables"]:
+            arr = tensors[t["tensor"]]
+            storage = t["storage"]
+            if storage in ("q8", "q4"):
+                table = QuantizedTable.from_fbgemm(arr, 8 if storage == "q8" else 4, dim=t["dim"])
+            else:
+                table = arr
+            tables[t["name"]] = (table, t)
+            table_data.append(arr)
+            infos.append(TableInfo(t["name"], t["rows"], t["dim"], storage, t["pooling"], int(arr.nbytes)))
+        self._tables = tuple(infos)
+        self._table_data = tuple(table_data)
+        self._feature_table = {f["name"]: f["table"] for f in manifest["sparse_features"]}
+        self._features = tuple(f["name"] for f in manifest["sparse_features"])
+
+        def group(names, tower_order=None):
+            ordered = [f for f in self._features if f in set(names)]
+            ts = [tables[self._feature_table[f]] for f in ordered]
+            return _Group(ordered, [x[0] for x in ts], [x[1]["pooling"] for x in ts],
+                          [x[1]["name"] for x in ts], [x[1]["dim"] for x in ts], tower_order)
+
+        if self._kind == "dlrm":
+            d = manifest["dlrm"]
+            self._dense = int(manifest["dense_features"])
+            self._group = group(self._features)
+            self._bottom = _build_mlp(d["bottom_mlp"], self._precision, tensors)
+            self._top = _build_mlp(d["top_mlp"], self._precision, tensors)
+            T = len(self._features)
+            # Pairs (i, j), i > j, row-major over the strictly lower triangle, as docs/FORMAT.md
+            # states (the original DLRM's order). NB: TorchRec's InteractionArch takes
+            # triu_indices(offset=1), i.e. (0,1), (0,2), ..., (1,2), ...: the same pairs in another
+            # order once T >= 3. Only this line changes if the format is amended.
+            self._pairs = np.tril_indices(T + 1, -1)
+            self._D = self._group.dims[0]
+            self._index = None
+        else:
+            tt = manifest["two_tower"]
+            self._dense = None
+            self._user = group(tt["user"]["features"], tt["user"]["features"])
+            self._item = group(tt["item"]["features"], tt["item"]["features"])
+            self._user_mlp = _build_mlp(tt["user"]["mlp"], self._precision, tensors)
+            self._item_mlp = _build_mlp(tt["item"]["mlp"], self._precision, tensors)
+            self._user_norm = bool(tt["user"]["normalize"])
+            self._item_norm = bool(tt["item"]["normalize"])
+            idx = tt["index"]
+            try:
+                self._index = ItemIndex(tensors[idx["items"]], ids=tensors[idx["ids"]], precision=idx["precision"],
+                                        rerank=idx["rerank"])
+            except (TypeError, ValueError) as exc:
+                raise ModelFormatError(mfile, "$.two_tower.index", "an item catalogue ItemIndex accepts",
+                                       str(exc)) from None
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
+    def features(self) -> tuple:
+        return self._features
+
+    @property
+    def tables(self) -> tuple:
+        return self._tables
+
+    @property
+    def dense_features(self) -> int | None:
+        return self._dense
+
+    @property
+    def path(self) -> str | None:
+        return self._path
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the manifest (JSON types)."""
+        import copy
+
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def index(self) -> ItemIndex | None:
+        """The item catalogue (two_tower), or None."""
+        return self._index
+
+    @property
+    def user_features(self) -> tuple:
+        """The user tower's features in the order of a table-major pair (two_tower)."""
+        self._need("two_tower", "user_features")
+        return self._user.features
+
+    @property
+    def item_features(self) -> tuple:
+        self._need("two_tower", "item_features")
+        return self._item.features
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tables, MLP weights and (two_tower) the item index."""
+        n = sum(t.nbytes for t in self._tables)
+        if self._kind == "dlrm":
+            return n + _mlp_nbytes(self._bottom) + _mlp_nbytes(self._top)
+        return n + _mlp_nbytes(self._user_mlp) + _mlp_nbytes(self._item_mlp) + self._index.nbytes
+
+    def __repr__(self) -> str:
+        storages = sorted({t.storage for t in self._tables})
+        extra = (f"dense_features={self._dense}" if self._kind == "dlrm"
+                 else f"items={len(self._index)}, dim={self._index.dim}")
+        return (f"Model(kind={self._kind!r}, precision={self._precision!r}, features={len(self._features)}, "
+                f"tables={len(self._tables)} ({'/'.join(storages)}), {extra}, nbytes={self.nbytes}, "
+                f"path={self._path!r})")
+
+    def _need(self, kind: str, method: str) -> None:
+        if self._kind != kind:
+            other = "score()" if self._kind == "dlrm" else "recommend() / user_vectors()"
+            raise TypeError(f"{method} needs a {kind!r} model; this model is {self._kind!r} (use {other})")
+
+    # ---- dlrm ------------------------------------------------------------------------------
+    def score(self, dense, sparse) -> np.ndarray:
+        """Click probabilities of a DLRM: float32 ``(B,)``.
+
+        Args:
+            dense: float32 ``(B, dense_features)``.
+            sparse: ``{feature: (indices, offsets)}`` with every feature of :attr:`features`,
+                each CSR offsets of length ``B + 1``; or one table-major ``(indices, offsets)``
+                pair in :attr:`features` order (offsets of length ``T*B + 1``, TorchRec's
+                KeyedJaggedTensor layout).
+
+        Raises:
+            TypeError: wrong dtype / type, or not a DLRM. ValueError: wrong shape, unknown or
+            missing features, bad offsets. IndexError: an id out of its table's range (names the
+            feature and table).
+        """
+        self._need("dlrm", "score()")
+        x = as_numpy(dense)
+        if x.dtype != np.float32:
+            raise TypeError(f"dense must be float32, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self._dense:
+            raise ValueError(f"dense must have shape (B, {self._dense}), got {x.shape}")
+        B = x.shape[0]
+        emb, _ = self._group.pool(sparse, B)
+        bottom = self._bottom(x)
+        T, D = len(self._features), self._D
+        z = np.empty((B, T + 1, D), dtype=np.float32)
+        z[:, 0, :] = bottom
+        z[:, 1:, :] = emb.reshape(B, T, D)
+        dots = np.matmul(z, z.transpose(0, 2, 1))
+        top_in = np.empty((B, D + self._pairs[0].shape[0]), dtype=np.float32)
+        top_in[:, :D] = bottom
+        top_in[:, D:] = dots[:, self._pairs[0], self._pairs[1]]
+        return np.ascontiguousarray(self._top(top_in).reshape(B))
+
+    # ---- two_tower -------------------------------------------------------------------------
+    def _tower(self, group: _Group, mlp, normalize: bool, sparse) -> np.ndarray:
+        x, _ = group.pool(sparse)
+        x = mlp(x)
+        if normalize:
+            norm = np.linalg.norm(x, axis=1, keepdims=True)
+            x = x / np.maximum(norm, np.float32(1e-12))
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def user_vectors(self, sparse) -> np.ndarray:
+        """The user tower: float32 ``(B, dim)``. ``sparse`` holds the user tower's features
+        (:attr:`user_features`), as a dict or one table-major pair in that order."""
+        self._need("two_tower", "user_vectors()")
+        return self._tower(self._user, self._user_mlp, self._user_norm, sparse)
+
+    def item_vectors(self, sparse) -> np.ndarray:
+        """The item tower on item features (:attr:`item_features`): float32 ``(B, dim)``."""
+        self._need("two_tower", "item_vectors()")
+        return self._tower(self._item, self._item_mlp, self._item_norm, sparse)
+
+    def recommend(self, sparse, k: int = 10, *, exclude=None):
+        """Top-``k`` items per user: ``(scores float32 (B, k), item_ids int64 (B, k))``, best
+        first (see :meth:`fastrec.ItemIndex.search` for ``exclude`` and the padding)."""
+        self._need("two_tower", "recommend()")
+        q = self.user_vectors(sparse)
+        return self._index.search(q, k, exclude=exclude)
+
+    # ---- warm-up ---------------------------------------------------------------------------
+    def warmup(self, *, tables: bool = False) -> None:
+        """Runs one small request through the whole path (first-call costs: page faults on the
+        weights, thread pool start). ``tables=True`` also reads one byte of every page of every
+        table, so the first requests do not wait on the disk."""
+        if tables:
+            for data in self._table_data:
+                flat = data.reshape(-1).view(np.uint8)
+                if flat.size:
+                    int(flat[::4096].sum())
+        if self._kind == "dlrm":
+            sparse = {f: (np.zeros(1, np.int64), np.array([0, 1], np.int64)) for f in self._features}
+            self.score(np.zeros((1, self._dense), np.float32), sparse)
+        else:
+            sparse = {f: (np.zeros(1, np.int64), np.array([0, 1], np.int64)) for f in self._user.features}
+            self.recommend(sparse, k=1)
