@@ -8,6 +8,9 @@ Everything a call needs is built once at load and never changed afterwards, so o
 serve many threads at once. Tables and fp32 weights are views of the memory-mapped safetensors
 file (worker processes share one copy in the page cache); fp16 MLP weights are upcast to
 float32 once at load; int8 MLPs are packed once into :class:`fastrec.Int8MLP`.
+
+``fastrec.load(path, device="cuda")`` puts the model on a GPU at load and runs every call there
+(fastrec/_cuda_model.py): results are device arrays of the model's framework (torch or CuPy).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
+from . import _C, ops
 from ._arrays import as_numpy
 from .index import ItemIndex
 from .io import ModelFormatError, read_model
@@ -28,18 +31,25 @@ from .tables import QuantizedTable
 __all__ = ["Model", "TableInfo", "load"]
 
 
-def load(path, *, num_threads=None) -> "Model":
+def load(path, *, num_threads=None, device="cpu", framework=None) -> "Model":
     """Loads a model directory written by ``fastrec.torch.export`` / :func:`fastrec.io.write_model`.
 
     ``num_threads``: if given, calls :func:`fastrec.set_num_threads` (process-wide).
-    Raises :class:`fastrec.ModelFormatError` for anything wrong with the directory.
+    ``device``: "cpu" (default), "cuda" (the framework's current GPU), "cuda:N" or a
+    ``torch.device``. On a GPU the tables, MLP weights and item index are copied there once,
+    here, and :meth:`Model.score` / :meth:`Model.user_vectors` / :meth:`Model.recommend` run
+    there on the current stream, take device or host arrays, and return device arrays of
+    ``framework``: "torch" (CUDA tensors) or "cupy"; default torch when it sees a GPU, else CuPy.
+    Raises :class:`fastrec.ModelFormatError` for anything wrong with the directory, and
+    RuntimeError when a GPU device is asked for but cannot be used (no CUDA module in this
+    build, no GPU, neither framework).
     """
     if num_threads is not None:
         from ._config import set_num_threads
 
         set_num_threads(num_threads)
     manifest, tensors = read_model(path)
-    return Model(manifest, tensors, path=os.fspath(path), _validated=True)
+    return Model(manifest, tensors, path=os.fspath(path), device=device, framework=framework, _validated=True)
 
 
 @dataclass(frozen=True)
@@ -261,9 +271,16 @@ class Model:
     ``tables`` (:class:`TableInfo` tuple), ``dense_features``, ``nbytes``, ``manifest``, ``path``.
     """
 
-    def __init__(self, manifest: dict, tensors: dict, *, path: str | None = None, _validated: bool = False):
+    def __init__(self, manifest: dict, tensors: dict, *, path: str | None = None, device="cpu", framework=None,
+                 _validated: bool = False):
         """Builds a model from a manifest and its tensors (normally through :func:`load`, which
-        reads them memory-mapped); the manifest is validated unless it came from ``read_model``."""
+        reads them memory-mapped); the manifest is validated unless it came from ``read_model``.
+        ``device`` / ``framework``: as for :func:`load`."""
+        cuda = None
+        if not (isinstance(device, str) and device == "cpu"):
+            from . import _cuda_model
+
+            cuda = _cuda_model.target(device, framework)  # None for a CPU device; raises if CUDA is unusable
         if not _validated:
             from .io import validate_manifest
 
@@ -326,6 +343,7 @@ class Model:
             except (TypeError, ValueError) as exc:
                 raise ModelFormatError(mfile, "$.two_tower.index", "an item catalogue ItemIndex accepts",
                                        str(exc)) from None
+        self._cuda = None if cuda is None else _cuda_model.CudaModel(self, *cuda)
 
     # ---- properties ------------------------------------------------------------------------
     @property
@@ -351,6 +369,16 @@ class Model:
     @property
     def path(self) -> str | None:
         return self._path
+
+    @property
+    def device(self) -> str:
+        """"cpu", or "cuda:N" for a model on a GPU (see :func:`load`)."""
+        return "cpu" if self._cuda is None else self._cuda.device
+
+    @property
+    def framework(self) -> str | None:
+        """The framework of a GPU model's arrays ("torch" | "cupy"); None on the CPU."""
+        return None if self._cuda is None else self._cuda.framework
 
     @property
     def manifest(self) -> dict:
@@ -387,9 +415,10 @@ class Model:
         storages = sorted({t.storage for t in self._tables})
         extra = (f"dense_features={self._dense}" if self._kind == "dlrm"
                  else f"items={len(self._index)}, dim={self._index.dim}")
+        dev = "" if self._cuda is None else f", device={self.device!r}, framework={self.framework!r}"
         return (f"Model(kind={self._kind!r}, precision={self._precision!r}, features={len(self._features)}, "
                 f"tables={len(self._tables)} ({'/'.join(storages)}), {extra}, nbytes={self.nbytes}, "
-                f"path={self._path!r})")
+                f"path={self._path!r}{dev})")
 
     def _need(self, kind: str, method: str) -> None:
         if self._kind != kind:
@@ -407,12 +436,19 @@ class Model:
                 pair in :attr:`features` order (offsets of length ``T*B + 1``, TorchRec's
                 KeyedJaggedTensor layout).
 
+        On a GPU model (:func:`load` with ``device="cuda"``): ``dense`` and the ids / offsets
+        may be device arrays on its GPU (torch or CuPy, zero-copy) or host arrays (copied), and
+        the result is a float32 ``(B,)`` device array of the model's framework, computed on the
+        current stream. Same errors.
+
         Raises:
             TypeError: wrong dtype / type, or not a DLRM. ValueError: wrong shape, unknown or
             missing features, bad offsets. IndexError: an id out of its table's range (names the
             feature and table).
         """
         self._need("dlrm", "score()")
+        if self._cuda is not None:
+            return self._cuda.score(dense, sparse)
         x = as_numpy(dense)
         if x.dtype != np.float32:
             raise TypeError(f"dense must be float32, got {x.dtype}")
@@ -421,14 +457,8 @@ class Model:
         B = x.shape[0]
         emb, _ = self._group.pool(sparse, B)
         bottom = self._bottom(x)
-        T, D = len(self._features), self._D
-        z = np.empty((B, T + 1, D), dtype=np.float32)
-        z[:, 0, :] = bottom
-        z[:, 1:, :] = emb.reshape(B, T, D)
-        dots = np.matmul(z, z.transpose(0, 2, 1))
-        top_in = np.empty((B, D + self._pairs[0].shape[0]), dtype=np.float32)
-        top_in[:, :D] = bottom
-        top_in[:, D:] = dots[:, self._pairs[0], self._pairs[1]]
+        # [bottom, dot(v_i, v_j) for i > j] in one C++ pass (docs/FORMAT.md step 3)
+        top_in = _C.dot_interaction(np.ascontiguousarray(bottom, dtype=np.float32), emb, len(self._features))
         return np.ascontiguousarray(self._top(top_in).reshape(B))
 
     # ---- two_tower -------------------------------------------------------------------------
@@ -442,19 +472,27 @@ class Model:
 
     def user_vectors(self, sparse) -> np.ndarray:
         """The user tower: float32 ``(B, dim)``. ``sparse`` holds the user tower's features
-        (:attr:`user_features`), as a dict or one table-major pair in that order."""
+        (:attr:`user_features`), as a dict or one table-major pair in that order. On a GPU model:
+        a float32 device array of its framework (inputs as for :meth:`score`)."""
         self._need("two_tower", "user_vectors()")
+        if self._cuda is not None:
+            return self._cuda.user_vectors(sparse)
         return self._tower(self._user, self._user_mlp, self._user_norm, sparse)
 
     def item_vectors(self, sparse) -> np.ndarray:
         """The item tower on item features (:attr:`item_features`): float32 ``(B, dim)``."""
         self._need("two_tower", "item_vectors()")
+        if self._cuda is not None:
+            return self._cuda.item_vectors(sparse)
         return self._tower(self._item, self._item_mlp, self._item_norm, sparse)
 
     def recommend(self, sparse, k: int = 10, *, exclude=None):
         """Top-``k`` items per user: ``(scores float32 (B, k), item_ids int64 (B, k))``, best
-        first (see :meth:`fastrec.ItemIndex.search` for ``exclude`` and the padding)."""
+        first (see :meth:`fastrec.ItemIndex.search` for ``exclude`` and the padding). On a GPU
+        model: device arrays of its framework, from the device copy of the index."""
         self._need("two_tower", "recommend()")
+        if self._cuda is not None:
+            return self._cuda.recommend(sparse, k, exclude)
         q = self.user_vectors(sparse)
         return self._index.search(q, k, exclude=exclude)
 

@@ -10,15 +10,19 @@ namespace fastrec {
 namespace {
 
 constexpr KernelTable kScalarTable{Isa::kScalar, &ref::embedding_bag, &ref::gemm_s8, &ref::quantize_rows,
-                                   "scalar reference", &ref::score_float, &ref::select_ge, nullptr};
+                                   "scalar reference", &ref::score_float, &ref::select_ge, nullptr,
+                                   &ref::dot_interaction};
 constexpr KernelTable kAvx2Table{Isa::kAvx2, &avx2::embedding_bag, &avx2::gemm_s8, &ref::quantize_rows,
-                                 "avx2 (vpmaddwd, exact)", &avx2::score_float, &avx2::select_ge, nullptr};
+                                 "avx2 (vpmaddwd, exact)", &avx2::score_float, &avx2::select_ge, nullptr,
+                                 &ref::dot_interaction};
 // AVX-512 without VNNI (Skylake-X) keeps the AVX2 int8 GEMM.
 constexpr KernelTable kAvx512Table{Isa::kAvx512, &avx512::embedding_bag, &avx2::gemm_s8, &ref::quantize_rows,
-                                   "avx2 (vpmaddwd, exact)", &avx512::score_float, &avx512::select_ge, nullptr};
+                                   "avx2 (vpmaddwd, exact)", &avx512::score_float, &avx512::select_ge, nullptr,
+                                   &avx512::dot_interaction};
 constexpr KernelTable kAvx512VnniTable{Isa::kAvx512, &avx512::embedding_bag, &avx512vnni::gemm_s8,
                                        &avx512vnni::quantize_rows, "avx512-vnni (vpdpbusd)",
-                                       &avx512::score_float, &avx512::select_ge, &avx512vnni::topk_s8};
+                                       &avx512::score_float, &avx512::select_ge, &avx512vnni::topk_s8,
+                                       &avx512::dot_interaction};
 
 std::atomic<const KernelTable*> g_table{nullptr};
 

@@ -15,6 +15,7 @@
 #include "fastrec/dispatch.h"
 #include "fastrec/embedding.h"
 #include "fastrec/linear.h"
+#include "fastrec/interaction.h"
 #include "fastrec/topk.h"
 #include "fastrec/parallel.h"
 
@@ -378,6 +379,27 @@ PYBIND11_MODULE(_C, m) {
              return out;
            })
       .def_property_readonly("precision", [](const ItemBlock& b) { return static_cast<int>(b.precision()); });
+  m.def(
+      "dot_interaction",
+      [](py::handle bottom, py::handle emb, int64_t T) {
+        py::array xa = require(bottom, kNpyFloat32, "bottom", "float32", 2);
+        py::array ea = require(emb, kNpyFloat32, "emb", "float32", 2);
+        const int64_t B = xa.shape(0), D = xa.shape(1);
+        if (T < 0 || ea.shape(0) != B || ea.shape(1) != T * D) {
+          throw py::value_error("emb must be (B, T * D) for bottom (B, D)");
+        }
+        F32Array out({B, D + (T + 1) * T / 2});
+        const float* xp = static_cast<const float*>(xa.data());
+        const float* ep = static_cast<const float*>(ea.data());
+        float* op = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          dot_interaction(xp, ep, B, T, D, op);
+        }
+        return out;
+      },
+      py::arg("bottom"), py::arg("emb"), py::arg("T"),
+      "DLRM dot interaction: [bottom, dot(v_i, v_j) for i > j] per sample (v_0 = bottom, v_t = emb table t-1).");
   m.def("topk_search", &topk_search_py, py::arg("blocks"), py::arg("ids"), py::arg("removed"), py::arg("queries"),
         py::arg("k"), py::arg("candidates"), py::arg("rerank"), py::arg("exclude_ids") = py::none(),
         py::arg("exclude_offsets") = py::none());

@@ -2,6 +2,7 @@
 #pragma once
 #include "fastrec/cpu_features.h"
 #include "fastrec/gemm.h"
+#include "fastrec/interaction.h"
 #include "fastrec/tensor.h"
 #include "fastrec/topk.h"
 
@@ -14,6 +15,7 @@ using ScoreFloatFn = void (*)(const FloatScoreJob& job);
 // Positions i in [0, n) with s[i] >= thr, in order, written to pos; returns their count.
 using SelectGeFn = int64_t (*)(const float* s, int64_t n, float thr, int32_t* pos);
 using TopkS8Fn = int64_t (*)(const Int8TopkJob& job);
+using InteractionFn = void (*)(const InteractionJob& job);
 
 struct KernelTable {
   Isa isa;
@@ -24,10 +26,12 @@ struct KernelTable {
   ScoreFloatFn score_float;  // fp32/fp16 item panels x fp32 queries (top-k scoring)
   SelectGeFn select_ge;      // the threshold check of the top-k selection
   TopkS8Fn topk_s8;          // fused int8 scoring + threshold check, or null (GEMM + select_ge)
+  InteractionFn dot_interaction;  // DLRM's pairwise dot interaction
 };
 
 // Per-ISA entry points, each defined in its own translation unit with its own flags.
 namespace ref {
+void dot_interaction(const InteractionJob& job);
 void score_float(const FloatScoreJob& job);
 int64_t select_ge(const float* s, int64_t n, float thr, int32_t* pos);
 void embedding_bag(const BagJob& job, BagError* err);
@@ -41,6 +45,7 @@ void embedding_bag(const BagJob& job, BagError* err);
 void gemm_s8(const GemmJob& job);
 }  // namespace avx2
 namespace avx512 {
+void dot_interaction(const InteractionJob& job);
 void score_float(const FloatScoreJob& job);
 int64_t select_ge(const float* s, int64_t n, float thr, int32_t* pos);
 void embedding_bag(const BagJob& job, BagError* err);
