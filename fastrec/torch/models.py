@@ -404,6 +404,8 @@ class DLRM(_SparseInput, nn.Module):
         if dense.dim() != 2 or dense.shape[1] != self.num_dense:
             raise ValueError(f"dense must have shape (B, {self.num_dense}), got {tuple(dense.shape)}")
         weight = self.dense_arch.model.linears()[0].weight
+        if callable(weight):  # torch.ao dynamic quantization turns Linear.weight into a method
+            weight = next(self.sparse_arch.parameters())
         dense = dense.to(device=weight.device, dtype=weight.dtype)
         B, parts = self._split(indices, offsets, self.feature_names, dense.shape[0])
         x = self.dense_arch(dense)
