@@ -1,0 +1,459 @@
+"""fastrec.Featurizer: every transform against a plain-Python reference, the table-major CSR
+layout, multi-valued inputs, spec round trips and bad specs, fit, Numba vs NumPy (identical),
+and transform from several threads."""
+
+import copy
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from fastrec.featurizer import Featurizer, FeaturizerSpecError
+from fastrec.kernels import featurize as fk
+from fastrec.kernels import hashing
+
+BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    not fk.numba_available(), reason="numba not installed"))]
+
+SPEC = {
+    "version": 1,
+    "dense": [
+        {"name": "I1", "kind": "log1p"},
+        {"name": "I2", "kind": "log1p", "fill": 3.0},
+        {"name": "age_z", "source": "age", "kind": "standardize", "mean": 30.0, "std": 8.0},
+        {"name": "price", "kind": "identity", "fill": -1.0},
+    ],
+    "sparse": [
+        {"name": "C1", "kind": "hash", "num_rows": 97, "salt": "C1"},
+        {"name": "city", "kind": "hash", "num_rows": 1000, "salt": 12345},
+        {"name": "movie_id", "kind": "lookup", "vocab": [50, 7, -3, 2**62], "oov_row": 4},
+        {"name": "gender", "kind": "lookup", "vocab": ["M", "F"], "num_rows": 3},
+        {"name": "tags", "kind": "hash", "multi": True, "num_rows": 31},
+        {"name": "genres", "kind": "lookup", "multi": True, "vocab": ["Drama", "Comedy", "Noir"]},
+        {"name": "age_bucket", "source": "age", "kind": "bucketize", "boundaries": [18, 25.5, 40]},
+    ],
+}
+
+
+def make_records(rng, n):
+    """Per-record dicts with missing values of every kind."""
+    cities = ["Zürich", "Paris", "", "東京", "Lagos"]
+    genres = ["Drama", "Comedy", "Noir", "Western"]
+    out = []
+    for i in range(n):
+        r = {
+            "I1": [None, np.nan, -2.0, 0.0, 1.0, 1e9, math.inf, float(rng.integers(0, 1000))][i % 8],
+            "I2": float(rng.integers(-1, 50)) if i % 3 else None,
+            "age": [None, 17, 18, 25.5, 39.9, 40, 70, -math.inf][i % 8],
+            "price": float(rng.normal()) if i % 4 else math.nan,
+            "C1": int(rng.integers(-(2**63), 2**63 - 1)),
+            "city": cities[i % 5],
+            "movie_id": [50, 7, -3, 2**62, 8, 2**64 - 1][i % 6],
+            "gender": ["M", "F", "X"][i % 3],
+            "tags": [int(t) for t in rng.integers(0, 10**6, i % 4)],
+            "genres": [genres[k] for k in rng.integers(0, 4, i % 3)],
+        }
+        if i % 5 == 0:
+            del r["C1"]  # an absent key: an empty bag
+        if i % 7 == 0:
+            r["genres"] = None
+        out.append(r)
+    return out
+
+
+def to_columns(records, spec):
+    srcs = {f.get("source", f["name"]) for f in spec["dense"] + spec["sparse"]}
+    return {s: [r.get(s) for r in records] for s in srcs}
+
+
+# ---- the plain-Python reference ----------------------------------------------------------------
+
+
+def ref_dense(f, v):
+    missing = v is None or not math.isfinite(v)
+    v = f.get("fill", f.get("mean", 0.0)) if missing else float(v)
+    if f["kind"] == "log1p":
+        v = math.log1p(max(v, 0.0))
+    elif f["kind"] == "standardize":
+        v = (v - f["mean"]) / f["std"]
+    return np.float32(v)
+
+
+def ref_row(f, v):
+    if f["kind"] == "hash":
+        salt = f.get("salt", f["name"])
+        if isinstance(v, str):
+            return int(hashing.hash_strings_ref([v], f["num_rows"], salt)[0])
+        return int(hashing.hash_ids_ref(np.array([v % 2**64], dtype=np.uint64), f["num_rows"], salt)[0])
+    if f["kind"] == "lookup":
+        vocab = f["vocab"]
+        return vocab.index(v) if v in vocab else f.get("oov_row", len(vocab))
+    if v is None or not math.isfinite(v):
+        return len(f["boundaries"]) + 1
+    return sum(1 for b in f["boundaries"] if b <= v)
+
+
+def ref_transform(spec, records):
+    dense = np.array([[ref_dense(f, r.get(f.get("source", f["name"]))) for f in spec["dense"]]
+                      for r in records], dtype=np.float32).reshape(len(records), len(spec["dense"]))
+    indices, offsets = [], [0]
+    for f in spec["sparse"]:
+        for r in records:
+            v = r.get(f.get("source", f["name"]))
+            if f["kind"] == "bucketize":
+                bag = [v]
+            elif v is None:
+                bag = []
+            else:
+                bag = list(v) if f.get("multi") else [v]
+            indices += [ref_row(f, x) for x in bag]
+            offsets.append(len(indices))
+    return dense, np.array(indices, dtype=np.int64), np.array(offsets, dtype=np.int64)
+
+
+def check_same(got, want):
+    dense, (idx, off) = got
+    assert dense.dtype == np.float32 and idx.dtype == np.int64 and off.dtype == np.int64
+    np.testing.assert_array_equal(dense, want[0])
+    np.testing.assert_array_equal(idx, want[1])
+    np.testing.assert_array_equal(off, want[2])
+
+
+# ---- transforms --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 3, 97])
+def test_transform_matches_reference(backend, n):
+    fz = Featurizer.from_spec(SPEC, backend=backend)
+    records = make_records(np.random.default_rng(n), n)
+    want = ref_transform(SPEC, records)
+    check_same(fz.transform(records), want)  # per-record dicts
+    check_same(fz.transform(to_columns(records, SPEC)), want)  # dict of lists
+    assert fz.transform(records)[1][1].shape == (len(SPEC["sparse"]) * n + 1,)
+
+
+def test_csr_layout_table_major():
+    fz = Featurizer.from_spec({"version": 1, "sparse": [
+        {"name": "a", "kind": "lookup", "vocab": [10, 20, 30]},
+        {"name": "b", "kind": "lookup", "multi": True, "vocab": ["x", "y"]},
+    ]})
+    dense, (idx, off) = fz.transform({"a": np.array([30, 10, 99]), "b": [["y", "x"], [], ["x", "z", "y"]]})
+    assert dense.shape == (3, 0) and dense.dtype == np.float32
+    # all bags of a (rows 2, 0, oov 3), then all bags of b
+    np.testing.assert_array_equal(idx, [2, 0, 3, 1, 0, 0, 2, 1])
+    np.testing.assert_array_equal(off, [0, 1, 2, 3, 5, 5, 8])
+    assert fz.num_rows == {"a": 4, "b": 3} and fz.sparse_names == ("a", "b")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_columns(backend):
+    """NumPy columns of any int dtype: ids compare by value (int32 7 == int64 7 == uint64 7)."""
+    spec = {"version": 1, "dense": [{"name": "x", "kind": "log1p"}],
+            "sparse": [{"name": "c", "kind": "hash", "num_rows": 1000},
+                       {"name": "m", "kind": "lookup", "vocab": [7, -1, 5]}]}
+    fz = Featurizer.from_spec(spec, backend=backend)
+    ids = np.array([7, 0, 5, 123456, 2**31 - 1])
+    want = fz.transform({"x": [1, 2, 3, 4, 5], "c": ids.tolist(), "m": ids.tolist()})
+    for dt in (np.int32, np.int64, np.uint32, np.uint64):
+        got = fz.transform({"x": np.arange(1, 6, dtype=dt), "c": ids.astype(dt), "m": ids.astype(dt)})
+        check_same(got, (want[0], *want[1]))
+    # uint64 beyond int64 and Python ints beyond int64 hash mod 2**64 and are out of an int vocab
+    big = [2**64 - 1, 2**63]
+    got = fz.transform({"x": [0, 0], "c": np.array(big, dtype=np.uint64), "m": np.array(big, dtype=np.uint64)})
+    got2 = fz.transform({"x": [0, 0], "c": big, "m": big})
+    got3 = fz.transform({"x": [0, 0], "c": [-1, -(2**63)], "m": [-1, -(2**63)]})
+    np.testing.assert_array_equal(got[1][0], got2[1][0])
+    np.testing.assert_array_equal(got[1][0][:2], got3[1][0][:2])  # same bits mod 2**64
+    np.testing.assert_array_equal(got[1][0][2:], [3, 3])
+    np.testing.assert_array_equal(got3[1][0][2:], [1, 3])
+
+
+def test_multi_valued_input_forms():
+    spec = {"version": 1, "sparse": [{"name": "t", "kind": "hash", "multi": True, "num_rows": 50},
+                                     {"name": "g", "kind": "lookup", "multi": True, "vocab": [1, 2, 3]}]}
+    fz = Featurizer.from_spec(spec)
+    bags = [[1, 2], [3, 3, 4], [2, 1]]
+    want = fz.transform({"t": bags, "g": bags})
+    vals = np.array([1, 2, 3, 3, 4, 2, 1])
+    offs = np.array([0, 2, 5, 7])
+    obj = np.empty(3, dtype=object)
+    obj[:] = [np.array(b) for b in bags]
+    for col in ((vals, offs), obj, [tuple(b) for b in bags]):
+        got = fz.transform({"t": col, "g": col})
+        np.testing.assert_array_equal(got[1][0], want[1][0])
+        np.testing.assert_array_equal(got[1][1], want[1][1])
+    fixed = np.array([[1, 2], [3, 4], [2, 2]])
+    got = fz.transform({"t": fixed, "g": fixed})
+    want = fz.transform({"t": fixed.tolist(), "g": fixed.tolist()})
+    np.testing.assert_array_equal(got[1][0], want[1][0])
+    np.testing.assert_array_equal(got[1][1], [0, 2, 4, 6, 8, 10, 12])
+    # a bare value in a multi-valued column is a bag of one; None an empty bag
+    got = fz.transform({"t": [5, None, [5]], "g": [1, None, [1]]})
+    np.testing.assert_array_equal(got[1][1], [0, 1, 1, 2, 3, 3, 4])
+
+
+# ---- spec --------------------------------------------------------------------------------------
+
+
+def test_spec_round_trip_through_json():
+    fz = Featurizer.from_spec(SPEC)
+    spec = fz.to_spec()
+    text = json.dumps(spec)
+    fz2 = Featurizer.from_spec(json.loads(text))
+    assert fz2 == fz and fz2.to_spec() == spec and Featurizer.from_json(fz.to_json()) == fz
+    # defaults are written out
+    assert spec["sparse"][0]["salt"] == "C1" and spec["sparse"][2]["num_rows"] == 5
+    assert spec["sparse"][6] == {"name": "age_bucket", "source": "age", "kind": "bucketize",
+                                 "boundaries": [18.0, 25.5, 40.0], "num_rows": 5}
+    assert spec["dense"][2]["fill"] == 30.0
+    records = make_records(np.random.default_rng(0), 40)
+    check_same(fz2.transform(records), ref_transform(SPEC, records))
+    assert fz.dense_names == ("I1", "I2", "age_z", "price") and fz.num_dense == 4
+    assert set(fz.sources) == {"I1", "I2", "age", "price", "C1", "city", "movie_id", "gender",
+                               "tags", "genres"}
+
+
+def _set(path, value):
+    def mutate(spec):
+        node = spec
+        for k in path[:-1]:
+            node = node[k]
+        if value is KeyError:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return mutate
+
+
+BAD_SPECS = [
+    (_set(["version"], 2), "$.version"),
+    (_set(["version"], "1"), "$.version"),
+    (_set(["version"], KeyError), "$.version"),
+    (_set(["extra"], 1), "$.extra"),
+    (_set(["dense"], {}), "$.dense"),
+    (_set(["dense", 0], "I1"), "$.dense[0]"),
+    (_set(["dense", 0, "kind"], "log"), "$.dense[0].kind"),
+    (_set(["dense", 0, "name"], ""), "$.dense[0].name"),
+    (_set(["dense", 0, "name"], 3), "$.dense[0].name"),
+    (_set(["dense", 0, "fill"], math.nan), "$.dense[0].fill"),
+    (_set(["dense", 0, "fill"], "0"), "$.dense[0].fill"),
+    (_set(["dense", 0, "fill"], True), "$.dense[0].fill"),
+    (_set(["dense", 0, "mean"], 1.0), "$.dense[0].mean"),
+    (_set(["dense", 2, "std"], 0.0), "$.dense[2].std"),
+    (_set(["dense", 2, "std"], KeyError), "$.dense[2].std"),
+    (_set(["dense", 1, "name"], "I1"), "$.dense[1].name"),
+    (_set(["sparse", 0, "name"], "I1"), "$.sparse[0].name"),
+    (_set(["sparse", 0, "source"], 5), "$.sparse[0].source"),
+    (_set(["sparse", 0, "num_rows"], 0), "$.sparse[0].num_rows"),
+    (_set(["sparse", 0, "num_rows"], 2**63), "$.sparse[0].num_rows"),
+    (_set(["sparse", 0, "num_rows"], 9.0), "$.sparse[0].num_rows"),
+    (_set(["sparse", 0, "num_rows"], KeyError), "$.sparse[0].num_rows"),
+    (_set(["sparse", 0, "salt"], 1.5), "$.sparse[0].salt"),
+    (_set(["sparse", 0, "salt"], 2**64), "$.sparse[0].salt"),
+    (_set(["sparse", 0, "multi"], "yes"), "$.sparse[0].multi"),
+    (_set(["sparse", 0, "vocab"], [1]), "$.sparse[0].vocab"),
+    (_set(["sparse", 2, "vocab"], []), "$.sparse[2].vocab"),
+    (_set(["sparse", 2, "vocab"], [1, 2, 1]), "$.sparse[2].vocab[2]"),
+    (_set(["sparse", 2, "vocab"], [1, "a"]), "$.sparse[2].vocab[1]"),
+    (_set(["sparse", 2, "vocab"], ["a", 1]), "$.sparse[2].vocab[1]"),
+    (_set(["sparse", 2, "vocab"], [1, 2.0]), "$.sparse[2].vocab[1]"),
+    (_set(["sparse", 2, "vocab"], [2**63]), "$.sparse[2].vocab[0]"),
+    (_set(["sparse", 2, "oov_row"], -1), "$.sparse[2].oov_row"),
+    (_set(["sparse", 3, "num_rows"], 1), "$.sparse[3].num_rows"),
+    (_set(["sparse", 6, "boundaries"], [1, 1]), "$.sparse[6].boundaries[1]"),
+    (_set(["sparse", 6, "boundaries"], [2, 1]), "$.sparse[6].boundaries[1]"),
+    (_set(["sparse", 6, "boundaries"], [1, math.inf]), "$.sparse[6].boundaries[1]"),
+    (_set(["sparse", 6, "boundaries"], []), "$.sparse[6].boundaries"),
+    (_set(["sparse", 6, "num_rows"], 4), "$.sparse[6].num_rows"),
+    (_set(["sparse", 6, "multi"], True), "$.sparse[6].multi"),
+    (_set(["sparse", 6, "kind"], None), "$.sparse[6].kind"),
+]
+
+
+@pytest.mark.parametrize("mutate,where", BAD_SPECS, ids=[w + f"#{i}" for i, (_, w) in enumerate(BAD_SPECS)])
+def test_bad_specs(mutate, where):
+    spec = copy.deepcopy(SPEC)
+    mutate(spec)
+    with pytest.raises(FeaturizerSpecError) as e:
+        Featurizer.from_spec(spec)
+    msg = str(e.value)
+    assert where in msg, msg
+    assert isinstance(e.value, ValueError)
+    assert where.replace("$", "$.featurizer", 1) in str(
+        pytest.raises(ValueError, Featurizer.from_spec, spec, path="$.featurizer").value)
+
+
+@pytest.mark.parametrize("bad", [None, [], "{}", 1])
+def test_spec_not_an_object(bad):
+    with pytest.raises(FeaturizerSpecError, match=r"\$"):
+        Featurizer.from_spec(bad)
+    with pytest.raises(FeaturizerSpecError, match="JSON"):
+        Featurizer.from_json("{not json")
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        Featurizer.from_spec(SPEC, backend="cuda")
+
+
+# ---- transform errors --------------------------------------------------------------------------
+
+
+def test_transform_errors():
+    fz = Featurizer.from_spec({"version": 1, "dense": [{"name": "x", "kind": "log1p"}],
+                               "sparse": [{"name": "c", "kind": "hash", "num_rows": 10},
+                                          {"name": "v", "kind": "lookup", "vocab": [1, 2], "oov_row": None},
+                                          {"name": "m", "kind": "lookup", "multi": True, "vocab": ["a"]}]})
+    ok = {"x": [1.0, 2.0], "c": [1, 2], "v": [1, 2], "m": [["a"], []]}
+    fz.transform(ok)
+
+    def bad(**kw):
+        return {**ok, **kw}
+
+    with pytest.raises(ValueError, match="no column 'c'"):
+        fz.transform({k: v for k, v in ok.items() if k != "c"})
+    with pytest.raises(ValueError, match="'c' has 3 records"):
+        fz.transform(bad(c=[1, 2, 3]))
+    with pytest.raises(TypeError, match="'c'"):
+        fz.transform(bad(c=np.array([1.0, 2.0])))
+    with pytest.raises(TypeError, match="'c'"):
+        fz.transform(bad(c=[1, 2.5]))
+    with pytest.raises(TypeError, match="'c'"):
+        fz.transform(bad(c=[1, "a"]))
+    with pytest.raises(TypeError, match="'c'"):
+        fz.transform(bad(c=[True, False]))
+    with pytest.raises(ValueError, match="multi"):
+        fz.transform(bad(c=[[1], [2]]))
+    with pytest.raises(ValueError, match="multi"):
+        fz.transform(bad(c=np.array([[1], [2]])))
+    with pytest.raises(TypeError, match="'x'"):
+        fz.transform(bad(x=["1", "2"]))
+    with pytest.raises(TypeError, match="'v'.*integers"):
+        fz.transform(bad(v=["1", "2"]))
+    with pytest.raises(ValueError, match="'v'.*3.*not in the vocabulary"):
+        fz.transform(bad(v=[1, 3]))
+    with pytest.raises(TypeError, match="'m'.*strings"):
+        fz.transform(bad(m=[[1], []]))
+    with pytest.raises(ValueError, match="offsets"):
+        fz.transform(bad(m=(np.array(["a"]), np.array([0, 2, 1]))))
+    with pytest.raises(ValueError, match="offsets"):
+        fz.transform(bad(m=(np.array(["a"]), np.array([0, 1, 2]))))
+    with pytest.raises(TypeError, match="records"):
+        fz.transform("x")
+    with pytest.raises(TypeError, match=r"records\[1\]"):
+        fz.transform([{"x": 1, "c": 1, "v": 1, "m": []}, 5])
+
+
+def test_empty_batch_and_no_features():
+    fz = Featurizer.from_spec(SPEC)
+    dense, (idx, off) = fz.transform([])
+    assert dense.shape == (0, 4) and idx.shape == (0,) and off.tolist() == [0]
+    dense, (idx, off) = Featurizer().transform({"a": [1, 2, 3]})
+    assert dense.shape == (3, 0) and idx.shape == (0,) and off.tolist() == [0]
+
+
+# ---- fit ---------------------------------------------------------------------------------------
+
+
+def test_fit():
+    rng = np.random.default_rng(5)
+    n = 2000
+    cols = {
+        "movie": rng.zipf(1.5, n) % 50,
+        "genre": [["a", "b", "c"][: i % 4] for i in range(n)],
+        "age": rng.normal(35, 10, n),
+        "count": rng.poisson(3, n).astype(float),
+        "city": rng.integers(0, 10**9, n),
+    }
+    cols["age"][::10] = np.nan
+    fz = Featurizer.fit(
+        cols,
+        dense={"age": "standardize", "count": "log1p"},
+        sparse={"movie": {"kind": "lookup", "min_count": 2, "max_vocab": 20},
+                "genre": {"kind": "lookup", "multi": True},
+                "age_b": {"kind": "bucketize", "source": "age", "num_buckets": 4},
+                "city": {"kind": "hash", "num_rows": 100}})
+    spec = fz.to_spec()
+    age = cols["age"][np.isfinite(cols["age"])]
+    assert spec["dense"][0]["mean"] == pytest.approx(age.mean())
+    assert spec["dense"][0]["std"] == pytest.approx(age.std())
+    vals, counts = np.unique(cols["movie"], return_counts=True)
+    order = sorted(zip(-counts, vals))
+    want = [int(v) for c, v in order if -c >= 2][:20]
+    assert spec["sparse"][0]["vocab"] == want and spec["sparse"][0]["oov_row"] == len(want)
+    assert spec["sparse"][1]["vocab"] == ["a", "b", "c"]  # most frequent first
+    np.testing.assert_allclose(spec["sparse"][2]["boundaries"], np.quantile(age, [0.25, 0.5, 0.75]))
+    assert spec["sparse"][3] == {"name": "city", "kind": "hash", "salt": "city", "num_rows": 100}
+    dense, (idx, off) = fz.transform(cols)
+    assert abs(dense[:, 0][np.isfinite(cols["age"])].mean()) < 1e-4
+    assert (dense[::10, 0] == 0).all()  # missing -> fill = mean -> 0
+    b = idx[off[2 * n]:off[3 * n]]  # age buckets: about a quarter each, missing -> row 4
+    counts = np.bincount(b, minlength=5)
+    assert counts[4] == n // 10 and counts.shape == (5,) and fz.num_rows["age_b"] == 5
+    assert (np.abs(counts[:4] - 0.9 * n / 4) <= 2).all()
+    assert Featurizer.from_json(fz.to_json()) == fz
+    with pytest.raises(ValueError, match=r"num_rows"):
+        Featurizer.fit(cols, sparse={"city": "hash"})
+    with pytest.raises(ValueError, match="no column"):
+        Featurizer.fit(cols, dense={"nope": "standardize"})
+
+
+# ---- backends ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not fk.numba_available(), reason="numba not installed")
+def test_numba_and_numpy_identical():
+    rng = np.random.default_rng(11)
+    n = 20000
+    x = rng.standard_cauchy((n, 5)) * 100
+    x[rng.random((n, 5)) < 0.1] = np.nan
+    x[rng.random((n, 5)) < 0.01] = np.inf
+    x[rng.random((n, 5)) < 0.01] = -np.inf
+    x[:50, 1] = -0.0
+    ops = np.array([0, 1, 2, 1, 2])
+    fill = np.array([0.0, 0.5, 3.0, -1.0, 0.0])
+    mean = np.array([0.0, 0.0, 2.5, 0.0, -7.0])
+    std = np.array([1.0, 1.0, 0.3, 1.0, 11.0])
+    a = fk.dense_transform(x, ops, fill, mean, std, backend="numba")
+    b = fk.dense_transform(x, ops, fill, mean, std, backend="numpy")
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))  # bit for bit
+    vocab = np.unique(rng.integers(-(10**6), 10**6, 5000))
+    keys = vocab.copy()
+    rows = rng.permutation(len(keys)).astype(np.int64)
+    ids = np.concatenate([rng.choice(vocab, n), rng.integers(-(2**63), 2**63 - 1, 100)])
+    np.testing.assert_array_equal(fk.lookup(ids, keys, rows, -7, backend="numba"),
+                                  fk.lookup(ids, keys, rows, -7, backend="numpy"))
+    np.testing.assert_array_equal(fk.lookup(ids, keys[:0], rows[:0], 3, backend="numba"),
+                                  fk.lookup(ids, keys[:0], rows[:0], 3, backend="numpy"))
+    bounds = np.unique(rng.normal(0, 100, 33))
+    v = np.concatenate([x[:, 0], bounds, [np.nan, np.inf, -np.inf]])
+    np.testing.assert_array_equal(fk.bucketize(v, bounds, 99, backend="numba"),
+                                  fk.bucketize(v, bounds, 99, backend="numpy"))
+    records = make_records(rng, 300)
+    check_same(Featurizer.from_spec(SPEC, backend="numba").transform(records),
+               (lambda d, i: (d, *i))(*Featurizer.from_spec(SPEC, backend="numpy").transform(records)))
+
+
+def test_without_numba(monkeypatch):
+    """auto falls back to NumPy when Numba is absent; asking for numba then is an ImportError."""
+    monkeypatch.setattr(fk, "_numba", lambda name: None)
+    monkeypatch.setattr(hashing, "_numba", lambda name: None)
+    records = make_records(np.random.default_rng(2), 30)
+    check_same(Featurizer.from_spec(SPEC).transform(records), ref_transform(SPEC, records))
+    with pytest.raises(ImportError, match="numba"):
+        Featurizer.from_spec(SPEC, backend="numba")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transform_from_threads(backend):
+    fz = Featurizer.from_spec(SPEC, backend=backend)
+    batches = [make_records(np.random.default_rng(100 + i), 64 + i) for i in range(16)]
+    want = [ref_transform(SPEC, b) for b in batches]
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(3):
+            got = list(ex.map(fz.transform, batches))
+            for g, w in zip(got, want):
+                check_same(g, w)
