@@ -20,15 +20,19 @@ from .linear import Int8Linear, Int8MLP
 from .index import ItemIndex
 from .io import ModelFormatError
 from .model import Model, load
-from . import ops, testing
+from .featurizer import Featurizer, FeaturizerSpecError
+from . import datasets, ops, testing
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Featurizer",
+    "FeaturizerSpecError",
     "Int8Linear",
     "Int8MLP",
     "ItemIndex",
     "Model",
+    "datasets",
     "ModelFormatError",
     "QuantizedTable",
     "get_num_threads",
