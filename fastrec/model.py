@@ -155,6 +155,11 @@ def _int_1d(x, what: str) -> np.ndarray:
     return x
 
 
+def _host_ids(x, what: str):
+    a = _int_1d(x, what)
+    return a, a.shape[0]
+
+
 _KERNEL_INDEX_ERROR = re.compile(r"index (-?\d+) at position (\d+) \(table (\d+), bag (\d+)\) is out of range \[0, (\d+)\)")
 
 
@@ -181,9 +186,12 @@ class _Group:
             self.columns = np.concatenate([np.arange(starts[self.position[f]], starts[self.position[f] + 1])
                                            for f in tower_order])
 
-    def pack(self, sparse, B: int | None):
-        """(indices, offsets, B, starts): one table-major CSR pair for this group; ``starts`` gives,
-        for dict input, where each feature's ids begin in ``indices`` (for error messages)."""
+    def split(self, sparse, B: int | None, ids=None):
+        """The checks of a request that read no id: ``(pair, parts, B)``, where ``pair`` is the
+        table-major ``(indices, offsets)`` (None for a dict) and ``parts`` a dict's
+        ``[(indices, offsets, number of ids)]`` in this group's order (None for a pair).
+        ``ids(x, what) -> (array, length)`` checks one array (default: host int32/int64 1-D)."""
+        ids = ids or _host_ids
         T = len(self.features)
         if isinstance(sparse, dict):
             unknown = [k for k in sparse if k not in self.position]
@@ -192,46 +200,57 @@ class _Group:
             missing = [f for f in self.features if f not in sparse]
             if missing:
                 raise ValueError(f"missing sparse feature(s) {missing}; this call takes {list(self.features)}")
-            idx_parts, off_parts, starts = [], [], []
-            base = 0
+            parts = []
             for f in self.features:
                 pair = sparse[f]
                 if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                     raise TypeError(f"sparse[{f!r}] must be a pair (indices, offsets)")
-                ind = _int_1d(pair[0], f"sparse[{f!r}] indices")
-                off = _int_1d(pair[1], f"sparse[{f!r}] offsets")
-                nb = off.shape[0] - 1
+                ind, n = ids(pair[0], f"sparse[{f!r}] indices")
+                off, nb = ids(pair[1], f"sparse[{f!r}] offsets")
+                nb -= 1
                 if nb < 0:
                     raise ValueError(f"sparse[{f!r}] offsets must have length B + 1 >= 1, got an empty array")
                 if B is None:
                     B = nb
                 elif nb != B:
                     raise ValueError(f"sparse[{f!r}] has {nb} bags, expected {B} (the batch size)")
-                if off[0] != 0 or off[nb] != ind.shape[0]:
-                    raise ValueError(_offsets_message(f, ind))
-                # non-decreasing: checked by the kernel on the combined offsets (see pool)
-                starts.append(base)
-                idx_parts.append(ind)
-                off_parts.append(off[:-1])
-                base += ind.shape[0]
-            indices = np.concatenate(idx_parts).astype(np.int64, copy=False) if T > 1 else idx_parts[0]
-            off_parts.append(np.array([base], dtype=np.int64))
-            offsets = np.concatenate(off_parts).astype(np.int64, copy=False)
-            if T > 1 and B:
-                offsets[:-1] += np.repeat(np.array(starts, dtype=np.int64), B)
-            return indices, offsets, B, starts
+                parts.append((ind, off, n))
+            return None, parts, B
         if isinstance(sparse, (tuple, list)) and len(sparse) == 2:
-            indices = _int_1d(sparse[0], "sparse indices")
-            offsets = _int_1d(sparse[1], "sparse offsets")
-            n = offsets.shape[0] - 1
-            if n < 0 or n % T:
+            indices, _ = ids(sparse[0], "sparse indices")
+            offsets, n = ids(sparse[1], "sparse offsets")
+            if n < 1 or (n - 1) % T:
                 raise ValueError(f"sparse offsets must have length T*B + 1 with T={T} features "
-                                 f"{list(self.features)}, got length {offsets.shape[0]}")
-            if B is not None and n // T != B:
-                raise ValueError(f"sparse offsets hold {n // T} bags per feature, expected {B} (the batch size)")
-            return indices, offsets, n // T, None
+                                 f"{list(self.features)}, got length {n}")
+            if B is not None and (n - 1) // T != B:
+                raise ValueError(f"sparse offsets hold {(n - 1) // T} bags per feature, expected {B} (the batch size)")
+            return (indices, offsets), None, (n - 1) // T
         raise TypeError("sparse must be a dict {feature: (indices, offsets)} or one table-major pair "
                         f"(indices, offsets), got {type(sparse).__name__}")
+
+    def pack(self, sparse, B: int | None):
+        """(indices, offsets, B, starts): one table-major CSR pair for this group; ``starts`` gives,
+        for dict input, where each feature's ids begin in ``indices`` (for error messages)."""
+        pair, parts, B = self.split(sparse, B)
+        if pair is not None:
+            return pair[0], pair[1], B, None
+        T = len(self.features)
+        idx_parts, off_parts, starts = [], [], []
+        base = 0
+        for f, (ind, off, n) in zip(self.features, parts):
+            if off[0] != 0 or off[B] != n:
+                raise ValueError(_offsets_message(f, ind))
+            # non-decreasing: checked by the kernel on the combined offsets (see pool)
+            starts.append(base)
+            idx_parts.append(ind)
+            off_parts.append(off[:-1])
+            base += n
+        indices = np.concatenate(idx_parts).astype(np.int64, copy=False) if T > 1 else idx_parts[0]
+        off_parts.append(np.array([base], dtype=np.int64))
+        offsets = np.concatenate(off_parts).astype(np.int64, copy=False)
+        if T > 1 and B:
+            offsets[:-1] += np.repeat(np.array(starts, dtype=np.int64), B)
+        return indices, offsets, B, starts
 
     def pool(self, sparse, B: int | None = None):
         """(pooled float32 (B, width) in this group's concat order, B)."""
@@ -268,7 +287,8 @@ class Model:
 
     Properties: ``kind`` ("dlrm" | "two_tower"), ``precision`` (MLP precision), ``features``
     (sparse feature names, the table-major order of a single ``(indices, offsets)`` pair),
-    ``tables`` (:class:`TableInfo` tuple), ``dense_features``, ``nbytes``, ``manifest``, ``path``.
+    ``tables`` (:class:`TableInfo` tuple), ``dense_features``, ``nbytes``, ``manifest``, ``path``,
+    ``device`` ("cpu" | "cuda:N") and ``framework`` (None | "torch" | "cupy").
     """
 
     def __init__(self, manifest: dict, tensors: dict, *, path: str | None = None, device="cpu", framework=None,
@@ -277,7 +297,7 @@ class Model:
         reads them memory-mapped); the manifest is validated unless it came from ``read_model``.
         ``device`` / ``framework``: as for :func:`load`."""
         cuda = None
-        if not (isinstance(device, str) and device == "cpu"):
+        if not (isinstance(device, str) and device == "cpu" and framework is None):
             from . import _cuda_model
 
             cuda = _cuda_model.target(device, framework)  # None for a CPU device; raises if CUDA is unusable

@@ -1,0 +1,467 @@
+"""The GPU runtime behind ``fastrec.load(path, device="cuda")`` (fastrec/model.py keeps the CPU one).
+
+    model = fastrec.load("ctr_model/", device="cuda")          # or "cuda:1", torch.device("cuda", 1)
+    p = model.score(dense, {"C1": (ids, offsets), ...})        # a torch CUDA tensor (B,)
+
+At load, once: every table goes to the GPU (fp32 / fp16 rows as device arrays of that dtype,
+q8 / q4 through :meth:`fastrec.QuantizedTable.to_device`; a table shared by several features is
+uploaded once), int8 MLPs upload their weights through Int8MLP's per-device cache (warmed here),
+fp16 / fp32 MLPs become float32 device matrices run with the framework's matmul, and a two-tower
+model's ItemIndex is laid out on the device. Device arrays belong to one framework, chosen by
+``framework=`` ("torch" or "cupy"; default torch when it sees a GPU, else CuPy).
+
+Per call, everything runs on the framework's current stream of the model's device: the inputs
+may be device arrays (torch CUDA tensors or CuPy arrays on that device: zero-copy) or host
+arrays (copied there first), and the results are device arrays of the model's framework.
+DLRM: bottom MLP -> one ``embedding_bags`` call for all features -> dot interaction (batched
+matmul of ``[x, e_1, ..., e_T]`` with itself, then a gather of the strictly lower triangle in
+row-major order, as docs/FORMAT.md step 3 and the CPU runtime) -> top MLP with the sigmoid.
+
+Host waits: the embedding call waits for its kernel (its bounds check reads 16 bytes back, so a
+bad id raises IndexError naming the feature, as on the CPU); an int8 top MLP / tower MLP waits
+for its last quantization pass (NaN / Inf raise ValueError, as on the CPU; the int8 bottom MLP
+skips that check: a NaN there reaches the top MLP's). Everything else is only queued.
+
+The cheapest sparse input is one table-major ``(indices, offsets)`` pair on the device (TorchRec's
+KeyedJaggedTensor layout): it goes to the kernel as it is. A ``{feature: (indices, offsets)}``
+dict of device arrays is joined on the device (a few small kernels and one 16-byte-per-feature
+upload); a dict of host arrays is joined on the host and copied over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+
+from . import _cuda, ops
+from ._arrays import as_numpy
+from .linear import Int8MLP
+from .model import _FloatMLP, _Int8MLPRunner, _host_ids, _offsets_message
+from .tables import QuantizedTable
+
+FRAMEWORKS = ("torch", "cupy")
+
+
+# ---- device and framework -----------------------------------------------------------------
+
+def _parse_device(device):
+    """None for the CPU, else the CUDA device index (-1: the framework's current device)."""
+    if device is None:
+        return None
+    if type(device).__module__ == "torch" and type(device).__name__ == "device":  # torch.device
+        if device.type == "cpu":
+            return None
+        if device.type != "cuda":
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        return -1 if device.index is None else int(device.index)
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {type(device).__name__}")
+    if device == "cpu":
+        return None
+    if device == "cuda":
+        return -1
+    head, _, tail = device.partition(":")
+    if head == "cuda" and tail.isdigit():
+        return int(tail)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _torch_reason() -> str | None:
+    try:
+        import torch
+    except Exception as e:  # ImportError or a broken install
+        return f"torch is not importable ({e})"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    return None
+
+
+def _cupy_reason() -> str | None:
+    from .kernels import cupy_embedding
+
+    return cupy_embedding.available()
+
+
+def _pick_framework(framework) -> str:
+    reasons = {}
+    for fw in ([framework] if framework else FRAMEWORKS):
+        reasons[fw] = _torch_reason() if fw == "torch" else _cupy_reason()
+        if reasons[fw] is None:
+            return fw
+    why = "; ".join(f"{fw}: {r}" for fw, r in reasons.items())
+    raise RuntimeError(f"a model on the GPU needs {'torch with CUDA or CuPy' if not framework else framework} "
+                       f"for its device arrays ({why}); see `python -m fastrec.info`.")
+
+
+def target(device, framework):
+    """None for a CPU ``device``, else ``(device index, framework)``.
+
+    Raises RuntimeError when CUDA cannot be used here (no compiled CUDA module, no GPU, no
+    framework that sees one), ValueError / TypeError for a bad ``device`` or ``framework``.
+    """
+    if framework is not None and framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be 'torch', 'cupy' or None, got {framework!r}")
+    index = _parse_device(device)
+    if index is None:
+        return None
+    mod = _cuda.module()  # RuntimeError: no fastrec._C_cuda, or no usable GPU
+    fw = _pick_framework(framework)
+    if index < 0:
+        if fw == "torch":
+            import torch
+
+            index = torch.cuda.current_device()
+        else:
+            import cupy
+
+            index = cupy.cuda.runtime.getDevice()
+    n = mod.device_count()
+    if index >= n:
+        raise ValueError(f"device cuda:{index} does not exist: {n} CUDA device(s) here")
+    return int(index), fw
+
+
+# ---- the two frameworks -------------------------------------------------------------------
+
+class _Torch:
+    name = "torch"
+
+    def __init__(self, index: int):
+        import torch
+
+        self.t = torch
+        self.linear = torch.nn.functional.linear
+        self.device = torch.device("cuda", index)
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def upload(self, a: np.ndarray):
+        # torch.tensor copies (no warning for the read-only, memory-mapped arrays of the file)
+        return self.t.tensor(np.ascontiguousarray(a), device=self.device)
+
+    def adopt(self, x):
+        """A CUDA array on this device (torch or CuPy) as a tensor, zero-copy."""
+        if isinstance(x, self.t.Tensor):
+            return x
+        return self.t.as_tensor(x, device=self.device)
+
+    @staticmethod
+    def relu_(x):
+        return x.relu_()
+
+    @staticmethod
+    def sigmoid_(x):
+        return x.sigmoid_()
+
+    def interaction(self, bottom, emb, T: int, pairs):
+        t = self.t
+        B, D = bottom.shape
+        z = t.cat([bottom.unsqueeze(1), emb.view(B, T, D)], dim=1)  # (B, T+1, D)
+        dots = t.bmm(z, z.transpose(1, 2)).view(B, (T + 1) * (T + 1))
+        return t.cat([bottom, dots.index_select(1, pairs)], dim=1)
+
+    @staticmethod
+    def take_cols(x, cols):
+        return x.index_select(1, cols)
+
+    def normalize(self, x):
+        return x / self.t.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+
+    def cat(self, parts):
+        return self.t.cat(parts)
+
+    def table_major_offsets(self, offs, aux, B: int, total: int):
+        """Per-feature offsets (B + 1 each, from 0) -> table-major offsets (T*B + 1); ``aux`` holds
+        each feature's start in the joined indices, then its id count. A feature whose offsets do
+        not start at 0 or end at its id count makes the last offset -1, so the kernel's own
+        offsets check raises (see CudaModel._pool)."""
+        t = self.t
+        T = len(offs)
+        full = t.cat([o.long() for o in offs]).view(T, B + 1)
+        out = t.empty(T * B + 1, dtype=t.int64, device=self.device)
+        t.add(full[:, :B], aux[:T, None], out=out[:T * B].view(T, B))
+        bad = ((full[:, 0] != 0) | (full[:, B] != aux[T:])).any()
+        out[T * B:] = (total + 1) * (~bad).long() - 1
+        return out
+
+
+class _Cupy:
+    name = "cupy"
+
+    def __init__(self, index: int):
+        import cupy
+
+        self.cp = cupy
+        self.index = index
+
+    def context(self):
+        return self.cp.cuda.Device(self.index)
+
+    def upload(self, a: np.ndarray):
+        with self.context():
+            return self.cp.asarray(np.ascontiguousarray(a))
+
+    def adopt(self, x):
+        if isinstance(x, self.cp.ndarray):
+            return x
+        with self.context():
+            return self.cp.asarray(x)  # a torch CUDA tensor, through __cuda_array_interface__
+
+    @staticmethod
+    def linear(x, W, b):
+        y = x @ W.T
+        if b is not None:
+            y += b
+        return y
+
+    def relu_(self, x):
+        return self.cp.maximum(x, 0, out=x)
+
+    def sigmoid_(self, x):
+        cp = self.cp  # 0.5 * (1 + tanh(x / 2)), the CPU runtime's form
+        cp.multiply(x, 0.5, out=x)
+        cp.tanh(x, out=x)
+        x += 1
+        x *= 0.5
+        return x
+
+    def interaction(self, bottom, emb, T: int, pairs):
+        cp = self.cp
+        B, D = bottom.shape
+        z = cp.concatenate([bottom[:, None, :], emb.reshape(B, T, D)], axis=1)
+        dots = cp.matmul(z, z.transpose(0, 2, 1)).reshape(B, (T + 1) * (T + 1))
+        return cp.concatenate([bottom, cp.take(dots, pairs, axis=1)], axis=1)
+
+    def take_cols(self, x, cols):
+        return self.cp.take(x, cols, axis=1)
+
+    def normalize(self, x):
+        n = self.cp.linalg.norm(x, axis=1, keepdims=True)
+        return (x / self.cp.maximum(n, np.float32(1e-12))).astype(np.float32, copy=False)
+
+    def cat(self, parts):
+        return self.cp.concatenate(parts)
+
+    def table_major_offsets(self, offs, aux, B: int, total: int):
+        cp = self.cp  # see _Torch.table_major_offsets
+        T = len(offs)
+        full = cp.concatenate([o.astype(cp.int64, copy=False) for o in offs]).reshape(T, B + 1)
+        out = cp.empty(T * B + 1, dtype=cp.int64)
+        cp.add(full[:, :B], aux[:T, None], out=out[:T * B].reshape(T, B))
+        bad = ((full[:, 0] != 0) | (full[:, B] != aux[T:])).any()
+        out[T * B:] = (total + 1) * (~bad).astype(cp.int64) - 1
+        return out
+
+
+# ---- the model on the GPU -----------------------------------------------------------------
+
+class _DeviceGroup:
+    """A model._Group's tables on the device (and its tower's column order, if any)."""
+
+    def __init__(self, group, tables, fw):
+        self.group = group
+        self.tables = list(tables)
+        self.modes = list(group.modes)
+        self.columns = None if group.columns is None else fw.upload(group.columns.astype(np.int64))
+
+
+def _host(x) -> np.ndarray:
+    if _cuda.is_device_array(x):
+        a = _cuda.view(x)
+        return a.obj.cpu().numpy() if a.framework == "torch" else a.obj.get()
+    return as_numpy(x)
+
+
+def _is_device_sparse(sparse) -> bool:
+    if isinstance(sparse, dict):
+        return any(isinstance(p, (tuple, list)) and any(_cuda.is_device_array(a) for a in p)
+                   for p in sparse.values())
+    return isinstance(sparse, (tuple, list)) and any(_cuda.is_device_array(a) for a in sparse)
+
+
+class CudaModel:
+    """What a :class:`fastrec.Model` on a GPU holds and runs; built once at load, then read only.
+    (It keeps no reference to the Model, so the GPU memory goes with the Model's last reference.)"""
+
+    def __init__(self, model, index: int, framework: str):
+        self.index = index
+        self.framework = framework
+        fw = self.fw = _Torch(index) if framework == "torch" else _Cupy(index)
+        uploaded = {}  # id(host table) -> its device copy: a table shared by features goes up once
+
+        def table(t):
+            if id(t) not in uploaded:
+                if isinstance(t, QuantizedTable):
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=".*not writable.*")
+                        uploaded[id(t)] = t.to_device(framework, index)
+                else:
+                    uploaded[id(t)] = fw.upload(t)
+            return uploaded[id(t)]
+
+        def group(g):
+            return _DeviceGroup(g, [table(t) for t in g.tables], fw)
+
+        with fw.context():
+            if model.kind == "dlrm":
+                self.dense_width, self.T = model.dense_features, len(model.features)
+                self.group = group(model._group)
+                self.bottom = self._mlp(model._bottom)
+                self.top = self._mlp(model._top)
+                n = len(model.features) + 1
+                li, lj = np.tril_indices(n, -1)  # docs/FORMAT.md step 3: i > j, row-major (the CPU's order)
+                self.pairs = fw.upload((li * n + lj).astype(np.int64))  # into the flattened (T+1)^2 dots
+            else:
+                self.user, self.item = group(model._user), group(model._item)
+                self.user_norm, self.item_norm, self.item_index = model._user_norm, model._item_norm, model._index
+                self.user_mlp, self.item_mlp = self._mlp(model._user_mlp), self._mlp(model._item_mlp)
+                from . import _cuda_topk
+
+                _cuda_topk.upload(model._index, fw.upload(np.zeros(1, np.float32)))
+            self._sync()
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.index}"
+
+    def _sync(self):
+        if self.framework == "torch":
+            self.fw.t.cuda.current_stream(self.index).synchronize()
+        else:
+            self.fw.cp.cuda.get_current_stream().synchronize()
+
+    # ---- MLPs ----------------------------------------------------------------------------
+    def _mlp(self, mlp):
+        """None (no layers), an Int8MLP (its device weights uploaded now) or float32 layers."""
+        from . import _cuda_linear
+
+        if isinstance(mlp, _Int8MLPRunner):
+            m = mlp.mlp
+            _cuda_linear._plan(m, self.index, self.index, m.layers, m._codes)  # warm the device cache
+            return m
+        if isinstance(mlp, _FloatMLP):
+            return [(self.fw.upload(W), None if b is None else self.fw.upload(b), act) for W, b, act in mlp.layers]
+        return None
+
+    def _run_mlp(self, mlp, x, *, check_finite: bool = True):
+        if mlp is None:
+            return x
+        if isinstance(mlp, Int8MLP):
+            return mlp(x, check_finite=check_finite)
+        fw = self.fw
+        for W, b, act in mlp:
+            x = fw.linear(x, W, b)
+            if act == "relu":
+                x = fw.relu_(x)
+            elif act == "sigmoid":
+                x = fw.sigmoid_(x)
+        return x
+
+    # ---- inputs --------------------------------------------------------------------------
+    def _on_device(self, x, what: str):
+        """A device array (either framework) on this model's device, as this framework's array."""
+        if getattr(x, "requires_grad", False):
+            x = x.detach()
+        a = _cuda.view(x, what)
+        if a.device != self.index:
+            raise ValueError(f"{what} is on cuda:{a.device}, the model on cuda:{self.index}")
+        return a, self.fw.adopt(a.obj)
+
+    def _dense(self, dense, width: int):
+        on_device = _cuda.is_device_array(dense)
+        if on_device:
+            name = str(dense.dtype)
+            if name not in ("float32", "torch.float32"):
+                raise TypeError(f"dense must be float32, got {name}")
+            a, x = self._on_device(dense, "dense")
+            shape = a.shape
+        else:
+            x = as_numpy(dense)
+            if x.dtype != np.float32:
+                raise TypeError(f"dense must be float32, got {x.dtype}")
+            shape = x.shape
+        if len(shape) != 2 or shape[1] != width:
+            raise ValueError(f"dense must have shape (B, {width}), got {tuple(shape)}")
+        return x if on_device else self.fw.upload(x)
+
+    def _ids(self, x, what: str):
+        """(device int32/int64 1-D array, its length)."""
+        if not _cuda.is_device_array(x):
+            h, n = _host_ids(x, what)
+            return self.fw.upload(h), n
+        a, d = self._on_device(x, what)
+        if a.dtype != np.int64 and a.dtype != np.int32:
+            raise TypeError(f"{what} must be int32 or int64, got {a.dtype}")
+        if len(a.shape) != 1:
+            raise ValueError(f"{what} must be 1-D, got shape {a.shape}")
+        return d, a.shape[0]
+
+    def _pack(self, g: _DeviceGroup, sparse, B):
+        """(indices, offsets) on the device, table-major, B and each feature's start (dicts)."""
+        if not _is_device_sparse(sparse):
+            indices, offsets, B, starts = g.group.pack(sparse, B)  # the CPU runtime's checks
+            return self.fw.upload(indices), self.fw.upload(offsets), B, starts
+        pair, parts, B = g.group.split(sparse, B, self._ids)  # the CPU runtime's checks, on shapes
+        if pair is not None:
+            return pair[0], pair[1], B, None
+        if len(parts) == 1:  # the kernel checks offsets[0] == 0 and offsets[-1] == len(indices) itself
+            return parts[0][0], parts[0][1], B, [0]
+        lens = [n for _, _, n in parts]
+        starts = np.concatenate([[0], np.cumsum(lens[:-1])]).astype(np.int64)
+        aux = self.fw.upload(np.concatenate([starts, np.array(lens, dtype=np.int64)]))
+        offsets = self.fw.table_major_offsets([off for _, off, _ in parts], aux, B, int(sum(lens)))
+        return self.fw.cat([ind for ind, _, _ in parts]), offsets, B, starts.tolist()
+
+    def _pool(self, g: _DeviceGroup, sparse, B=None):
+        """(pooled float32 (B, width) on the device in the group's concat order, B)."""
+        indices, offsets, B, starts = self._pack(g, sparse, B)
+        return self._embed(g, sparse, indices, offsets, starts), B
+
+    def _embed(self, g: _DeviceGroup, sparse, indices, offsets, starts):
+        try:
+            out = ops.embedding_bags(g.tables, indices, offsets, modes=g.modes)
+        except IndexError as exc:
+            raise IndexError(g.group._index_message(str(exc), starts)) from None
+        except ValueError:
+            if starts is not None:  # name the feature whose offsets are wrong
+                for f in g.group.features:
+                    ind, off = sparse[f]
+                    off = _host(off)
+                    if off[0] != 0 or off[-1] != np.shape(ind)[0] or np.any(off[1:] < off[:-1]):
+                        raise ValueError(_offsets_message(f, ind)) from None
+            raise
+        if g.columns is not None:
+            out = self.fw.take_cols(out, g.columns)
+        return out
+
+    # ---- the public calls (Model's methods branch here) ----------------------------------
+    def score(self, dense, sparse):
+        fw, g = self.fw, self.group
+        with fw.context():
+            x = self._dense(dense, self.dense_width)
+            B = x.shape[0]
+            indices, offsets, B, starts = self._pack(g, sparse, B)  # inputs first: a host copy may wait
+            bottom = self._run_mlp(self.bottom, x, check_finite=False)  # queued ahead of the embedding wait
+            emb = self._embed(g, sparse, indices, offsets, starts)
+            top_in = fw.interaction(bottom, emb, self.T, self.pairs)
+            return self._run_mlp(self.top, top_in).reshape(B)
+
+    def _tower(self, g, mlp, normalize: bool, sparse):
+        with self.fw.context():
+            x, _ = self._pool(g, sparse)
+            x = self._run_mlp(mlp, x)
+            return self.fw.normalize(x) if normalize else x
+
+    def user_vectors(self, sparse):
+        return self._tower(self.user, self.user_mlp, self.user_norm, sparse)
+
+    def item_vectors(self, sparse):
+        return self._tower(self.item, self.item_mlp, self.item_norm, sparse)
+
+    def recommend(self, sparse, k, exclude):
+        q = self.user_vectors(sparse)
+        with self.fw.context():
+            return self.item_index.search(q, k, exclude=exclude)
