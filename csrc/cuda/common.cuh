@@ -19,6 +19,25 @@ inline void check(cudaError_t e, const char* what) {
 
 inline unsigned ceil_div(long long a, long long b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// Makes `device` current for the scope and restores the caller's device afterwards: the
+// frameworks read the current device back, so leaving it changed would move the caller's next
+// allocation. Every launcher that takes a device index opens one.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) : device_(device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device_) check(cudaSetDevice(device_), "cudaSetDevice");
+  }
+  ~DeviceScope() {
+    if (prev_ != device_) cudaSetDevice(prev_);  // errors ignored: a destructor must not throw
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int device_, prev_ = 0;
+};
+
 }  // namespace cuda
 }  // namespace fastrec
 

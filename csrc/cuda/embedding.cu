@@ -506,24 +506,6 @@ class SlotLease {
   bool clean_ = false;
 };
 
-// Makes `device` current for the call and restores the caller's device afterwards, so the
-// framework's notion of the current device is untouched.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    FASTREC_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) FASTREC_CUDA_CHECK(cudaSetDevice(device));
-    cur_ = device;
-  }
-  ~DeviceGuard() {
-    if (prev_ != cur_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0, cur_ = 0;
-};
 
 int64_t code_bytes(int bits, int64_t dim) { return (dim * bits + 7) / 8; }
 
@@ -718,7 +700,7 @@ void embedding_bags(const BagsArgs& a) {
   if (col > INT32_MAX) throw std::invalid_argument("the tables' dims add up to more than 2^31 columns");
   if (batch > 0 && col > 0 && a.out == nullptr) throw std::invalid_argument("out: null pointer");
 
-  DeviceGuard guard(a.device);
+  DeviceScope guard(a.device);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   if (a.fixed_len >= 0 && batch == 0) return;  // nothing to pool and no offsets to check
 

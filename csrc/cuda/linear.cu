@@ -470,23 +470,6 @@ void launch_quantize(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* q
   FASTREC_CUDA_CHECK_LAUNCH();
 }
 
-// Makes `device` current for the scope and restores the caller's device after (the frameworks
-// read the current device back, so leaving it changed would move the caller's next allocation).
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) : device_(device) {
-    FASTREC_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device_) FASTREC_CUDA_CHECK(cudaSetDevice(device_));
-  }
-  ~DeviceScope() {
-    if (prev_ != device_) cudaSetDevice(prev_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int device_, prev_ = 0;
-};
 
 // Per-thread resources of the finite check: pinned, mapped host memory the quantization pass
 // writes its flags into (read by the host after an event, no copy to enqueue), and one event per

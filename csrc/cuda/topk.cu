@@ -454,21 +454,6 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
   }
 }
 
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) : device_(device) {
-    FASTREC_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device_) FASTREC_CUDA_CHECK(cudaSetDevice(device_));
-  }
-  ~DeviceScope() {
-    if (prev_ != device_) cudaSetDevice(prev_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int device_, prev_ = 0;
-};
 
 struct Layout {
   int64_t qc = 0;  // queries per chunk
