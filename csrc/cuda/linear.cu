@@ -30,6 +30,7 @@
 #include <utility>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace fastrec {
 namespace cuda {
@@ -46,17 +47,6 @@ std::atomic<int> g_gemm_config{0};
 
 // ---- device helpers ------------------------------------------------------------------------
 
-__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                       uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-  __trap();  // never built: the module targets sm_80 and newer
-#endif
-}
 
 // One 64-byte k-chunk of a 16 x 8 tile: a_lo / a_hi are this lane's 16 bytes of A rows g and
 // g + 8, b its 16 bytes of B column g (all from byte 16t of the chunk). See the file comment.
