@@ -61,6 +61,10 @@ def _inspect_report(path: str) -> dict:
         report["index"] = {"items": int(items.shape[0]), "dim": int(items.shape[1]),
                            "precision": tt["index"]["precision"], "rerank": tt["index"]["rerank"],
                            "bytes": int(items.nbytes + tensors[tt["index"]["ids"]].nbytes)}
+    fz = m.get("featurizer")
+    if fz is not None:
+        report["featurizer"] = {"dense": [f"{d['name']}:{d['kind']}" for d in fz.get("dense", [])],
+                                "sparse": [f"{d['name']}:{d['kind']}" for d in fz.get("sparse", [])]}
     report["metadata"] = m.get("metadata") or {}
     report["file_bytes"] = {name: os.path.getsize(os.path.join(path, name)) for name in (MANIFEST_FILE, TENSORS_FILE)}
     report["total_bytes"] = sum(report["file_bytes"].values())
@@ -96,6 +100,10 @@ def _print_inspect(r: dict) -> None:
         i = r["index"]
         print(f"  index: {i['items']:,} items x {i['dim']}, precision {i['precision']}, rerank {i['rerank']}"
               f"  ({_size(i['bytes'])} on disk)")
+    if "featurizer" in r:
+        fz = r["featurizer"]
+        print(f"  featurizer: {len(fz['dense'])} dense ({', '.join(fz['dense']) or '-'}), "
+              f"{len(fz['sparse'])} sparse ({', '.join(fz['sparse']) or '-'})")
     for k, v in r["metadata"].items():
         print(f"  metadata.{k}: {v}")
     print(f"  total      {_size(r['total_bytes'])} on disk")

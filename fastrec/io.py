@@ -23,6 +23,7 @@ import json
 import math
 import mmap
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "MANIFEST_FILE",
     "TENSORS_FILE",
     "ModelFormatError",
+    "featurizer_from_manifest",
     "read_model",
     "read_safetensors",
     "validate_manifest",
@@ -440,6 +442,9 @@ def _validate(c: _Checker, m) -> None:
         _validate_dlrm(c, m, precision, feats, feature_dim)
     else:
         _validate_two_tower(c, m, precision, feature_dim)
+    if feat is not None:
+        table_rows = {t["name"]: t["rows"] for t in tables}
+        _validate_featurizer(c, m, feat, {f["name"]: table_rows[f["table"]] for f in feats})
 
 
 def _validate_dlrm(c: _Checker, m, precision, feats, feature_dim) -> None:
@@ -502,6 +507,59 @@ def _validate_two_tower(c: _Checker, m, precision, feature_dim) -> None:
         if dup.size:
             raise ModelFormatError(c.tfile, f"tensor {idx['ids']!r} (referenced by $.two_tower.index.ids)",
                                    "unique item ids", _Text(f"{int(dup[0])} more than once"))
+
+
+_SPEC_ERROR = re.compile(r"^featurizer spec: (\$\S*): (.*)$", re.S)
+
+
+def featurizer_from_manifest(manifest, *, manifest_file=MANIFEST_FILE):
+    """The :class:`fastrec.Featurizer` of a manifest's ``featurizer`` field (None when null or
+    absent), built with ``Featurizer.from_spec(spec, path="$.featurizer")``; a bad spec raises
+    :class:`ModelFormatError` naming the JSON path of the bad field. Does not cross-check the
+    featurizer against the model (``read_model`` / ``validate_manifest`` do)."""
+    from .featurizer import Featurizer, FeaturizerSpecError
+
+    spec = manifest.get("featurizer")
+    if spec is None:
+        return None
+    try:
+        return Featurizer.from_spec(spec, path="$.featurizer")
+    except FeaturizerSpecError as exc:
+        m = _SPEC_ERROR.match(str(exc))
+        if m is None:
+            raise ModelFormatError(manifest_file, "$.featurizer", "a valid featurizer spec",
+                                   _Text(str(exc))) from None
+        field, detail = m.groups()
+        if detail.startswith("expected ") and ", got " in detail:
+            expected, got = detail[len("expected "):].split(", got ", 1)
+            raise ModelFormatError(manifest_file, field, expected, _Text(got)) from None
+        raise ModelFormatError(manifest_file, field, "a valid featurizer spec", _Text(detail)) from None
+
+
+def _validate_featurizer(c: _Checker, m, spec, feature_rows: dict) -> None:
+    """The featurizer spec is valid and produces this model's input: for a DLRM its sparse
+    features are ``sparse_features`` in order and its dense count is ``dense_features``; for a
+    two-tower model its sparse features are the user tower's (in ``sparse_features`` order) and
+    it has no dense features. Every feature's ``num_rows`` fits its table's rows."""
+    fz = featurizer_from_manifest(m, manifest_file=c.mfile)
+    names = [f["name"] for f in m["sparse_features"]]
+    if m["kind"] == "dlrm":
+        want, what = names, "the names of $.sparse_features, in order"
+        n_dense, dense_what = m["dense_features"], "$.dense_features"
+    else:
+        user = set(m["two_tower"]["user"]["features"])
+        want = [f for f in names if f in user]
+        what = "the user tower's features ($.two_tower.user.features) in $.sparse_features order"
+        n_dense, dense_what = 0, "none: a two-tower model has no dense input"
+    got = list(fz.sparse_names)
+    if got != want:
+        c.fail("$.featurizer.sparse", f"sparse features named {want} ({what})", got)
+    if fz.num_dense != n_dense:
+        c.fail("$.featurizer.dense", f"{n_dense} dense features ({dense_what})", fz.num_dense)
+    for i, (name, rows) in enumerate(fz.num_rows.items()):
+        if rows > feature_rows[name]:
+            c.fail(f"$.featurizer.sparse[{i}].num_rows",
+                   f"at most {feature_rows[name]} (the rows of feature {name!r}'s table)", rows)
 
 
 # ---- the directory ------------------------------------------------------------------------

@@ -3,6 +3,8 @@
     model = fastrec.load("ctr_model/")
     p = model.score(dense, {"C1": (ids, offsets), ...})        # kind "dlrm": probabilities (B,)
     scores, items = model.recommend({"user_id": (ids, offsets)}, k=10)   # kind "two_tower"
+    p = model.score_raw([{"I1": 3, "C1": 123456789, ...}, ...])   # with the model's featurizer
+    scores, items = model.recommend_raw([{"user_id": 17, "age": 34}], k=10)
 
 Everything a call needs is built once at load and never changed afterwards, so one Model can
 serve many threads at once. Tables and fp32 weights are views of the memory-mapped safetensors
@@ -24,7 +26,7 @@ import numpy as np
 from . import _C, ops
 from ._arrays import as_numpy
 from .index import ItemIndex
-from .io import ModelFormatError, read_model
+from .io import ModelFormatError, featurizer_from_manifest, read_model
 from .linear import Int8Linear, Int8MLP
 from .tables import QuantizedTable
 
@@ -363,6 +365,7 @@ class Model:
             except (TypeError, ValueError) as exc:
                 raise ModelFormatError(mfile, "$.two_tower.index", "an item catalogue ItemIndex accepts",
                                        str(exc)) from None
+        self._featurizer = featurizer_from_manifest(manifest, manifest_file=mfile)
         self._cuda = None if cuda is None else _cuda_model.CudaModel(self, *cuda)
 
     # ---- properties ------------------------------------------------------------------------
@@ -406,6 +409,13 @@ class Model:
         import copy
 
         return copy.deepcopy(self._manifest)
+
+    @property
+    def featurizer(self):
+        """The model's :class:`fastrec.Featurizer` (the manifest's ``featurizer``), or None.
+        For a DLRM it makes :meth:`score`'s whole input; for a two-tower model the user
+        tower's sparse input (see :meth:`score_raw`, :meth:`recommend_raw`)."""
+        return self._featurizer
 
     @property
     def index(self) -> ItemIndex | None:
@@ -481,6 +491,26 @@ class Model:
         top_in = _C.dot_interaction(np.ascontiguousarray(bottom, dtype=np.float32), emb, len(self._features))
         return np.ascontiguousarray(self._top(top_in).reshape(B))
 
+    def _need_featurizer(self, method: str):
+        if self._featurizer is None:
+            raise ValueError(f"{method} needs a model exported with a featurizer "
+                             "(fastrec.torch.export(..., featurizer=...)); this one has none: "
+                             "featurize the records yourself and call the method without _raw")
+        return self._featurizer
+
+    def score_raw(self, records):
+        """:meth:`score` on raw records: ``self.featurizer.transform(records)`` then ``score``.
+
+        ``records``: a dict of columns or a list of per-record dicts (see
+        :meth:`fastrec.Featurizer.transform`). Returns float32 ``(B,)`` probabilities (a device
+        array on a GPU model). Raises ValueError when the model has no featurizer, and the
+        featurizer's / :meth:`score`'s errors for bad records.
+        """
+        self._need("dlrm", "score_raw()")
+        fz = self._need_featurizer("score_raw()")
+        dense, sparse = fz.transform(records)
+        return self.score(dense, sparse)
+
     # ---- two_tower -------------------------------------------------------------------------
     def _tower(self, group: _Group, mlp, normalize: bool, sparse) -> np.ndarray:
         x, _ = group.pool(sparse)
@@ -515,6 +545,23 @@ class Model:
             return self._cuda.recommend(sparse, k, exclude)
         q = self.user_vectors(sparse)
         return self._index.search(q, k, exclude=exclude)
+
+    def recommend_raw(self, records, k: int = 10, *, exclude=None):
+        """:meth:`recommend` on raw user records: the featurizer makes the user tower's sparse
+        input (its sparse features are :attr:`user_features`, in that order), then
+        ``recommend(..., k, exclude=exclude)``. Returns ``(scores (B, k), item_ids (B, k))``.
+        Raises ValueError when the model has no featurizer."""
+        self._need("two_tower", "recommend_raw()")
+        fz = self._need_featurizer("recommend_raw()")
+        _, sparse = fz.transform(records)
+        return self.recommend(sparse, k, exclude=exclude)
+
+    def user_vectors_raw(self, records) -> np.ndarray:
+        """:meth:`user_vectors` on raw user records (through the featurizer)."""
+        self._need("two_tower", "user_vectors_raw()")
+        fz = self._need_featurizer("user_vectors_raw()")
+        _, sparse = fz.transform(records)
+        return self.user_vectors(sparse)
 
     # ---- warm-up ---------------------------------------------------------------------------
     def warmup(self, *, tables: bool = False) -> None:

@@ -189,8 +189,22 @@ def _check_dir(path) -> pathlib.Path:
     return path
 
 
+def _featurizer_spec(featurizer):
+    if featurizer is None:
+        return None
+    from ..featurizer import Featurizer
+
+    if isinstance(featurizer, Featurizer):
+        return featurizer.to_spec()
+    if isinstance(featurizer, Mapping):
+        return Featurizer.from_spec(dict(featurizer)).to_spec()  # FeaturizerSpecError if bad
+    raise TypeError("featurizer must be a fastrec.Featurizer, a spec dict or None, got "
+                    f"{type(featurizer).__name__}")
+
+
 def export(model, path, *, precision="int8", embedding_bits=8, items=None,
-           index_precision="int8", rerank=True, metadata=None, batch_size=4096) -> pathlib.Path:
+           index_precision="int8", rerank=True, metadata=None, batch_size=4096,
+           featurizer=None) -> pathlib.Path:
     """Write ``model`` to the directory ``path`` (created if needed; an existing one may hold
     only an earlier export, which is replaced) and return ``path`` as a ``pathlib.Path``.
 
@@ -211,6 +225,12 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
             and the ids as ``index.ids``.
         index_precision, rerank: how the runtime builds its ``fastrec.ItemIndex`` (two-tower).
         metadata: a dict of str -> str stored in the manifest.
+        featurizer: a :class:`fastrec.Featurizer` or its spec dict, stored as the manifest's
+            ``featurizer`` (so ``Model.score_raw`` / ``Model.recommend_raw`` take raw records),
+            or None. A DLRM's featurizer has the model's sparse features in order and
+            ``num_dense`` dense features; a two-tower model's has the user tower's features (in
+            the order of ``model.user_features``) and no dense features; every ``num_rows`` is at
+            most its table's rows (else ModelFormatError, a ValueError).
 
     Raises TypeError / ValueError for bad arguments, FileExistsError for a path that is a file
     or a directory holding other files.
@@ -226,6 +246,7 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     metadata = _check_metadata(metadata)
+    featurizer = _featurizer_spec(featurizer)
     if isinstance(model, DLRM) and items is not None:
         raise ValueError("items= is for two-tower models; a DLRM has no item index")
     if isinstance(model, TwoTower):
@@ -275,7 +296,7 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
         }
         tensors["index.items"] = _item_vectors(model, N, parts, batch_size)
         tensors["index.ids"] = ids
-    manifest["featurizer"] = None
+    manifest["featurizer"] = featurizer
     manifest["metadata"] = metadata
 
     path = _check_dir(path)
