@@ -19,6 +19,12 @@ def _cmd_example(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(users=args.users, candidates=args.candidates, repeat=args.repeat)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -134,6 +140,11 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_cmd_info)
     p = sub.add_parser("example", help="run a short embedding-bag example and time it against numpy")
     p.set_defaults(fn=_cmd_example)
+    p = sub.add_parser("demo", help="recommend and rank with the two embedded demo models; latency vs numpy")
+    p.add_argument("--users", type=int, default=4, help="users to recommend for (default 4; the last is a new user)")
+    p.add_argument("--candidates", type=int, default=270, help="raw candidates per ranking request (default 270)")
+    p.add_argument("--repeat", type=int, default=200, help="requests timed per task and engine (default 200)")
+    p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("inspect", help="what a model directory holds (kind, tables, layers, index, sizes)")
     p.add_argument("path", help="a model directory (manifest.json + model.safetensors)")
     p.add_argument("--json", action="store_true", help="print as JSON")

@@ -1,0 +1,37 @@
+"""`fastrec demo`: the embedded models load and serve with no torch, and agree with NumPy."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import fastrec
+from fastrec.demo import demo_model_path
+
+
+def test_demo_models_are_shipped():
+    for name in ("ranking", "retrieval"):
+        with demo_model_path(name) as path:
+            model = fastrec.load(path)
+            assert model.featurizer is not None
+            assert model.precision == "int8"
+
+
+def test_fastrec_demo_cli(tmp_path):
+    exe = shutil.which("fastrec", path=os.path.dirname(sys.executable))
+    # no torch: a site hook that makes `import torch` fail in the child
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nclass _NoTorch:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    cmd = [exe, "demo", "--repeat", "3"] if exe else [sys.executable, "-m", "fastrec", "demo", "--repeat", "3"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for line in ("Recommendations (recommend_raw, top 10 of 3000 items)", "Ranking 270 raw candidates",
+                 "request handling", "featurisation", "model", "Agreement with the NumPy reference"):
+        assert line in out, out
+    assert out.rstrip().endswith("OK"), out
+    assert "new user" in out
