@@ -221,12 +221,9 @@ class _Cupy:
         return self.cp.maximum(x, 0, out=x)
 
     def sigmoid_(self, x):
-        cp = self.cp  # 0.5 * (1 + tanh(x / 2)), the CPU runtime's form
-        cp.multiply(x, 0.5, out=x)
-        cp.tanh(x, out=x)
-        x += 1
-        x *= 0.5
-        return x
+        cp = self.cp  # the CPU runtime's form: exact in relative terms for small probabilities
+        e = cp.exp(-cp.abs(x))
+        return cp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
 
     def interaction(self, bottom, emb, T: int, pairs):
         cp = self.cp
