@@ -25,6 +25,12 @@ def _cmd_demo(args) -> int:
     return demo_main(users=args.users, candidates=args.candidates, repeat=args.repeat)
 
 
+def _cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(seconds=args.seconds)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -149,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("path", help="a model directory (manifest.json + model.safetensors)")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(fn=_cmd_inspect)
+    p = sub.add_parser("bench", help="a quick same-run comparison against the installed peers (torch, faiss, numpy)")
+    p.add_argument("--seconds", type=float, default=0.5, help="time per implementation and case (default 0.5)")
+    p.set_defaults(fn=_cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,17 @@
+"""`fastrec bench` runs its cases (checked against the peers before timing) and prints ratios."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def test_bench_command_runs():
+    env = dict(os.environ, FASTREC_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", "import sys; from fastrec.cli import main; sys.exit(main(['bench', '--seconds', '0.02']))"],
+                       cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for line in ("embedding_bags", "int8 linear", "top-100", "time / fastrec", "fastrec int8+rerank"):
+        assert line in r.stdout, r.stdout
