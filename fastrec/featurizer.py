@@ -357,6 +357,9 @@ def _col_len(c, name) -> int:
         raise TypeError(f"column {name!r} is a {type(c).__name__}, expected an array or a list") from None
 
 
+_PLAIN_NUMBERS = frozenset({int, float, type(None)})  # bool is excluded on purpose (checked below)
+
+
 def _is_missing(v) -> bool:
     return v is None or (isinstance(v, (float, np.floating)) and v != v)
 
@@ -367,6 +370,11 @@ def _floats(col, what: str, n: int) -> np.ndarray:
         x = col.astype(np.float64, copy=False)
     else:
         items = col.tolist() if isinstance(col, np.ndarray) else list(col)
+        if all(type(v) in _PLAIN_NUMBERS for v in items):  # fast path: JSON-like numbers / None
+            x = np.array(items, dtype=np.float64) if items else np.zeros(0, dtype=np.float64)
+            if x.shape != (n,):
+                raise ValueError(f"{what}: expected {n} values (one number per record), got shape {x.shape}")
+            return x
         for i, v in enumerate(items):
             if isinstance(v, (str, bytes)) or (v is not None and not isinstance(
                     v, (int, float, np.integer, np.floating, bool, np.bool_))):
@@ -415,6 +423,11 @@ def _bag_values(col, f: _Sparse, n: int):
                              "set \"multi\": true for several values per record")
         return col, np.ones(col.shape[0], dtype=np.int64)
     items = col.tolist() if isinstance(col, np.ndarray) else list(col)
+    if items and all(type(v) is int for v in items):  # fast path: plain int ids, none missing
+        try:
+            return np.array(items, dtype=np.int64), np.ones(len(items), dtype=np.int64)
+        except OverflowError:  # ids beyond int64: the general path handles them
+            pass
     present = [not _is_missing(v) for v in items]
     lengths = np.fromiter(present, dtype=np.int64, count=len(items))
     values = [v for v, p in zip(items, present) if p]
