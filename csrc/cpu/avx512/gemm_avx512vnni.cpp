@@ -46,8 +46,12 @@ inline __m512i broadcast4(const uint8_t* p) {
 // The main tile: MR (1-6) rows x 4 blocks of 16 channels, accumulators as named variables.
 // (GCC copies an array of accumulators between register sets on every iteration, which
 // halves the throughput; named variables keep the loop to loads and vpdpbusd.)
+//
+// K-blocking: with part != null the tile covers k-groups [g0, g1) only; it starts from the
+// int32 partial sums in part (MR rows x 64 channels, row stride 64) unless `first`, and either
+// stores its sums back there or, when `last`, runs the epilogue.
 template <int MR>
-void tile4(const GemmJob& j, int64_t m, int64_t nb) {
+void tile4(const GemmJob& j, int64_t m, int64_t nb, int64_t g0, int64_t g1, int32_t* part, bool first, bool last) {
   const PackedB& b = *j.b;
   const int64_t kg = b.Kp / 4;
   const int8_t* w0 = b.packed + nb * 16 * b.Kp;
@@ -63,7 +67,18 @@ void tile4(const GemmJob& j, int64_t m, int64_t nb) {
 #define FASTREC_Z(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
   FASTREC_Z(0) FASTREC_Z(1) FASTREC_Z(2) FASTREC_Z(3) FASTREC_Z(4) FASTREC_Z(5)
 #undef FASTREC_Z
-  for (int64_t g = 0; g < kg; ++g) {
+  if (part != nullptr && !first) {
+#define FASTREC_LOAD(r)                                      \
+  if constexpr (MR > r) {                                    \
+    c##r##0 = _mm512_loadu_si512(part + (r) * 64);           \
+    c##r##1 = _mm512_loadu_si512(part + (r) * 64 + 16);      \
+    c##r##2 = _mm512_loadu_si512(part + (r) * 64 + 32);      \
+    c##r##3 = _mm512_loadu_si512(part + (r) * 64 + 48);      \
+  }
+    FASTREC_LOAD(0) FASTREC_LOAD(1) FASTREC_LOAD(2) FASTREC_LOAD(3) FASTREC_LOAD(4) FASTREC_LOAD(5)
+#undef FASTREC_LOAD
+  }
+  for (int64_t g = g0; g < g1; ++g) {
     const __m512i b0 = _mm512_loadu_si512(w0 + g * 64), b1 = _mm512_loadu_si512(w1 + g * 64);
     const __m512i b2 = _mm512_loadu_si512(w2 + g * 64), b3 = _mm512_loadu_si512(w3 + g * 64);
 #define FASTREC_ROW(r)                                   \
@@ -76,6 +91,18 @@ void tile4(const GemmJob& j, int64_t m, int64_t nb) {
   }
     FASTREC_ROW(0) FASTREC_ROW(1) FASTREC_ROW(2) FASTREC_ROW(3) FASTREC_ROW(4) FASTREC_ROW(5)
 #undef FASTREC_ROW
+  }
+  if (part != nullptr && !last) {
+#define FASTREC_KEEP(r)                                      \
+  if constexpr (MR > r) {                                    \
+    _mm512_storeu_si512(part + (r) * 64, c##r##0);           \
+    _mm512_storeu_si512(part + (r) * 64 + 16, c##r##1);      \
+    _mm512_storeu_si512(part + (r) * 64 + 32, c##r##2);      \
+    _mm512_storeu_si512(part + (r) * 64 + 48, c##r##3);      \
+  }
+    FASTREC_KEEP(0) FASTREC_KEEP(1) FASTREC_KEEP(2) FASTREC_KEEP(3) FASTREC_KEEP(4) FASTREC_KEEP(5)
+#undef FASTREC_KEEP
+    return;
   }
   const int64_t n0 = nb * 16;
 #define FASTREC_STORE(r)                                                      \
@@ -114,7 +141,7 @@ void tile(const GemmJob& j, int64_t m, int64_t nb) {
 template <int MR>
 void row_block(const GemmJob& j, int64_t m) {
   int64_t nb = j.nb0;
-  for (; nb + 4 <= j.nb1; nb += 4) tile4<MR>(j, m, nb);
+  for (; nb + 4 <= j.nb1; nb += 4) tile4<MR>(j, m, nb, 0, j.b->Kp / 4, nullptr, true, true);
   switch (j.nb1 - nb) {
     case 3: tile<MR, 3>(j, m, nb); break;
     case 2: tile<MR, 2>(j, m, nb); break;
@@ -123,9 +150,65 @@ void row_block(const GemmJob& j, int64_t m) {
   }
 }
 
+// Rows [m0, m1) of one 64-channel column, k-groups [g0, g1), partial sums in part (row m at
+// part + (m - m0) * 64).
+void column_kblock(const GemmJob& j, int64_t m0, int64_t m1, int64_t nb, int64_t g0, int64_t g1, int32_t* part,
+                   bool first, bool last) {
+  int64_t m = m0;
+  for (; m + 6 <= m1; m += 6) tile4<6>(j, m, nb, g0, g1, part + (m - m0) * 64, first, last);
+  int32_t* p = part + (m - m0) * 64;
+  switch (m1 - m) {
+    case 5: tile4<5>(j, m, nb, g0, g1, p, first, last); break;
+    case 4: tile4<4>(j, m, nb, g0, g1, p, first, last); break;
+    case 3: tile4<3>(j, m, nb, g0, g1, p, first, last); break;
+    case 2: tile4<2>(j, m, nb, g0, g1, p, first, last); break;
+    case 1: tile4<1>(j, m, nb, g0, g1, p, first, last); break;
+    default: break;
+  }
+}
+
+// Long rows (K > 512): a 4-panel weight slice of the whole K no longer fits in L1 (it is
+// 64 KB at K = 1024) and every 6-row tile would stream it from L2 again. Blocking K into
+// 256-byte slices keeps a 16 KB slice in L1 while all rows of the job pass over it; the int32
+// partial sums (64 rows x 64 channels, 16 KB) wait in a stack buffer between slices.
+constexpr int64_t kKGroupsPerBlock = 64;
+constexpr int64_t kRowsPerChunk = 64;
+
+bool gemm_kblocked(const GemmJob& j) {
+  const int64_t kg = j.b->Kp / 4;
+  if (kg <= 2 * kKGroupsPerBlock || j.nb1 - j.nb0 < 4) return false;
+  alignas(64) int32_t part[kRowsPerChunk * 64];
+  const int64_t full_end = j.nb0 + (j.nb1 - j.nb0) / 4 * 4;
+  for (int64_t m0 = j.m0; m0 < j.m1; m0 += kRowsPerChunk) {
+    const int64_t m1 = m0 + kRowsPerChunk < j.m1 ? m0 + kRowsPerChunk : j.m1;
+    for (int64_t nb = j.nb0; nb < full_end; nb += 4) {
+      for (int64_t g0 = 0; g0 < kg; g0 += kKGroupsPerBlock) {
+        const int64_t g1 = g0 + kKGroupsPerBlock < kg ? g0 + kKGroupsPerBlock : kg;
+        column_kblock(j, m0, m1, nb, g0, g1, part, g0 == 0, g1 == kg);
+      }
+    }
+  }
+  if (full_end < j.nb1) {  // the last 1-3 channel blocks: unblocked edge tiles
+    GemmJob rest = j;
+    rest.nb0 = full_end;
+    int64_t m = rest.m0;
+    for (; m + 6 <= rest.m1; m += 6) row_block<6>(rest, m);
+    switch (rest.m1 - m) {
+      case 5: row_block<5>(rest, m); break;
+      case 4: row_block<4>(rest, m); break;
+      case 3: row_block<3>(rest, m); break;
+      case 2: row_block<2>(rest, m); break;
+      case 1: row_block<1>(rest, m); break;
+      default: break;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 void gemm_s8(const GemmJob& j) {
+  if (gemm_kblocked(j)) return;
   int64_t m = j.m0;
   for (; m + 6 <= j.m1; m += 6) row_block<6>(j, m);
   switch (j.m1 - m) {
