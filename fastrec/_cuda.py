@@ -103,6 +103,8 @@ def _torch_view(x) -> DeviceArray:
                           torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
                           torch.float64: np.dtype(np.float64), torch.int16: np.dtype(np.int16),
                           torch.bool: np.dtype(np.bool_)})
+    if x.requires_grad:  # fastrec only reads it: no autograd graph
+        x = x.detach()
     if x.dtype not in _TORCH_NP:
         if str(x.dtype) != "torch.bfloat16":
             raise TypeError(f"unsupported torch dtype {x.dtype}")

@@ -27,33 +27,13 @@ MIXED_MESSAGE = (
 )
 
 _KIND_F32, _KIND_F16, _KIND_Q8, _KIND_Q4, _KIND_Q2, _KIND_Q8_HALF = range(6)  # RowKind codes
-_TORCH_TO_NUMPY = {}
-
-
-def _torch_dtype_map():
-    if not _TORCH_TO_NUMPY:
-        import torch
-
-        for name in ("float32", "float16", "int32", "int64", "uint8", "int8"):
-            _TORCH_TO_NUMPY[getattr(torch, name)] = np.dtype(name)
-    return _TORCH_TO_NUMPY
 
 
 def device_view(x, name: str) -> _cuda.DeviceArray:
-    """A contiguous DeviceArray of a CUDA array; TypeError (naming ``name``) for anything else.
-
-    Contiguous torch tensors of the dtypes the kernels read skip ``__cuda_array_interface__``
-    (which costs several microseconds a call in torch); everything else goes through
-    :func:`fastrec._cuda.view`.
-    """
-    fw = _cuda._framework(x)
-    if fw is None:
+    """A contiguous DeviceArray of a CUDA array (:func:`fastrec._cuda.view`, whose torch path
+    skips ``__cuda_array_interface__``); TypeError naming ``name`` for anything else."""
+    if _cuda._framework(x) is None:
         raise TypeError(MIXED_MESSAGE.format(what=name))
-    if fw == "torch":
-        dtype = _torch_dtype_map().get(x.dtype)
-        if dtype is not None and x.is_contiguous():
-            return _cuda.DeviceArray(obj=x, framework="torch", ptr=int(x.data_ptr()), shape=tuple(x.shape),
-                                     dtype=dtype, device=int(x.device.index))
     return _cuda.view(x, name)
 
 

@@ -39,8 +39,6 @@ _upload_lock = threading.RLock()  # re-entered: a plan uploads its layers
 
 def _input(x, in_features: int) -> _cuda.DeviceArray:
     """x as a contiguous float32 (B, in_features) device array, with the CPU op's errors."""
-    if getattr(x, "requires_grad", False):
-        x = x.detach()
     a = _cuda.view(x, "x")  # torch bfloat16 becomes float32 here, as on the CPU path
     if a.dtype != np.float32:
         raise TypeError(f"x must be float32, got {a.dtype}")

@@ -360,8 +360,6 @@ class CudaModel:
     # ---- inputs --------------------------------------------------------------------------
     def _on_device(self, x, what: str):
         """A device array (either framework) on this model's device, as this framework's array."""
-        if getattr(x, "requires_grad", False):
-            x = x.detach()
         a = _cuda.view(x, what)
         if a.device != self.index:
             raise ValueError(f"{what} is on cuda:{a.device}, the model on cuda:{self.index}")

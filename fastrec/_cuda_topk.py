@@ -179,8 +179,6 @@ def _exclude(exclude, Q: int, like: _cuda.DeviceArray):
 
 
 def _queries(queries, dim: int):
-    if getattr(queries, "requires_grad", False):
-        queries = queries.detach()
     a = _cuda.view(queries, "queries")
     single = len(a.shape) == 1
     if single:
@@ -264,7 +262,7 @@ def topk(queries, items, k: int, *, exclude=None):
     """ops.topk for device arrays: exact fp32 top-k of queries (Q, D) against items (N, D)."""
     from .index import _candidates
 
-    x = _cuda.view(items.detach() if getattr(items, "requires_grad", False) else items, "items")
+    x = _cuda.view(items, "items")
     if x.dtype != np.float32:
         raise TypeError(f"items must be float32, got {x.dtype}")
     if len(x.shape) != 2:

@@ -125,7 +125,7 @@ def exclude_csr(exclude, Q: int):
         if off[0] != 0 or off[-1] != ids.shape[0] or np.any(np.diff(off) < 0):
             raise ValueError("exclude offsets must start at 0, be non-decreasing and end at len(exclude_ids)")
         return ids, off
-    if isinstance(exclude, (list, np.ndarray)) or hasattr(exclude, "__len__"):
+    if hasattr(exclude, "__len__"):  # a list (or array) of Q id arrays
         if len(exclude) != Q:
             raise ValueError(f"exclude must have one id list per query ({Q}), got {len(exclude)}")
         parts = [_id_array(e, np.size(e)) if e is not None else np.empty(0, np.int64) for e in exclude]

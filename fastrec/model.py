@@ -339,12 +339,9 @@ class Model:
             self._group = group(self._features)
             self._bottom = _build_mlp(d["bottom_mlp"], self._precision, tensors)
             self._top = _build_mlp(d["top_mlp"], self._precision, tensors)
-            T = len(self._features)
-            # Pairs (i, j), i > j, row-major over the strictly lower triangle, as docs/FORMAT.md
-            # states (the original DLRM's order). NB: TorchRec's InteractionArch takes
-            # triu_indices(offset=1), i.e. (0,1), (0,2), ..., (1,2), ...: the same pairs in another
-            # order once T >= 3. Only this line changes if the format is amended.
-            self._pairs = np.tril_indices(T + 1, -1)
+            # The interaction (C++ dot_interaction; the GPU path in _cuda_model.py) takes the pairs
+            # (i, j), i > j, row-major over the strictly lower triangle, as docs/FORMAT.md states
+            # (the original DLRM's order; TorchRec's InteractionArch uses the upper triangle).
             self._D = self._group.dims[0]
             self._index = None
         else:

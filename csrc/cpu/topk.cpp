@@ -69,20 +69,10 @@ ItemBlock::ItemBlock(const float* items, int64_t N, int64_t D, ItemPrecision pre
   if (N < 0 || D < 1) throw std::invalid_argument("ItemBlock: need N >= 0 and D >= 1");
   const int64_t Np = npanels() * 16;
   if (precision == ItemPrecision::kInt8) {
-    // Symmetric per-item int8, the rounding of the activation quantizer.
+    // Symmetric per-item int8: exactly the activation quantizer (linear.h).
     std::vector<int8_t> q(static_cast<size_t>(N * D));
     int8_scale_.resize(static_cast<size_t>(N));
-    for (int64_t i = 0; i < N; ++i) {
-      const float* x = items + i * D;
-      float amax = 0.f;
-      for (int64_t d = 0; d < D; ++d) amax = std::fmax(amax, std::fabs(x[d]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_scale_[i] = amax / 127.f;
-      for (int64_t d = 0; d < D; ++d) {
-        const float v = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(x[d] * inv)));
-        q[i * D + d] = static_cast<int8_t>(v);
-      }
-    }
+    quantize_rows_int8(items, N, D, q.data(), int8_scale_.data());
     int8_ = std::make_unique<Int8Layer>(q.data(), N, D, int8_scale_.data(), nullptr);
   } else if (precision == ItemPrecision::kF16) {
     f16_panels_.assign(static_cast<size_t>(Np * D), 0);

@@ -150,6 +150,20 @@ void row_block(const GemmJob& j, int64_t m) {
   }
 }
 
+// Every row of the job over its channel blocks, whole K.
+void all_rows(const GemmJob& j) {
+  int64_t m = j.m0;
+  for (; m + 6 <= j.m1; m += 6) row_block<6>(j, m);
+  switch (j.m1 - m) {
+    case 5: row_block<5>(j, m); break;
+    case 4: row_block<4>(j, m); break;
+    case 3: row_block<3>(j, m); break;
+    case 2: row_block<2>(j, m); break;
+    case 1: row_block<1>(j, m); break;
+    default: break;
+  }
+}
+
 // Rows [m0, m1) of one 64-channel column, k-groups [g0, g1), partial sums in part (row m at
 // part + (m - m0) * 64).
 void column_kblock(const GemmJob& j, int64_t m0, int64_t m1, int64_t nb, int64_t g0, int64_t g1, int32_t* part,
@@ -191,16 +205,7 @@ bool gemm_kblocked(const GemmJob& j) {
   if (full_end < j.nb1) {  // the last 1-3 channel blocks: unblocked edge tiles
     GemmJob rest = j;
     rest.nb0 = full_end;
-    int64_t m = rest.m0;
-    for (; m + 6 <= rest.m1; m += 6) row_block<6>(rest, m);
-    switch (rest.m1 - m) {
-      case 5: row_block<5>(rest, m); break;
-      case 4: row_block<4>(rest, m); break;
-      case 3: row_block<3>(rest, m); break;
-      case 2: row_block<2>(rest, m); break;
-      case 1: row_block<1>(rest, m); break;
-      default: break;
-    }
+    all_rows(rest);
   }
   return true;
 }
@@ -208,17 +213,7 @@ bool gemm_kblocked(const GemmJob& j) {
 }  // namespace
 
 void gemm_s8(const GemmJob& j) {
-  if (gemm_kblocked(j)) return;
-  int64_t m = j.m0;
-  for (; m + 6 <= j.m1; m += 6) row_block<6>(j, m);
-  switch (j.m1 - m) {
-    case 5: row_block<5>(j, m); break;
-    case 4: row_block<4>(j, m); break;
-    case 3: row_block<3>(j, m); break;
-    case 2: row_block<2>(j, m); break;
-    case 1: row_block<1>(j, m); break;
-    default: break;
-  }
+  if (!gemm_kblocked(j)) all_rows(j);
 }
 
 int64_t quantize_rows(const QuantizeJob& j) {
