@@ -20,8 +20,11 @@ def _layer(rng, K, N, bias=True):
 def _ref_quantize_rows(x):
     """numpy version of the kernels' activation quantization (float32 arithmetic)."""
     amax = np.abs(x).max(axis=1).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
+    with np.errstate(invalid="ignore", over="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        y = np.rint(x * inv[:, None])
+    # 0 * inf (a row whose 127 / amax overflows) is NaN: the kernels' fmax(-127, NaN) gives -127
+    q = np.clip(np.where(np.isnan(y), -127, y), -127, 127).astype(np.int8)
     return q, (amax / np.float32(127)).astype(np.float32)
 
 
@@ -45,6 +48,35 @@ def test_activation_quantization_matches_numpy(isa, rng, K):
     q_ref, s_ref = _ref_quantize_rows(x)
     assert np.array_equal(q, q_ref)
     assert np.array_equal(s, s_ref)
+
+
+@pytest.mark.parametrize("K", [5, 16, 70])
+def test_activation_quantization_special_values(isa, K):
+    """Ties (x * inv exactly k + 0.5 round to even), signed zeros, subnormals, the row maximum
+    at either sign, and a lone huge value."""
+    rows = np.zeros((6, K), np.float32)
+    rows[0, :] = -0.0
+    rows[1, 0] = 127.0
+    rows[1, 1:] = np.resize(np.float32([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]), K - 1)
+    rows[2, :] = np.float32(1e-45) * np.arange(K)  # subnormals
+    rows[3, -1] = -3.0e38
+    rows[3, 0] = 1.0e30
+    rows[4, :] = np.linspace(-1, 1, K, dtype=np.float32)
+    rows[5, K // 2] = -7.0
+    q, s = _C.quantize_rows_int8(rows)
+    q_ref, s_ref = _ref_quantize_rows(rows)
+    assert np.array_equal(q, q_ref)
+    assert np.array_equal(s, s_ref)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("K,col", [(5, 4), (64, 63), (70, 66), (1024, 0)])
+def test_nonfinite_found_in_any_column(isa, rng, bad, K, col):
+    lin = Int8Linear.from_float(*_layer(rng, K, 16))
+    x = rng.standard_normal((8, K)).astype(np.float32)
+    x[6, col] = bad
+    with pytest.raises(ValueError, match="row 6"):
+        lin(x)
 
 
 @pytest.mark.parametrize("K,N", SHAPES)
@@ -103,17 +135,26 @@ def test_large_batch_parallel_matches_single_thread(rng):
     assert np.array_equal(one, many)
 
 
-def test_mlp_equals_layer_by_layer(isa, rng):
-    dims = [13, 64, 32, 1]
-    layers = [_layer(rng, dims[i], dims[i + 1]) for i in range(3)]
-    acts = ["relu", "relu", "sigmoid"]
+# B covers one thread's serial path, the per-layer channel split (few rows, several threads)
+# and the row-parallel path with task boundaries that are not multiples of the 6-row tile.
+@pytest.mark.parametrize("B", [37, 71, 150, 1031])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mlp_equals_layer_by_layer(isa, rng, B, threads):
+    dims = [13, 64, 600, 32, 1]
+    layers = [_layer(rng, dims[i], dims[i + 1]) for i in range(len(dims) - 1)]
+    acts = ["relu", "relu", None, "sigmoid"]
     mlp = Int8MLP.from_float(layers, acts)
-    x = rng.standard_normal((37, 13)).astype(np.float32)
-    y = mlp(x)
+    x = rng.standard_normal((B, 13)).astype(np.float32)
+    before = fastrec.get_num_threads()
+    try:
+        fastrec.set_num_threads(threads)
+        y = mlp(x)
+    finally:
+        fastrec.set_num_threads(before)
     h = x
     for lin, act in zip(mlp.layers, acts):
         h = lin(h, activation=act)
-    assert y.shape == (37, 1)
+    assert y.shape == (B, 1)
     assert np.array_equal(y, h)
     assert np.all((y > 0) & (y < 1))
     assert mlp(np.zeros((0, 13), np.float32)).shape == (0, 1)

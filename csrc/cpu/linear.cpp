@@ -108,6 +108,128 @@ void sigmoid_inplace(float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = 1.f / (1.f + std::exp(-y[i]));
 }
 
+
+// Per-thread scratch of the row-parallel path (grow-only, reused from call to call).
+struct RowScratch {
+  std::vector<uint8_t> a;
+  std::vector<float> a_scale, out;
+};
+RowScratch& row_scratch() {
+  thread_local RowScratch s;
+  return s;
+}
+
+template <class T>
+T* at_least(std::vector<T>* v, int64_t n) {
+  if (static_cast<int64_t>(v->size()) < n) v->resize(static_cast<size_t>(n));
+  return v->data();
+}
+
+// Every layer over rows [m0, m1) of x, one after the other, inside one task: the rows'
+// activations go from the quantizer to the GEMM and back through this thread's caches only
+// (never a B-row buffer in memory), and there is no barrier between layers. Returns the first
+// row holding NaN/Inf, or -1.
+int64_t layers_on_rows(const KernelTable& k, const Int8Layer* const* layers, const Activation* acts, size_t n,
+                       const float* x, int64_t ldx, int64_t m0, int64_t m1, float* y) {
+  RowScratch& s = row_scratch();
+  const int64_t rows = m1 - m0;
+  const float* in = x + m0 * ldx;
+  int64_t ld = ldx;
+  for (size_t i = 0; i < n; ++i) {
+    const PackedB& b = layers[i]->view();
+    QuantizeJob q{in, ld, b.K, b.Kp, 0, rows, at_least(&s.a, rows * b.Kp), at_least(&s.a_scale, rows)};
+    const int64_t bad = k.quantize_rows(q);
+    if (bad >= 0) return m0 + bad;
+    const bool last = i + 1 == n;
+    float* out = last ? y + m0 * b.N : at_least(&s.out, rows * b.N);  // `in` is consumed by now
+    GemmJob j;
+    j.a = q.a;
+    j.lda = b.Kp;
+    j.a_scale = q.a_scale;
+    j.b = &b;
+    j.m0 = 0;
+    j.m1 = rows;
+    j.nb0 = 0;
+    j.nb1 = b.Np / 16;
+    j.epilogue = acts[i] == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone;
+    j.c = out;
+    j.ldc = b.N;
+    k.gemm_s8(j);
+    if (acts[i] == Activation::kSigmoid) sigmoid_inplace(out, rows * b.N);
+    in = out;
+    ld = b.N;
+  }
+  return -1;
+}
+
+// The layer-by-layer path (few rows on several threads): each layer's channels are split
+// over the threads, with a pool barrier between layers.
+void layer_by_layer(const KernelTable& k, const Int8Layer* const* layers, const Activation* acts, size_t n,
+                    const float* x, int64_t M, int64_t ldx, float* y) {
+  std::vector<uint8_t> a;
+  std::vector<float> a_scale, bufs[2];
+  const float* in = x;
+  int64_t ld = ldx;
+  for (size_t i = 0; i < n; ++i) {
+    const PackedB& b = layers[i]->view();
+    const bool last = i + 1 == n;
+    float* out = y;
+    if (!last) {
+      bufs[i % 2].resize(static_cast<size_t>(M * b.N));
+      out = bufs[i % 2].data();
+    }
+    quantize(k, in, M, ld, b.K, b.Kp, &a, &a_scale, false);
+    run_gemm(k, b, a.data(), b.Kp, a_scale.data(), M, acts[i] == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone,
+             out, nullptr, b.N);
+    if (acts[i] == Activation::kSigmoid) sigmoid_inplace(out, M * b.N);
+    in = out;
+    ld = b.N;
+  }
+}
+
+// Rows per task of the row-parallel path: at most 10 six-row register tiles, so a task's
+// activations (60 x K bytes) and its weight slice stay in L1/L2 while the weights are reused
+// by every row of the task.
+constexpr int64_t kTileRows = 6;
+constexpr int64_t kMaxTilesPerTask = 10;
+// Row-parallel from this many rows per thread; below it, each layer's channels are split.
+constexpr int64_t kRowParallelRowsPerThread = 36;
+
+void run_layers(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
+                int64_t ldx, float* y) {
+  if (M == 0) return;
+  const KernelTable& k = kernels();
+  int64_t macs = 0;
+  for (size_t i = 0; i < n; ++i) macs += layers[i]->in_features() * layers[i]->out_features();
+  const int64_t nt = get_num_threads();
+  if (nt > 1 && M < kRowParallelRowsPerThread * nt) {  // run_gemm decides per layer whether to split
+    layer_by_layer(k, layers, acts, n, x, M, ldx, y);
+    return;
+  }
+  const bool parallel = nt > 1 && M * macs >= kSerialMacs;
+  // Tasks of whole 6-row tiles, a multiple of the thread count so the threads end together.
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  int64_t tasks = (tiles + kMaxTilesPerTask - 1) / kMaxTilesPerTask;
+  if (parallel) tasks = (tasks + nt - 1) / nt * nt;
+  tasks = std::min(tasks, tiles);
+  std::vector<int64_t> bad(static_cast<size_t>(tasks), -1);
+  auto task = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = std::min(M, tiles * t / tasks * kTileRows);
+      const int64_t m1 = std::min(M, tiles * (t + 1) / tasks * kTileRows);
+      if (m1 > m0) bad[t] = layers_on_rows(k, layers, acts, n, x, ldx, m0, m1, y);
+    }
+  };
+  if (parallel) {
+    parallel_for(tasks, 1, task);
+  } else {
+    task(0, tasks);
+  }
+  for (int64_t b : bad) {
+    if (b >= 0) throw std::invalid_argument("input contains NaN or Inf (row " + std::to_string(b) + ")");
+  }
+}
+
 }  // namespace
 
 Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, const float* bias) {
@@ -145,15 +267,8 @@ Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, 
 }
 
 void int8_linear_forward(const Int8Layer& layer, const float* x, int64_t M, int64_t ldx, Activation act, float* y) {
-  if (M == 0) return;
-  const KernelTable& k = kernels();
-  const PackedB& b = layer.view();
-  std::vector<uint8_t> a;
-  std::vector<float> a_scale;
-  quantize(k, x, M, ldx, b.K, b.Kp, &a, &a_scale, M * b.K >= (int64_t{1} << 16));
-  run_gemm(k, b, a.data(), b.Kp, a_scale.data(), M, act == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone, y,
-           nullptr, b.N);
-  if (act == Activation::kSigmoid) sigmoid_inplace(y, M * b.N);
+  const Int8Layer* l = &layer;
+  run_layers(&l, &act, 1, x, M, ldx, y);
 }
 
 void int8_linear_int32(const Int8Layer& layer, const int8_t* q, int64_t M, int32_t* y32) {
@@ -177,20 +292,7 @@ void int8_mlp_forward(const std::vector<const Int8Layer*>& layers, const std::ve
                                   std::to_string(layers[i - 1]->out_features()));
     }
   }
-  std::vector<float> bufs[2];
-  const float* in = x;
-  int64_t ld = layers[0]->in_features();
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const bool last = i + 1 == layers.size();
-    float* out = y;
-    if (!last) {
-      bufs[i % 2].resize(static_cast<size_t>(M * layers[i]->out_features()));
-      out = bufs[i % 2].data();
-    }
-    int8_linear_forward(*layers[i], in, M, ld, acts[i], out);
-    in = out;
-    ld = layers[i]->out_features();
-  }
+  run_layers(layers.data(), acts.data(), layers.size(), x, M, layers[0]->in_features(), y);
 }
 
 void quantize_rows_int8(const float* x, int64_t M, int64_t K, int8_t* q, float* scale) {

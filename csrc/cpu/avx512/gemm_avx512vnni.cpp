@@ -184,20 +184,22 @@ void column_kblock(const GemmJob& j, int64_t m0, int64_t m1, int64_t nb, int64_t
 // Long rows (K > 512): a 4-panel weight slice of the whole K no longer fits in L1 (it is
 // 64 KB at K = 1024) and every 6-row tile would stream it from L2 again. Blocking K into
 // 256-byte slices keeps a 16 KB slice in L1 while all rows of the job pass over it; the int32
-// partial sums (64 rows x 64 channels, 16 KB) wait in a stack buffer between slices.
+// partial sums (60 rows x 64 channels, 15 KB) wait in a stack buffer between slices.
 constexpr int64_t kKGroupsPerBlock = 64;
-constexpr int64_t kRowsPerChunk = 64;
+constexpr int64_t kRowsPerChunk = 60;  // ten 6-row tiles
 
 bool gemm_kblocked(const GemmJob& j) {
   const int64_t kg = j.b->Kp / 4;
-  if (kg <= 2 * kKGroupsPerBlock || j.nb1 - j.nb0 < 4) return false;
+  if (j.nb1 - j.nb0 < 4) return false;
+  // Up to 2 slices' worth of K runs as one slice: no partial sums to keep.
+  const int64_t slice = kg <= 2 * kKGroupsPerBlock ? kg : kKGroupsPerBlock;
   alignas(64) int32_t part[kRowsPerChunk * 64];
   const int64_t full_end = j.nb0 + (j.nb1 - j.nb0) / 4 * 4;
   for (int64_t m0 = j.m0; m0 < j.m1; m0 += kRowsPerChunk) {
     const int64_t m1 = m0 + kRowsPerChunk < j.m1 ? m0 + kRowsPerChunk : j.m1;
     for (int64_t nb = j.nb0; nb < full_end; nb += 4) {
-      for (int64_t g0 = 0; g0 < kg; g0 += kKGroupsPerBlock) {
-        const int64_t g1 = g0 + kKGroupsPerBlock < kg ? g0 + kKGroupsPerBlock : kg;
+      for (int64_t g0 = 0; g0 < kg; g0 += slice) {
+        const int64_t g1 = g0 + slice < kg ? g0 + slice : kg;
         column_kblock(j, m0, m1, nb, g0, g1, part, g0 == 0, g1 == kg);
       }
     }
@@ -216,35 +218,61 @@ void gemm_s8(const GemmJob& j) {
   if (!gemm_kblocked(j)) all_rows(j);
 }
 
+// Two passes over each row (the second from L1): the row maximum of |x|, then the codes.
+// Pass 1 takes the maximum of the |x| bit patterns as integers: for non-negative floats the
+// integer order is the float order, and Inf / NaN patterns (>= 0x7f800000) sort above every
+// finite value, so one max finds both the scale and any non-finite value (a float max would
+// drop NaNs). Four accumulators keep the max chains off the critical path.
 int64_t quantize_rows(const QuantizeJob& j) {
   int64_t bad_row = -1;
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const int64_t K = j.K, K64 = K / 64 * 64, K16 = K / 16 * 16;
   for (int64_t m = j.m0; m < j.m1; ++m) {
     const float* x = j.x + m * j.ldx;
     uint8_t* a = j.a + m * j.Kp;
-    __m512 vmax = _mm512_setzero_ps();
-    __mmask16 nonfinite = 0;
-    for (int64_t k = 0; k < j.K; k += 16) {
-      const __mmask16 mk = static_cast<__mmask16>(j.K - k >= 16 ? 0xFFFF : (1u << (j.K - k)) - 1u);
-      const __m512 v = _mm512_and_ps(_mm512_maskz_loadu_ps(mk, x + k), abs_mask);
-      // |x| >= inf or NaN: compare not-less-than-infinity (true for NaN and Inf).
-      nonfinite |= _mm512_mask_cmp_ps_mask(mk, v, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);
-      vmax = _mm512_max_ps(vmax, v);
+    __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
+    int64_t k = 0;
+    for (; k < K64; k += 64) {
+      m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), abs_mask));
+      m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), abs_mask));
+      m2 = _mm512_max_epu32(m2, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), abs_mask));
+      m3 = _mm512_max_epu32(m3, _mm512_and_si512(_mm512_loadu_si512(x + k + 48), abs_mask));
     }
-    if (nonfinite && bad_row < 0) bad_row = m;
-    const float amax = _mm512_reduce_max_ps(vmax);
+    for (; k < K; k += 16) {
+      const __mmask16 mk = static_cast<__mmask16>(K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1u);
+      m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(mk, x + k), abs_mask));
+    }
+    const uint32_t bits = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(m0, m1), _mm512_max_epu32(m2, m3)));
+    if (bits >= 0x7f800000u && bad_row < 0) bad_row = m;
+    float amax;
+    std::memcpy(&amax, &bits, sizeof amax);
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     j.a_scale[m] = amax / 127.f;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    for (int64_t k = 0; k < j.K; k += 16) {
-      const __mmask16 mk = static_cast<__mmask16>(j.K - k >= 16 ? 0xFFFF : (1u << (j.K - k)) - 1u);
-      __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), vinv),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      q = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), q));
-      const __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
-      _mm_mask_storeu_epi8(a + k, mk, _mm512_cvtepi32_epi8(qi));
+    if (!(inv <= 3.4e38f)) {  // amax < ~4e-37: 127 / amax overflows; the reference's exact steps
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const float q = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(x[kk] * inv)));
+        a[kk] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
+      }
+      for (k = K; k < j.Kp; ++k) a[k] = 128;
+      continue;
     }
-    for (int64_t k = j.K; k < j.Kp; ++k) a[k] = 128;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m128i bias = _mm_set1_epi8(static_cast<char>(0x80));
+    // |x * inv| <= 127 (+ rounding) by construction, so rounding to the nearest integer (half
+    // to even, as the reference) and narrowing with signed saturation gives q in [-127, 127];
+    // xor 0x80 adds 128.
+    for (k = 0; k < K16; k += 16) {
+      const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a + k), _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
+    }
+    if (k < K) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1u);
+      const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), vinv),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_mask_storeu_epi8(a + k, mk, _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
+    }
+    for (k = K; k < j.Kp; ++k) a[k] = 128;
   }
   return bad_row;
 }
