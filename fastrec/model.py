@@ -254,21 +254,27 @@ class _Group:
 
     def pool(self, sparse, B: int | None = None):
         """(pooled float32 (B, width) in this group's concat order, B)."""
+        out, B = self.run(sparse, B, lambda indices, offsets: ops.embedding_bags(
+            list(self.tables), indices, offsets, modes=list(self.modes)))
+        if self.columns is not None:
+            out = out[:, self.columns]
+        return out, B
+
+    def run(self, sparse, B, fn):
+        """``(fn(indices, offsets), B)`` on this group's table-major CSR pair, with the kernels'
+        id and offsets errors reworded to name the sparse feature."""
         indices, offsets, B, starts = self.pack(sparse, B)
         try:
-            out = ops.embedding_bags(list(self.tables), indices, offsets, modes=list(self.modes))
+            return fn(indices, offsets), B
         except IndexError as exc:
             raise IndexError(self._index_message(str(exc), starts)) from None
-        except ValueError:
-            if starts is not None:  # name the feature whose offsets decrease
+        except ValueError as exc:
+            if starts is not None and "offsets" in str(exc):  # name the feature whose offsets decrease
                 for f in self.features:
                     off = np.asarray(sparse[f][1])
                     if np.any(off[1:] < off[:-1]):
                         raise ValueError(_offsets_message(f, sparse[f][0])) from None
             raise
-        if self.columns is not None:
-            out = out[:, self.columns]
-        return out, B
 
     def _index_message(self, msg: str, starts) -> str:
         m = _KERNEL_INDEX_ERROR.search(msg)
@@ -344,6 +350,7 @@ class Model:
             # (the original DLRM's order; TorchRec's InteractionArch uses the upper triangle).
             self._D = self._group.dims[0]
             self._index = None
+            self._fused = self._fused_forward()
         else:
             tt = manifest["two_tower"]
             self._dense = None
@@ -445,6 +452,18 @@ class Model:
                 f"tables={len(self._tables)} ({'/'.join(storages)}), {extra}, nbytes={self.nbytes}, "
                 f"path={self._path!r}{dev})")
 
+    def _fused_forward(self):
+        """The arguments of ``_C.dlrm_forward`` (the whole forward in one C++ call), or None
+        where this model does not fit it: fp32/fp16 MLPs, tables of different dims."""
+        b, t, g = self._bottom, self._top, self._group
+        if not (isinstance(b, _Int8MLPRunner) and isinstance(t, _Int8MLPRunner)):
+            return None
+        if g.columns is not None or len(set(g.dims)) != 1 or b.mlp.out_features != self._D or t.mlp.out_features != 1:
+            return None
+        self._mode_codes = [ops._mode_code(m) for m in g.modes]
+        self._no_padding = [-1] * len(g.tables)
+        return b.mlp._cores, b.mlp._codes, t.mlp._cores, t.mlp._codes
+
     def _need(self, kind: str, method: str) -> None:
         if self._kind != kind:
             other = "score()" if self._kind == "dlrm" else "recommend() / user_vectors()"
@@ -480,6 +499,13 @@ class Model:
         if x.ndim != 2 or x.shape[1] != self._dense:
             raise ValueError(f"dense must have shape (B, {self._dense}), got {x.shape}")
         B = x.shape[0]
+        if self._fused is not None:  # one C++ call for the whole forward
+            g = self._group
+            bottom, bottom_codes, top, top_codes = self._fused
+            out, _ = g.run(sparse, B, lambda indices, offsets: _C.dlrm_forward(
+                g.tables, indices, offsets, self._mode_codes, self._no_padding, x, bottom, bottom_codes, top,
+                top_codes))
+            return out
         emb, _ = self._group.pool(sparse, B)
         bottom = self._bottom(x)
         # [bottom, dot(v_i, v_j) for i > j] in one C++ pass (docs/FORMAT.md step 3)

@@ -276,6 +276,59 @@ def test_dlrm_int8_top_mlp_is_the_int8_mlp(rng, model_dir):
     assert model.nbytes > model0.nbytes - 1
 
 
+def _score_op_by_op(model, dense, sparse):
+    """Model.score's stages one at a time (what _C.dlrm_forward fuses)."""
+    emb, _ = model._group.pool(sparse, dense.shape[0])
+    top_in = fastrec._C.dot_interaction(model._bottom(dense), emb, len(model.features))
+    return model._top(top_in)[:, 0]
+
+
+@pytest.mark.parametrize("B", [1, 7, 71, 150, 1000])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_dlrm_fused_forward_equals_op_by_op(rng, model_dir, B, threads, pooling):
+    m, tensors, ref = build_dlrm(rng, precision="int8", storages=("q8", "fp32", "q8", "fp16"), bottom=(32, 16),
+                                 top=(40, 12), pooling=pooling)
+    model = fastrec.load(model_dir(m, tensors))
+    assert model._fused is not None
+    dense = rng.standard_normal((B, 5)).astype(np.float32)
+    sparse = random_sparse(rng, ref["features"], ref["rows"], B)
+    before = fastrec.get_num_threads()
+    try:
+        fastrec.set_num_threads(threads)
+        p = model.score(dense, sparse)
+        p_pair = model.score(dense, table_major(sparse, ref["features"]))
+    finally:
+        fastrec.set_num_threads(before)
+    assert p.shape == (B,) and p.dtype == np.float32
+    assert np.array_equal(p, _score_op_by_op(model, dense, sparse))
+    assert np.array_equal(p, p_pair)
+
+
+def test_dlrm_fused_forward_errors(rng, model_dir):
+    m, tensors, ref = build_dlrm(rng, precision="int8", storages=("q8", "fp32", "q8"))
+    model = fastrec.load(model_dir(m, tensors))
+    B = 600
+    dense = rng.standard_normal((B, 5)).astype(np.float32)
+    sparse = random_sparse(rng, ref["features"], ref["rows"], B)
+    bad_dense = dense.copy()
+    bad_dense[433, 2] = np.nan
+    bad_dense[590, 0] = np.inf
+    with pytest.raises(ValueError, match="row 433"):
+        model.score(bad_dense, sparse)
+    ind, off = sparse["C2"]
+    ind = ind.copy()
+    ind[-1] = ref["rows"][1] + 5
+    with pytest.raises(IndexError, match=rf"feature 'C2' \(table 't1'\): id {ref['rows'][1] + 5} at position "
+                                         rf"{len(ind) - 1} of its indices"):
+        model.score(bad_dense, {**sparse, "C2": (ind, off)})  # the id error wins over the NaN
+    off = off.copy()
+    off[300] = off[-1]
+    with pytest.raises(ValueError, match="C2.*non-decreasing"):
+        model.score(dense, {**sparse, "C2": (sparse["C2"][0], off)})
+    assert np.array_equal(model.score(dense, sparse), _score_op_by_op(model, dense, sparse))
+
+
 def test_from_int8_round_trip(rng):
     W = rng.standard_normal((7, 5)).astype(np.float32)
     a = fastrec.Int8Linear.from_float(W)

@@ -42,21 +42,14 @@ int64_t batch_size_of(const MultiBagArgs& a) {
   return (a.num_offsets - 1) / T;
 }
 
-void embedding_bags(const MultiBagArgs& a) {
-  const int64_t T = static_cast<int64_t>(a.tables.size());
-  const int64_t B = batch_size_of(a);
-  if (static_cast<int64_t>(a.modes.size()) != T || static_cast<int64_t>(a.padding_idx.size()) != T) {
-    throw std::invalid_argument("one mode and one padding_idx per table are required");
-  }
-  // Offsets as int64 (a copy only for int32 input), checked in one pass.
-  std::vector<int64_t> off64;
+const int64_t* checked_offsets(const MultiBagArgs& a, std::vector<int64_t>* storage) {
   const int64_t* off;
   if (a.offsets_int64) {
     off = static_cast<const int64_t*>(a.offsets);
   } else {
     const int32_t* o32 = static_cast<const int32_t*>(a.offsets);
-    off64.assign(o32, o32 + a.num_offsets);
-    off = off64.data();
+    storage->assign(o32, o32 + a.num_offsets);
+    off = storage->data();
   }
   if (off[0] != 0) {
     throw std::invalid_argument("offsets[0] must be 0, got " + std::to_string(off[0]));
@@ -72,6 +65,48 @@ void embedding_bags(const MultiBagArgs& a) {
     throw std::invalid_argument("offsets[-1] must equal len(indices)=" + std::to_string(a.num_indices) +
                                 ", got " + std::to_string(off[a.num_offsets - 1]));
   }
+  return off;
+}
+
+BagJob bag_job(const MultiBagArgs& a, const int64_t* off, int64_t B, int64_t t, int64_t b0, int64_t b1, float* out,
+               int64_t out_stride) {
+  BagJob job;
+  job.table = a.tables[t];
+  job.indices = a.indices;
+  job.indices_int64 = a.indices_int64;
+  job.offsets = off + t * B + b0;
+  job.bag_begin = 0;
+  job.bag_end = b1 - b0;
+  job.per_sample_weights = a.per_sample_weights;
+  job.mode = a.modes[t];
+  job.padding_idx = a.padding_idx[t];
+  job.out = out;
+  job.out_stride = out_stride;
+  return job;
+}
+
+void keep_first_error(const BagError& e, BagError* first) {
+  if (e.position >= 0 && (first->position < 0 || e.position < first->position)) *first = e;
+}
+
+void throw_bag_error(const BagError& e, const MultiBagArgs& a, const int64_t* off, int64_t B) {
+  // Which table the position belongs to, for the message.
+  const int64_t* hit = std::upper_bound(off, off + a.num_offsets, e.position);
+  const int64_t bag = (hit - off) - 1;
+  const int64_t t = bag / B;
+  throw std::out_of_range("index " + std::to_string(e.value) + " at position " + std::to_string(e.position) +
+                          " (table " + std::to_string(t) + ", bag " + std::to_string(bag % B) +
+                          ") is out of range [0, " + std::to_string(a.tables[t].num_rows) + ")");
+}
+
+void embedding_bags(const MultiBagArgs& a) {
+  const int64_t T = static_cast<int64_t>(a.tables.size());
+  const int64_t B = batch_size_of(a);
+  if (static_cast<int64_t>(a.modes.size()) != T || static_cast<int64_t>(a.padding_idx.size()) != T) {
+    throw std::invalid_argument("one mode and one padding_idx per table are required");
+  }
+  std::vector<int64_t> off64;
+  const int64_t* off = checked_offsets(a, &off64);
   if (B == 0) return;
 
   std::vector<int64_t> col(T + 1, 0);
@@ -102,18 +137,8 @@ void embedding_bags(const MultiBagArgs& a) {
   auto run_chunks = [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
-      BagJob job;
-      job.table = a.tables[ch.table];
-      job.indices = a.indices;
-      job.indices_int64 = a.indices_int64;
-      job.offsets = off + static_cast<int64_t>(ch.table) * B;
-      job.bag_begin = ch.bag_begin;
-      job.bag_end = ch.bag_end;
-      job.per_sample_weights = a.per_sample_weights;
-      job.mode = a.modes[ch.table];
-      job.padding_idx = a.padding_idx[ch.table];
-      job.out = a.out + col[ch.table];
-      job.out_stride = out_stride;
+      const BagJob job = bag_job(a, off, B, ch.table, ch.bag_begin, ch.bag_end,
+                                 a.out + ch.bag_begin * out_stride + col[ch.table], out_stride);
       k.embedding_bag(job, &errors[c]);
     }
   };
@@ -123,20 +148,9 @@ void embedding_bags(const MultiBagArgs& a) {
     parallel_for(static_cast<int64_t>(chunks.size()), 1, run_chunks);
   }
 
-  const BagError* first = nullptr;
-  for (const BagError& e : errors) {
-    if (e.position >= 0 && (first == nullptr || e.position < first->position)) first = &e;
-  }
-  if (first != nullptr) {
-    // Which table the position belongs to, for the message.
-    const int64_t* hit = std::upper_bound(off, off + a.num_offsets, first->position);
-    const int64_t bag = (hit - off) - 1;
-    const int64_t t = bag / B;
-    throw std::out_of_range("index " + std::to_string(first->value) + " at position " +
-                            std::to_string(first->position) + " (table " + std::to_string(t) + ", bag " +
-                            std::to_string(bag % B) + ") is out of range [0, " +
-                            std::to_string(a.tables[t].num_rows) + ")");
-  }
+  BagError first;
+  for (const BagError& e : errors) keep_first_error(e, &first);
+  if (first.position >= 0) throw_bag_error(first, a, off, B);
 }
 
 }  // namespace fastrec

@@ -8,16 +8,9 @@ namespace fastrec {
 
 void dot_interaction(const float* bottom, const float* emb, int64_t B, int64_t T, int64_t D, float* out) {
   const KernelTable& k = kernels();
-  InteractionJob base;
-  base.bottom = bottom;
-  base.emb = emb;
-  base.T = T;
-  base.D = D;
-  base.out = out;
+  InteractionJob base(bottom, emb, T, D, out, 0, B);
   const int64_t work = B * (T + 1) * T / 2 * D;
   if (work < (int64_t{1} << 18) || get_num_threads() == 1) {
-    base.b0 = 0;
-    base.b1 = B;
     k.dot_interaction(base);
     return;
   }

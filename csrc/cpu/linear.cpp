@@ -125,23 +125,18 @@ T* at_least(std::vector<T>* v, int64_t n) {
   return v->data();
 }
 
-// Every layer over rows [m0, m1) of x, one after the other, inside one task: the rows'
-// activations go from the quantizer to the GEMM and back through this thread's caches only
-// (never a B-row buffer in memory), and there is no barrier between layers. Returns the first
-// row holding NaN/Inf, or -1.
-int64_t layers_on_rows(const KernelTable& k, const Int8Layer* const* layers, const Activation* acts, size_t n,
-                       const float* x, int64_t ldx, int64_t m0, int64_t m1, float* y) {
+int64_t layers_on_rows_impl(const KernelTable& k, const Int8Layer* const* layers, const Activation* acts, size_t n,
+                       const float* x, int64_t ldx, int64_t rows, float* y) {
   RowScratch& s = row_scratch();
-  const int64_t rows = m1 - m0;
-  const float* in = x + m0 * ldx;
+  const float* in = x;
   int64_t ld = ldx;
   for (size_t i = 0; i < n; ++i) {
     const PackedB& b = layers[i]->view();
     QuantizeJob q{in, ld, b.K, b.Kp, 0, rows, at_least(&s.a, rows * b.Kp), at_least(&s.a_scale, rows)};
     const int64_t bad = k.quantize_rows(q);
-    if (bad >= 0) return m0 + bad;
+    if (bad >= 0) return bad;
     const bool last = i + 1 == n;
-    float* out = last ? y + m0 * b.N : at_least(&s.out, rows * b.N);  // `in` is consumed by now
+    float* out = last ? y : at_least(&s.out, rows * b.N);  // `in` is consumed by now
     GemmJob j;
     j.a = q.a;
     j.lda = b.Kp;
@@ -187,50 +182,79 @@ void layer_by_layer(const KernelTable& k, const Int8Layer* const* layers, const 
   }
 }
 
-// Rows per task of the row-parallel path: at most 10 six-row register tiles, so a task's
-// activations (60 x K bytes) and its weight slice stay in L1/L2 while the weights are reused
-// by every row of the task.
-constexpr int64_t kTileRows = 6;
-constexpr int64_t kMaxTilesPerTask = 10;
-// Row-parallel from this many rows per thread; below it, each layer's channels are split.
-constexpr int64_t kRowParallelRowsPerThread = 36;
-
-void run_layers(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
-                int64_t ldx, float* y) {
+void run_layers_impl(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
+                     int64_t ldx, float* y) {
   if (M == 0) return;
   const KernelTable& k = kernels();
-  int64_t macs = 0;
-  for (size_t i = 0; i < n; ++i) macs += layers[i]->in_features() * layers[i]->out_features();
-  const int64_t nt = get_num_threads();
-  if (nt > 1 && M < kRowParallelRowsPerThread * nt) {  // run_gemm decides per layer whether to split
+  if (!row_tasks_pay(M)) {  // run_gemm decides per layer whether to split
     layer_by_layer(k, layers, acts, n, x, M, ldx, y);
     return;
   }
-  const bool parallel = nt > 1 && M * macs >= kSerialMacs;
-  // Tasks of whole 6-row tiles, a multiple of the thread count so the threads end together.
-  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-  int64_t tasks = (tiles + kMaxTilesPerTask - 1) / kMaxTilesPerTask;
-  if (parallel) tasks = (tasks + nt - 1) / nt * nt;
+  int64_t macs = 0;
+  for (size_t i = 0; i < n; ++i) macs += layers[i]->in_features() * layers[i]->out_features();
+  const RowTasks rt(M, M * macs >= kSerialMacs);
+  std::vector<int64_t> bad(static_cast<size_t>(rt.tasks), -1);
+  const int64_t ldy = layers[n - 1]->out_features();
+  rt.run([&](int64_t t, int64_t m0, int64_t m1) {
+    const int64_t r = layers_on_rows_impl(k, layers, acts, n, x + m0 * ldx, ldx, m1 - m0, y + m0 * ldy);
+    if (r >= 0) bad[t] = m0 + r;
+  });
+  throw_if_nonfinite(bad);
+}
+
+}  // namespace
+
+// Rows per task: at most 10 six-row register tiles, so a task's activations (60 x K bytes)
+// and its weight slice stay in L1/L2 while every row of the task reuses the weights.
+constexpr int64_t kTileRows = 6;
+constexpr int64_t kMaxTilesPerTask = 10;
+// Row tasks from this many rows per thread; below it, each layer's channels are split.
+constexpr int64_t kRowTaskRowsPerThread = 36;
+
+bool row_tasks_pay(int64_t M) {
+  const int64_t nt = get_num_threads();
+  return nt == 1 || M >= kRowTaskRowsPerThread * nt;
+}
+
+RowTasks::RowTasks(int64_t M_, bool parallel_) : M(M_) {
+  const int64_t nt = get_num_threads();
+  parallel = parallel_ && nt > 1;
+  tiles = (M + kTileRows - 1) / kTileRows;
+  tasks = (tiles + kMaxTilesPerTask - 1) / kMaxTilesPerTask;
+  if (parallel) tasks = (tasks + nt - 1) / nt * nt;  // the threads end together
   tasks = std::min(tasks, tiles);
-  std::vector<int64_t> bad(static_cast<size_t>(tasks), -1);
-  auto task = [&](int64_t t0, int64_t t1) {
+}
+
+void RowTasks::run(const std::function<void(int64_t, int64_t, int64_t)>& fn) const {
+  auto body = [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = std::min(M, tiles * t / tasks * kTileRows);
       const int64_t m1 = std::min(M, tiles * (t + 1) / tasks * kTileRows);
-      if (m1 > m0) bad[t] = layers_on_rows(k, layers, acts, n, x, ldx, m0, m1, y);
+      if (m1 > m0) fn(t, m0, m1);
     }
   };
   if (parallel) {
-    parallel_for(tasks, 1, task);
+    parallel_for(tasks, 1, body);
   } else {
-    task(0, tasks);
+    body(0, tasks);
   }
-  for (int64_t b : bad) {
+}
+
+void throw_if_nonfinite(const std::vector<int64_t>& bad_rows) {
+  for (int64_t b : bad_rows) {
     if (b >= 0) throw std::invalid_argument("input contains NaN or Inf (row " + std::to_string(b) + ")");
   }
 }
 
-}  // namespace
+int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x,
+                            int64_t ldx, int64_t rows, float* y) {
+  return layers_on_rows_impl(kernels(), layers, acts, n, x, ldx, rows, y);
+}
+
+void int8_layers_forward(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
+                         int64_t ldx, float* y) {
+  run_layers_impl(layers, acts, n, x, M, ldx, y);
+}
 
 Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, const float* bias) {
   if (N < 1 || K < 1) throw std::invalid_argument("an int8 layer needs N >= 1 and K >= 1");
@@ -268,7 +292,7 @@ Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, 
 
 void int8_linear_forward(const Int8Layer& layer, const float* x, int64_t M, int64_t ldx, Activation act, float* y) {
   const Int8Layer* l = &layer;
-  run_layers(&l, &act, 1, x, M, ldx, y);
+  int8_layers_forward(&l, &act, 1, x, M, ldx, y);
 }
 
 void int8_linear_int32(const Int8Layer& layer, const int8_t* q, int64_t M, int32_t* y32) {
@@ -292,7 +316,7 @@ void int8_mlp_forward(const std::vector<const Int8Layer*>& layers, const std::ve
                                   std::to_string(layers[i - 1]->out_features()));
     }
   }
-  run_layers(layers.data(), acts.data(), layers.size(), x, M, layers[0]->in_features(), y);
+  int8_layers_forward(layers.data(), acts.data(), layers.size(), x, M, layers[0]->in_features(), y);
 }
 
 void quantize_rows_int8(const float* x, int64_t M, int64_t K, int8_t* q, float* scale) {

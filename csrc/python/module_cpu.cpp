@@ -13,6 +13,7 @@
 
 #include "fastrec/cpu_features.h"
 #include "fastrec/dispatch.h"
+#include "fastrec/dlrm.h"
 #include "fastrec/embedding.h"
 #include "fastrec/linear.h"
 #include "fastrec/interaction.h"
@@ -156,54 +157,67 @@ py::array contiguous_1d(const py::array& a, const char* what) {
   return a;
 }
 
-py::array embedding_bags_py(const py::sequence& tables, py::array indices, py::array offsets,
-                            const std::vector<int>& modes, py::object per_sample_weights,
-                            const std::vector<int64_t>& padding_idx, const py::object& convert) {
+// embedding_bags' arguments as views, with the Python objects that keep their memory alive.
+struct BagArgs {
   MultiBagArgs a;
   std::vector<py::object> keep;
+  py::array indices, offsets, psw;
+};
+
+void parse_bag_args(BagArgs* out, const py::sequence& tables, py::array indices, py::array offsets,
+                    const std::vector<int>& modes, py::object per_sample_weights,
+                    const std::vector<int64_t>& padding_idx, const py::object& convert) {
+  MultiBagArgs& a = out->a;
   const size_t T = py::len(tables);
   a.tables.reserve(T);
-  keep.reserve(T);
+  out->keep.reserve(T);
   PyTypeObject* packed_type = reinterpret_cast<PyTypeObject*>(py::type::of<PackedTable>().ptr());
   for (size_t t = 0; t < T; ++t) {
     py::object obj = tables[t];
     if (PyObject_TypeCheck(obj.ptr(), packed_type)) {
       a.tables.push_back(obj.cast<PackedTable&>().view);
-      keep.push_back(std::move(obj));
+      out->keep.push_back(std::move(obj));
     } else {
-      a.tables.push_back(float_view(obj, t, keep, convert));
+      a.tables.push_back(float_view(obj, t, out->keep, convert));
     }
   }
   const int64_t isz = int_itemsize(indices), osz = int_itemsize(offsets);
   if (isz == 0) throw py::type_error("indices must be int32 or int64, got " + std::string(py::str(indices.dtype())));
   if (osz == 0) throw py::type_error("offsets must be int32 or int64, got " + std::string(py::str(offsets.dtype())));
-  indices = contiguous_1d(indices, "indices");
-  offsets = contiguous_1d(offsets, "offsets");
-  a.indices = indices.data();
+  out->indices = contiguous_1d(indices, "indices");
+  out->offsets = contiguous_1d(offsets, "offsets");
+  a.indices = out->indices.data();
   a.indices_int64 = isz == 8;
-  a.num_indices = indices.shape(0);
-  a.offsets = offsets.data();
+  a.num_indices = out->indices.shape(0);
+  a.offsets = out->offsets.data();
   a.offsets_int64 = osz == 8;
-  a.num_offsets = offsets.shape(0);
+  a.num_offsets = out->offsets.shape(0);
   for (int m : modes) {
     if (m < 0 || m > 2) throw py::value_error("mode code must be 0 (sum), 1 (mean) or 2 (max)");
     a.modes.push_back(static_cast<PoolMode>(m));
   }
   a.padding_idx = padding_idx;
-  py::array psw;
   if (!per_sample_weights.is_none()) {
-    psw = py::array::ensure(per_sample_weights);
+    py::array psw = py::array::ensure(per_sample_weights);
     if (!psw || !psw.dtype().is(py::dtype::of<float>())) throw py::type_error("per_sample_weights must be float32");
-    psw = contiguous_1d(psw, "per_sample_weights");
-    if (psw.shape(0) != a.num_indices) {
+    out->psw = contiguous_1d(psw, "per_sample_weights");
+    if (out->psw.shape(0) != a.num_indices) {
       throw py::value_error("per_sample_weights must have one weight per index (" + std::to_string(a.num_indices) +
-                            "), got " + std::to_string(psw.shape(0)));
+                            "), got " + std::to_string(out->psw.shape(0)));
     }
     for (size_t t = 0; t < T; ++t) {
       if (a.modes[t] != PoolMode::kSum) throw py::value_error("per_sample_weights is only supported with mode 'sum'");
     }
-    a.per_sample_weights = static_cast<const float*>(psw.data());
+    a.per_sample_weights = static_cast<const float*>(out->psw.data());
   }
+}
+
+py::array embedding_bags_py(const py::sequence& tables, py::array indices, py::array offsets,
+                            const std::vector<int>& modes, py::object per_sample_weights,
+                            const std::vector<int64_t>& padding_idx, const py::object& convert) {
+  BagArgs args;
+  parse_bag_args(&args, tables, indices, offsets, modes, per_sample_weights, padding_idx, convert);
+  MultiBagArgs& a = args.a;
   const int64_t B = batch_size_of(a);
   int64_t total_dim = 0;
   for (const TableView& v : a.tables) total_dim += v.dim;
@@ -457,6 +471,40 @@ PYBIND11_MODULE(_C, m) {
     }
     return y;
   }, py::arg("x"), py::arg("layers"), py::arg("activations"));
+  m.def(
+      "dlrm_forward",
+      [](const py::sequence& tables, py::array indices, py::array offsets, const std::vector<int>& modes,
+         const std::vector<int64_t>& padding_idx, py::handle dense,
+         const std::vector<std::shared_ptr<Int8Layer>>& bottom, const std::vector<int>& bottom_acts,
+         const std::vector<std::shared_ptr<Int8Layer>>& top, const std::vector<int>& top_acts) {
+        BagArgs args;
+        parse_bag_args(&args, tables, indices, offsets, modes, py::none(), padding_idx, py::none());
+        if (bottom.empty() || top.empty()) throw py::value_error("the bottom and top MLPs need at least one layer");
+        py::array xa = check_x(dense, bottom[0]->in_features());
+        DlrmForward f;
+        f.emb = args.a;
+        const int64_t B = batch_size_of(f.emb);
+        if (xa.shape(0) != B) {
+          throw py::value_error("dense has " + std::to_string(xa.shape(0)) + " rows but the offsets describe " +
+                                std::to_string(B) + " samples");
+        }
+        f.dense = static_cast<const float*>(xa.data());
+        f.dense_dim = xa.shape(1);
+        for (const auto& l : bottom) f.bottom.push_back(l.get());
+        for (const auto& l : top) f.top.push_back(l.get());
+        for (int c : bottom_acts) f.bottom_acts.push_back(activation_of(c));
+        for (int c : top_acts) f.top_acts.push_back(activation_of(c));
+        F32Array out(B);
+        f.out = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          dlrm_forward(f);
+        }
+        return out;
+      },
+      py::arg("tables"), py::arg("indices"), py::arg("offsets"), py::arg("modes"), py::arg("padding_idx"),
+      py::arg("dense"), py::arg("bottom"), py::arg("bottom_activations"), py::arg("top"), py::arg("top_activations"),
+      "The whole int8 DLRM forward (fastrec.Model.score): embedding bags, bottom MLP, dot interaction, top MLP.");
   m.def("quantize_rows_int8", [](py::handle x) {
     py::array xa = require(x, kNpyFloat32, "x", "float32", 2);
     const int64_t M = xa.shape(0), K = xa.shape(1);

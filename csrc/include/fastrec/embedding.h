@@ -27,4 +27,16 @@ struct MultiBagArgs {
 int64_t batch_size_of(const MultiBagArgs& a);  // checks num_offsets against T
 void embedding_bags(const MultiBagArgs& a);
 
+// The offsets as int64 (copied into *storage only for int32 input), checked: offsets[0] == 0,
+// non-decreasing, offsets[-1] == num_indices (std::invalid_argument otherwise).
+const int64_t* checked_offsets(const MultiBagArgs& a, std::vector<int64_t>* storage);
+// The kernel job for bags [b0, b1) of table t (off from checked_offsets); bag b0's row goes
+// to out, the next to out + out_stride, ...
+BagJob bag_job(const MultiBagArgs& a, const int64_t* off, int64_t B, int64_t t, int64_t b0, int64_t b1, float* out,
+               int64_t out_stride);
+// Keeps the error with the lowest position in *first.
+void keep_first_error(const BagError& e, BagError* first);
+// Throws the std::out_of_range for a bad id that every embedding entry point raises.
+[[noreturn]] void throw_bag_error(const BagError& e, const MultiBagArgs& a, const int64_t* off, int64_t B);
+
 }  // namespace fastrec

@@ -13,6 +13,10 @@ struct InteractionJob {
   int64_t T = 0, D = 0;
   float* out = nullptr;           // B x (D + (T + 1) * T / 2)
   int64_t b0 = 0, b1 = 0;         // samples of this call
+
+  InteractionJob() = default;
+  InteractionJob(const float* bottom_, const float* emb_, int64_t T_, int64_t D_, float* out_, int64_t b0_, int64_t b1_)
+      : bottom(bottom_), emb(emb_), T(T_), D(D_), out(out_), b0(b0_), b1(b1_) {}
 };
 
 // Runs the kernel for the chosen ISA over all B samples on the thread pool.

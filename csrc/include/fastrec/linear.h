@@ -1,5 +1,6 @@
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "fastrec/gemm.h"
@@ -34,6 +35,33 @@ void int8_linear_int32(const Int8Layer& layer, const int8_t* q, int64_t M, int32
 // Layers run back to back (no Python in between); y is M x N_last.
 void int8_mlp_forward(const std::vector<const Int8Layer*>& layers, const std::vector<Activation>& acts,
                       const float* x, int64_t M, float* y);
+
+// n layers back to back over M rows of x (row stride ldx) into y (M x N_last): each layer's
+// channels split over the threads for a few rows, else tasks of up to 60 rows running every
+// layer (the rows' activations stay in the thread's caches; no barrier between layers).
+// Throws std::invalid_argument naming the first row that holds NaN or Inf.
+void int8_layers_forward(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
+                         int64_t ldx, float* y);
+
+// The same on the calling thread alone, for a few rows (<= 60) inside a caller's task; y has
+// row stride N_last. Returns the first row holding NaN or Inf (relative to x), or -1.
+int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x,
+                            int64_t ldx, int64_t rows, float* y);
+
+// Row tasks for callers that run a whole pipeline per block of rows (int8 MLPs, the fused
+// DLRM forward): whole 6-row tiles, at most 60 rows a task, a multiple of the thread count.
+// row_tasks_pay(M): whether M rows are enough for that (one thread, or >= 36 rows a thread);
+// below it, splitting each layer's channels over the threads is faster.
+bool row_tasks_pay(int64_t M);
+struct RowTasks {
+  RowTasks(int64_t M, bool parallel);
+  // fn(task, m0, m1) for every task, on the pool when parallel; fn must not throw.
+  void run(const std::function<void(int64_t, int64_t, int64_t)>& fn) const;
+  int64_t M = 0, tiles = 0, tasks = 0;
+  bool parallel = false;
+};
+// Throws the NaN/Inf std::invalid_argument for the first row >= 0 in bad_rows (one per task).
+void throw_if_nonfinite(const std::vector<int64_t>& bad_rows);
 
 // Per-row symmetric quantization as the kernels do it (for tests): q M x K int8, scale M.
 void quantize_rows_int8(const float* x, int64_t M, int64_t K, int8_t* q, float* scale);
