@@ -13,7 +13,18 @@ THREADS = int(os.environ.get("FASTREC_BENCH_THREADS", "2"))
 # Inputs
 
 
+# FASTREC_BENCH_ALIGN=64: tables start on a 64-byte boundary (fastrec.aligned_empty) instead of
+# where numpy puts them (16 bytes past a page boundary); every library reads the same memory.
+TABLE_ALIGN = int(os.environ.get("FASTREC_BENCH_ALIGN", "0"))
+
+
 def random_table(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
+    if TABLE_ALIGN:
+        import fastrec
+
+        out = fastrec.aligned_empty((rows, dim), np.float32, alignment=TABLE_ALIGN)
+        rng.standard_normal((rows, dim), dtype=np.float32, out=out)
+        return out
     return rng.standard_normal((rows, dim), dtype=np.float32)
 
 

@@ -14,6 +14,7 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken
         f"{exc}. Reinstall with `pip install .` and check `python -m fastrec.info`."
     ) from exc
 
+from ._arrays import aligned_copy, aligned_empty
 from ._config import get_num_threads, set_num_threads
 from .tables import QuantizedTable
 from .linear import Int8Linear, Int8MLP
@@ -35,6 +36,8 @@ __all__ = [
     "datasets",
     "ModelFormatError",
     "QuantizedTable",
+    "aligned_copy",
+    "aligned_empty",
     "get_num_threads",
     "load",
     "ops",

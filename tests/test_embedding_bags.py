@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import fastrec
 from fastrec import QuantizedTable, ops, testing
 from conftest import needs_torch
 
@@ -120,3 +121,26 @@ def test_per_table_padding_idx_errors(rng):
         ops.embedding_bags(tables, indices, offsets, padding_idx=0)
     with pytest.raises(ValueError, match="padding_idx must be within"):
         ops.embedding_bags(tables, indices, offsets, padding_idx=[999, None, None, None, None, None])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8])
+@pytest.mark.parametrize("alignment", [1, 64, 4096])
+def test_aligned_tables(rng, dtype, alignment):
+    a = fastrec.aligned_empty((1000, 64), dtype, alignment=alignment)
+    assert a.shape == (1000, 64) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % alignment == 0
+    w = rng.standard_normal((50, 8)).astype(np.float32)
+    c = fastrec.aligned_copy(w)
+    assert c.ctypes.data % 64 == 0 and np.array_equal(c, w)
+    ind = rng.integers(0, 50, 40)
+    off = np.arange(0, 41, 4)
+    assert np.array_equal(ops.embedding_bags([c], ind, off), ops.embedding_bags([w], ind, off))
+    assert fastrec.aligned_empty(0).shape == (0,)
+    for bad in (0, 3, 48, -64):
+        with pytest.raises(ValueError, match="power of two"):
+            fastrec.aligned_empty(4, alignment=bad)
+    for bad in (True, 2.0, "64"):
+        with pytest.raises(TypeError, match="alignment"):
+            fastrec.aligned_empty(4, alignment=bad)
+    with pytest.raises(ValueError, match="negative"):
+        fastrec.aligned_empty((-1, 4))
