@@ -480,6 +480,10 @@ class Model:
                 pair in :attr:`features` order (offsets of length ``T*B + 1``, TorchRec's
                 KeyedJaggedTensor layout).
 
+        On the CPU, an int8 model runs the whole forward in one C++ call (``_C.dlrm_forward``):
+        from 36 rows a thread, each task takes up to 60 rows through the embedding bags, the
+        bottom MLP, the interaction and the top MLP, so nothing of B rows goes through memory.
+
         On a GPU model (:func:`load` with ``device="cuda"``): ``dense`` and the ids / offsets
         may be device arrays on its GPU (torch or CuPy, zero-copy) or host arrays (copied), and
         the result is a float32 ``(B,)`` device array of the model's framework, computed on the
