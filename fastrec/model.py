@@ -453,16 +453,16 @@ class Model:
                 f"path={self._path!r}{dev})")
 
     def _fused_forward(self):
-        """The arguments of ``_C.dlrm_forward`` (the whole forward in one C++ call), or None
-        where this model does not fit it: fp32/fp16 MLPs, tables of different dims."""
+        """``_C.dlrm_forward``'s arguments after the ids (mode codes, padding ids, bottom and top
+        layers with their activation codes); None where this model does not fit the fused
+        forward (fp32/fp16 MLPs, tables of different dims)."""
         b, t, g = self._bottom, self._top, self._group
         if not (isinstance(b, _Int8MLPRunner) and isinstance(t, _Int8MLPRunner)):
             return None
         if g.columns is not None or len(set(g.dims)) != 1 or b.mlp.out_features != self._D or t.mlp.out_features != 1:
             return None
-        self._mode_codes = [ops._mode_code(m) for m in g.modes]
-        self._no_padding = [-1] * len(g.tables)
-        return b.mlp._cores, b.mlp._codes, t.mlp._cores, t.mlp._codes
+        modes = [ops._mode_code(m) for m in g.modes]
+        return modes, [-1] * len(g.tables), b.mlp._cores, b.mlp._codes, t.mlp._cores, t.mlp._codes
 
     def _need(self, kind: str, method: str) -> None:
         if self._kind != kind:
@@ -505,10 +505,8 @@ class Model:
         B = x.shape[0]
         if self._fused is not None:  # one C++ call for the whole forward
             g = self._group
-            bottom, bottom_codes, top, top_codes = self._fused
             out, _ = g.run(sparse, B, lambda indices, offsets: _C.dlrm_forward(
-                g.tables, indices, offsets, self._mode_codes, self._no_padding, x, bottom, bottom_codes, top,
-                top_codes))
+                g.tables, indices, offsets, self._fused[0], self._fused[1], x, *self._fused[2:]))
             return out
         emb, _ = self._group.pool(sparse, B)
         bottom = self._bottom(x)

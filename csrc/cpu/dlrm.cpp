@@ -20,11 +20,6 @@ DlrmScratch& dlrm_scratch() {
   return s;
 }
 
-float* at_least(std::vector<float>* v, int64_t n) {
-  if (static_cast<int64_t>(v->size()) < n) v->resize(static_cast<size_t>(n));
-  return v->data();
-}
-
 void check_shapes(const DlrmForward& f, int64_t T, int64_t D) {
   for (int64_t t = 0; t < T; ++t) {
     if (f.emb.tables[t].dim != D) throw std::invalid_argument("every table must have the same dim");
@@ -33,13 +28,9 @@ void check_shapes(const DlrmForward& f, int64_t T, int64_t D) {
       f.top_acts.size() != f.top.size()) {
     throw std::invalid_argument("the bottom and top MLPs need at least one layer and one activation per layer");
   }
-  auto chained = [](const std::vector<const Int8Layer*>& ls) {
-    for (size_t i = 1; i < ls.size(); ++i) {
-      if (ls[i]->in_features() != ls[i - 1]->out_features()) return false;
-    }
-    return true;
-  };
-  if (!chained(f.bottom) || !chained(f.top) || f.bottom.front()->in_features() != f.dense_dim ||
+  check_layer_chain(f.bottom.data(), f.bottom.size());
+  check_layer_chain(f.top.data(), f.top.size());
+  if (f.bottom.front()->in_features() != f.dense_dim ||
       f.bottom.back()->out_features() != D || f.top.front()->in_features() != D + T * (T + 1) / 2 ||
       f.top.back()->out_features() != 1) {
     throw std::invalid_argument("layer sizes do not fit a DLRM with " + std::to_string(T) + " tables of dim " +
@@ -65,9 +56,6 @@ void dlrm_forward(const DlrmForward& f) {
   const MultiBagArgs& a = f.emb;
   const int64_t T = static_cast<int64_t>(a.tables.size());
   const int64_t B = batch_size_of(a);
-  if (static_cast<int64_t>(a.modes.size()) != T || static_cast<int64_t>(a.padding_idx.size()) != T) {
-    throw std::invalid_argument("one mode and one padding_idx per table are required");
-  }
   const int64_t D = a.tables[0].dim;
   check_shapes(f, T, D);
   std::vector<int64_t> off64;
@@ -82,7 +70,7 @@ void dlrm_forward(const DlrmForward& f) {
   int64_t macs = T * D;  // rough work per row: the lookups count as little next to the MLPs
   for (const Int8Layer* l : f.bottom) macs += l->in_features() * l->out_features();
   for (const Int8Layer* l : f.top) macs += l->in_features() * l->out_features();
-  const RowTasks rt(B, B * macs >= (int64_t{1} << 21));
+  const RowTasks rt(B, macs);
   std::vector<BagError> bag_errors(static_cast<size_t>(rt.tasks));
   std::vector<int64_t> bad_rows(static_cast<size_t>(rt.tasks), -1);
   rt.run([&](int64_t task, int64_t m0, int64_t m1) {

@@ -39,6 +39,9 @@ int64_t batch_size_of(const MultiBagArgs& a) {
     throw std::invalid_argument("offsets must have length T*B + 1 (T=" + std::to_string(T) +
                                 " tables), got length " + std::to_string(a.num_offsets));
   }
+  if (static_cast<int64_t>(a.modes.size()) != T || static_cast<int64_t>(a.padding_idx.size()) != T) {
+    throw std::invalid_argument("one mode and one padding_idx per table are required");
+  }
   return (a.num_offsets - 1) / T;
 }
 
@@ -102,9 +105,6 @@ void throw_bag_error(const BagError& e, const MultiBagArgs& a, const int64_t* of
 void embedding_bags(const MultiBagArgs& a) {
   const int64_t T = static_cast<int64_t>(a.tables.size());
   const int64_t B = batch_size_of(a);
-  if (static_cast<int64_t>(a.modes.size()) != T || static_cast<int64_t>(a.padding_idx.size()) != T) {
-    throw std::invalid_argument("one mode and one padding_idx per table are required");
-  }
   std::vector<int64_t> off64;
   const int64_t* off = checked_offsets(a, &off64);
   if (B == 0) return;

@@ -19,51 +19,37 @@ constexpr int64_t kStaticMacs = int64_t{1} << 18;  // few-row calls above this s
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// u8 activations (q + 128, padded to Kp) and per-row scales for M rows of x.
+// u8 activations (q + 128, padded to Kp) and per-row scales for M rows of x, on this thread.
 void quantize(const KernelTable& k, const float* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp,
-              std::vector<uint8_t>* a, std::vector<float>* a_scale, bool parallel) {
+              std::vector<uint8_t>* a, std::vector<float>* a_scale) {
   a->resize(static_cast<size_t>(M * Kp));
   a_scale->resize(static_cast<size_t>(M));
-  std::vector<int64_t> bad;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
-  auto run = [&](int64_t m0, int64_t m1, int64_t* bad_row) {
-    QuantizeJob q{x, ldx, K, Kp, m0, m1, a->data(), a_scale->data()};
-    *bad_row = k.quantize_rows(q);
-  };
-  int64_t first_bad = -1;
-  if (!parallel || M <= grain) {
-    run(0, M, &first_bad);
-  } else {
-    const int64_t chunks = (M + grain - 1) / grain;
-    bad.assign(static_cast<size_t>(chunks), -1);
-    parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) run(c * grain, std::min(M, (c + 1) * grain), &bad[c]);
-    });
-    for (int64_t b : bad) {
-      if (b >= 0) {
-        first_bad = b;
-        break;
-      }
-    }
-  }
-  if (first_bad >= 0) {
-    throw std::invalid_argument("input contains NaN or Inf (row " + std::to_string(first_bad) + ")");
-  }
+  const int64_t bad = k.quantize_rows(QuantizeJob{x, ldx, K, Kp, 0, M, a->data(), a_scale->data()});
+  if (bad >= 0) throw std::invalid_argument("input contains NaN or Inf (row " + std::to_string(bad) + ")");
+}
+
+Epilogue epilogue_of(Activation act) { return act == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone; }
+
+// The fields of a GEMM call every task shares; callers set the rows and channel blocks.
+GemmJob gemm_job(const PackedB& b, const uint8_t* a, int64_t lda, const float* a_scale, Epilogue ep, float* c,
+                 int32_t* c32, int64_t ldc) {
+  GemmJob j;
+  j.a = a;
+  j.lda = lda;
+  j.a_scale = a_scale;
+  j.b = &b;
+  j.epilogue = ep;
+  j.c = c;
+  j.c32 = c32;
+  j.ldc = ldc;
+  return j;
 }
 
 void run_gemm(const KernelTable& k, const PackedB& b, const uint8_t* a, int64_t lda, const float* a_scale,
               int64_t M, Epilogue ep, float* c, int32_t* c32, int64_t ldc) {
   const int64_t nblocks = b.Np / 16;
   const bool parallel = M * b.N * b.K >= kSerialMacs && get_num_threads() > 1;
-  GemmJob base;
-  base.a = a;
-  base.lda = lda;
-  base.a_scale = a_scale;
-  base.b = &b;
-  base.epilogue = ep;
-  base.c = c;
-  base.c32 = c32;
-  base.ldc = ldc;
+  const GemmJob base = gemm_job(b, a, lda, a_scale, ep, c, c32, ldc);
   // A few rows (a single request): split the channels statically, so each core keeps its
   // slice of the weights in its own L2 from call to call; the GEMV is bound by reading them.
   if (!parallel && M <= 4 && M * b.N * b.K >= kStaticMacs && get_num_threads() > 1 && nblocks >= 2) {
@@ -109,7 +95,7 @@ void sigmoid_inplace(float* y, int64_t n) {
 }
 
 
-// Per-thread scratch of the row-parallel path (grow-only, reused from call to call).
+// Per-thread scratch of the row tasks (grow-only, reused from call to call).
 struct RowScratch {
   std::vector<uint8_t> a;
   std::vector<float> a_scale, out;
@@ -117,44 +103,6 @@ struct RowScratch {
 RowScratch& row_scratch() {
   thread_local RowScratch s;
   return s;
-}
-
-template <class T>
-T* at_least(std::vector<T>* v, int64_t n) {
-  if (static_cast<int64_t>(v->size()) < n) v->resize(static_cast<size_t>(n));
-  return v->data();
-}
-
-int64_t layers_on_rows_impl(const KernelTable& k, const Int8Layer* const* layers, const Activation* acts, size_t n,
-                       const float* x, int64_t ldx, int64_t rows, float* y) {
-  RowScratch& s = row_scratch();
-  const float* in = x;
-  int64_t ld = ldx;
-  for (size_t i = 0; i < n; ++i) {
-    const PackedB& b = layers[i]->view();
-    QuantizeJob q{in, ld, b.K, b.Kp, 0, rows, at_least(&s.a, rows * b.Kp), at_least(&s.a_scale, rows)};
-    const int64_t bad = k.quantize_rows(q);
-    if (bad >= 0) return bad;
-    const bool last = i + 1 == n;
-    float* out = last ? y : at_least(&s.out, rows * b.N);  // `in` is consumed by now
-    GemmJob j;
-    j.a = q.a;
-    j.lda = b.Kp;
-    j.a_scale = q.a_scale;
-    j.b = &b;
-    j.m0 = 0;
-    j.m1 = rows;
-    j.nb0 = 0;
-    j.nb1 = b.Np / 16;
-    j.epilogue = acts[i] == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone;
-    j.c = out;
-    j.ldc = b.N;
-    k.gemm_s8(j);
-    if (acts[i] == Activation::kSigmoid) sigmoid_inplace(out, rows * b.N);
-    in = out;
-    ld = b.N;
-  }
-  return -1;
 }
 
 // The layer-by-layer path (few rows on several threads): each layer's channels are split
@@ -173,33 +121,12 @@ void layer_by_layer(const KernelTable& k, const Int8Layer* const* layers, const 
       bufs[i % 2].resize(static_cast<size_t>(M * b.N));
       out = bufs[i % 2].data();
     }
-    quantize(k, in, M, ld, b.K, b.Kp, &a, &a_scale, false);
-    run_gemm(k, b, a.data(), b.Kp, a_scale.data(), M, acts[i] == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone,
-             out, nullptr, b.N);
+    quantize(k, in, M, ld, b.K, b.Kp, &a, &a_scale);
+    run_gemm(k, b, a.data(), b.Kp, a_scale.data(), M, epilogue_of(acts[i]), out, nullptr, b.N);
     if (acts[i] == Activation::kSigmoid) sigmoid_inplace(out, M * b.N);
     in = out;
     ld = b.N;
   }
-}
-
-void run_layers_impl(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
-                     int64_t ldx, float* y) {
-  if (M == 0) return;
-  const KernelTable& k = kernels();
-  if (!row_tasks_pay(M)) {  // run_gemm decides per layer whether to split
-    layer_by_layer(k, layers, acts, n, x, M, ldx, y);
-    return;
-  }
-  int64_t macs = 0;
-  for (size_t i = 0; i < n; ++i) macs += layers[i]->in_features() * layers[i]->out_features();
-  const RowTasks rt(M, M * macs >= kSerialMacs);
-  std::vector<int64_t> bad(static_cast<size_t>(rt.tasks), -1);
-  const int64_t ldy = layers[n - 1]->out_features();
-  rt.run([&](int64_t t, int64_t m0, int64_t m1) {
-    const int64_t r = layers_on_rows_impl(k, layers, acts, n, x + m0 * ldx, ldx, m1 - m0, y + m0 * ldy);
-    if (r >= 0) bad[t] = m0 + r;
-  });
-  throw_if_nonfinite(bad);
 }
 
 }  // namespace
@@ -216,9 +143,9 @@ bool row_tasks_pay(int64_t M) {
   return nt == 1 || M >= kRowTaskRowsPerThread * nt;
 }
 
-RowTasks::RowTasks(int64_t M_, bool parallel_) : M(M_) {
+RowTasks::RowTasks(int64_t M_, int64_t macs_per_row) : M(M_) {
   const int64_t nt = get_num_threads();
-  parallel = parallel_ && nt > 1;
+  parallel = nt > 1 && M * macs_per_row >= kSerialMacs;
   tiles = (M + kTileRows - 1) / kTileRows;
   tasks = (tiles + kMaxTilesPerTask - 1) / kMaxTilesPerTask;
   if (parallel) tasks = (tasks + nt - 1) / nt * nt;  // the threads end together
@@ -248,12 +175,56 @@ void throw_if_nonfinite(const std::vector<int64_t>& bad_rows) {
 
 int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x,
                             int64_t ldx, int64_t rows, float* y) {
-  return layers_on_rows_impl(kernels(), layers, acts, n, x, ldx, rows, y);
+  const KernelTable& k = kernels();
+  RowScratch& s = row_scratch();
+  const float* in = x;
+  int64_t ld = ldx;
+  for (size_t i = 0; i < n; ++i) {
+    const PackedB& b = layers[i]->view();
+    const QuantizeJob q{in, ld, b.K, b.Kp, 0, rows, at_least(&s.a, rows * b.Kp), at_least(&s.a_scale, rows)};
+    const int64_t bad = k.quantize_rows(q);
+    if (bad >= 0) return bad;
+    float* out = i + 1 == n ? y : at_least(&s.out, rows * b.N);  // `in` is consumed by now
+    GemmJob j = gemm_job(b, q.a, b.Kp, q.a_scale, epilogue_of(acts[i]), out, nullptr, b.N);
+    j.m0 = 0;
+    j.m1 = rows;
+    j.nb0 = 0;
+    j.nb1 = b.Np / 16;
+    k.gemm_s8(j);
+    if (acts[i] == Activation::kSigmoid) sigmoid_inplace(out, rows * b.N);
+    in = out;
+    ld = b.N;
+  }
+  return -1;
 }
 
 void int8_layers_forward(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
                          int64_t ldx, float* y) {
-  run_layers_impl(layers, acts, n, x, M, ldx, y);
+  if (M == 0) return;
+  if (!row_tasks_pay(M)) {  // run_gemm decides per layer whether to split
+    layer_by_layer(kernels(), layers, acts, n, x, M, ldx, y);
+    return;
+  }
+  int64_t macs = 0;
+  for (size_t i = 0; i < n; ++i) macs += layers[i]->in_features() * layers[i]->out_features();
+  const RowTasks rt(M, macs);
+  std::vector<int64_t> bad(static_cast<size_t>(rt.tasks), -1);
+  const int64_t ldy = layers[n - 1]->out_features();
+  rt.run([&](int64_t t, int64_t m0, int64_t m1) {
+    const int64_t r = int8_layers_on_rows(layers, acts, n, x + m0 * ldx, ldx, m1 - m0, y + m0 * ldy);
+    if (r >= 0) bad[t] = m0 + r;
+  });
+  throw_if_nonfinite(bad);
+}
+
+void check_layer_chain(const Int8Layer* const* layers, size_t n) {
+  for (size_t i = 1; i < n; ++i) {
+    if (layers[i]->in_features() != layers[i - 1]->out_features()) {
+      throw std::invalid_argument("layer " + std::to_string(i) + " takes " + std::to_string(layers[i]->in_features()) +
+                                  " features but layer " + std::to_string(i - 1) + " gives " +
+                                  std::to_string(layers[i - 1]->out_features()));
+    }
+  }
 }
 
 Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, const float* bias) {
@@ -309,13 +280,7 @@ void int8_mlp_forward(const std::vector<const Int8Layer*>& layers, const std::ve
                       const float* x, int64_t M, float* y) {
   if (layers.empty()) throw std::invalid_argument("an MLP needs at least one layer");
   if (acts.size() != layers.size()) throw std::invalid_argument("one activation per layer is required");
-  for (size_t i = 1; i < layers.size(); ++i) {
-    if (layers[i]->in_features() != layers[i - 1]->out_features()) {
-      throw std::invalid_argument("layer " + std::to_string(i) + " takes " + std::to_string(layers[i]->in_features()) +
-                                  " features but layer " + std::to_string(i - 1) + " gives " +
-                                  std::to_string(layers[i - 1]->out_features()));
-    }
-  }
+  check_layer_chain(layers.data(), layers.size());
   int8_layers_forward(layers.data(), acts.data(), layers.size(), x, M, layers[0]->in_features(), y);
 }
 
@@ -323,7 +288,7 @@ void quantize_rows_int8(const float* x, int64_t M, int64_t K, int8_t* q, float* 
   const int64_t Kp = round_up(K, 4);
   std::vector<uint8_t> a;
   std::vector<float> s;
-  quantize(kernels(), x, M, K, K, Kp, &a, &s, false);
+  quantize(kernels(), x, M, K, K, Kp, &a, &s);
   for (int64_t m = 0; m < M; ++m) {
     scale[m] = s[m];
     for (int64_t k = 0; k < K; ++k) q[m * K + k] = static_cast<int8_t>(static_cast<int32_t>(a[m * Kp + k]) - 128);

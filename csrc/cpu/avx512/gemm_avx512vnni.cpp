@@ -252,12 +252,11 @@ int64_t quantize_rows(const QuantizeJob& j) {
     std::memcpy(&amax, &bits, sizeof amax);
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     j.a_scale[m] = amax / 127.f;
-    if (!(inv <= 3.4e38f)) {  // amax < ~4e-37: 127 / amax overflows; the reference's exact steps
-      for (int64_t kk = 0; kk < K; ++kk) {
-        const float q = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(x[kk] * inv)));
-        a[kk] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
-      }
-      for (k = K; k < j.Kp; ++k) a[k] = 128;
+    if (!(inv <= 3.4e38f)) {  // amax < ~4e-37 (or NaN): 127 / amax overflows; the reference's steps
+      QuantizeJob one = j;
+      one.m0 = m;
+      one.m1 = m + 1;
+      ref::quantize_rows(one);
       continue;
     }
     const __m512 vinv = _mm512_set1_ps(inv);

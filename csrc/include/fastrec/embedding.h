@@ -24,7 +24,8 @@ struct MultiBagArgs {
   float* out = nullptr;               // B x sum(D_t), row-major
 };
 
-int64_t batch_size_of(const MultiBagArgs& a);  // checks num_offsets against T
+// B, after checking num_offsets against T and one mode and padding_idx per table.
+int64_t batch_size_of(const MultiBagArgs& a);
 void embedding_bags(const MultiBagArgs& a);
 
 // The offsets as int64 (copied into *storage only for int32 input), checked: offsets[0] == 0,

@@ -54,7 +54,8 @@ int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* ac
 // below it, splitting each layer's channels over the threads is faster.
 bool row_tasks_pay(int64_t M);
 struct RowTasks {
-  RowTasks(int64_t M, bool parallel);
+  // On the pool when M * macs_per_row is worth waking it.
+  RowTasks(int64_t M, int64_t macs_per_row);
   // fn(task, m0, m1) for every task, on the pool when parallel; fn must not throw.
   void run(const std::function<void(int64_t, int64_t, int64_t)>& fn) const;
   int64_t M = 0, tiles = 0, tasks = 0;
@@ -62,6 +63,15 @@ struct RowTasks {
 };
 // Throws the NaN/Inf std::invalid_argument for the first row >= 0 in bad_rows (one per task).
 void throw_if_nonfinite(const std::vector<int64_t>& bad_rows);
+// Throws std::invalid_argument when a layer's inputs do not match the previous one's outputs.
+void check_layer_chain(const Int8Layer* const* layers, size_t n);
+
+// Grows *v (never shrinks) to at least n elements; returns its data.
+template <class T>
+T* at_least(std::vector<T>* v, int64_t n) {
+  if (static_cast<int64_t>(v->size()) < n) v->resize(static_cast<size_t>(n));
+  return v->data();
+}
 
 // Per-row symmetric quantization as the kernels do it (for tests): q M x K int8, scale M.
 void quantize_rows_int8(const float* x, int64_t M, int64_t K, int8_t* q, float* scale);
