@@ -1,0 +1,39 @@
+"""The paired-ratio report of benches/paired.py computes what it says (no timing here)."""
+
+import importlib.util
+import os
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _paired():
+    path = os.path.join(HERE, "..", "benches", "paired.py")
+    spec = importlib.util.spec_from_file_location("fastrec_bench_paired", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_report_ratios_are_within_rounds():
+    paired = _paired()
+    rng = np.random.default_rng(0)
+    # Round r runs at speed 1 + r (a drifting machine); the peer is always 3x fastrec in-round.
+    base = [list((1 + r) * (1e-3 + 1e-5 * rng.random(5))) for r in range(8)]
+    peer = [[3 * t for t in block] for block in base]
+    text = paired.report(2048, {"fastrec": base, "peer": peer})
+    rows = {line.split("|")[2].strip(): line for line in text.splitlines()[2:]}
+    assert "| 3.00x (3.00-3.00x) |" in rows["peer"]
+    assert "| 1.00x (1.00-1.00x) |" in rows["fastrec"]
+    # p99 over all calls: 3x as well, since every peer call is 3x a fastrec call
+    assert rows["peer"].rstrip().endswith("| 3.00x |")
+
+
+def test_report_p50_is_over_all_calls():
+    paired = _paired()
+    base = [[1e-3, 1e-3, 1e-3], [2e-3, 2e-3, 2e-3], [2e-3, 2e-3, 2e-3]]
+    peer = [[2e-3, 2e-3, 2e-3], [4e-3, 4e-3, 4e-3], [4e-3, 4e-3, 4e-3]]
+    text = paired.report(270, {"fastrec": base, "peer": peer})
+    assert "| fastrec | 2.00 ms |" in text
+    assert "| peer | 4.00 ms |" in text
