@@ -136,45 +136,59 @@ def _uniform(rows):
     return lambda rng, n: rng.integers(0, rows, n, dtype=np.int64)
 
 
+# Built once per process, shared by the fixtures below and by benches/paired.py.
+_POOLS: dict = {}
+
+
+_TABLE_SPECS = {"large": (LARGE_T, LARGE_ROWS, 0), "small": (SMALL_T, SMALL_ROWS, 10)}  # tables, rows, seed
+
+
+def get_tables(kind: str) -> _Tables:
+    if kind not in _POOLS:
+        num_tables, rows, seed = _TABLE_SPECS[kind]
+        _POOLS[kind] = _Tables(num_tables, rows, seed=seed)
+    return _POOLS[kind]
+
+
+def get_large_requests(dist: str):
+    key = ("large", dist)
+    if key not in _POOLS:
+        rng = np.random.default_rng(1 if dist == "uniform" else 2)
+        if dist == "uniform":
+            samplers = [_uniform(LARGE_ROWS)] * LARGE_T
+        else:
+            samplers = [ZipfSampler(LARGE_ROWS, 1.05, seed=100 + t) for t in range(LARGE_T)]
+        _POOLS[key] = _make_requests(rng, samplers, [LARGE_L] * LARGE_T, LARGE_B, LARGE_POOL)
+    return _POOLS[key]
+
+
+def get_small_requests(batch: int):
+    key = ("small", batch)
+    if key not in _POOLS:
+        rng = np.random.default_rng(20 + batch)
+        samplers = [_uniform(SMALL_ROWS)] * SMALL_T
+        _POOLS[key] = _make_requests(rng, samplers, DLRM_V2_MULTI_HOT, batch, SMALL_POOL)
+    return _POOLS[key]
+
+
 @pytest.fixture(scope="module")
 def large_tables():
-    return _Tables(LARGE_T, LARGE_ROWS, seed=0)
+    return get_tables("large")
 
 
 @pytest.fixture(scope="module")
 def large_requests():
-    cache = {}
-
-    def get(dist: str):
-        if dist not in cache:
-            rng = np.random.default_rng(1 if dist == "uniform" else 2)
-            if dist == "uniform":
-                samplers = [_uniform(LARGE_ROWS)] * LARGE_T
-            else:
-                samplers = [ZipfSampler(LARGE_ROWS, 1.05, seed=100 + t) for t in range(LARGE_T)]
-            cache[dist] = _make_requests(rng, samplers, [LARGE_L] * LARGE_T, LARGE_B, LARGE_POOL)
-        return cache[dist]
-
-    return get
+    return get_large_requests
 
 
 @pytest.fixture(scope="module")
 def small_tables():
-    return _Tables(SMALL_T, SMALL_ROWS, seed=10)
+    return get_tables("small")
 
 
 @pytest.fixture(scope="module")
 def small_requests():
-    cache = {}
-
-    def get(batch: int):
-        if batch not in cache:
-            rng = np.random.default_rng(20 + batch)
-            samplers = [_uniform(SMALL_ROWS)] * SMALL_T
-            cache[batch] = _make_requests(rng, samplers, DLRM_V2_MULTI_HOT, batch, SMALL_POOL)
-        return cache[batch]
-
-    return get
+    return get_small_requests
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
-"""Paired (interleaved) ratios for the whole-model bench: fastrec and each peer take turns.
+"""Paired (interleaved) ratios: fastrec and each peer take turns, round after round.
 
-    python benches/paired.py                      # B=2048 and B=270, 15 rounds
+    python benches/paired.py                                  # whole model, B=2048 and B=270
     python benches/paired.py --batch 2048 --rounds 25 --calls 5
+    python benches/paired.py --bench embedding                # every bench_embedding.py case
+    python benches/paired.py --bench embedding --case zipf    # cases whose name holds "zipf"
 
 pytest-benchmark (benches/report.py) times each implementation in one block, one after the
 other. On a shared VM whose speed drifts by +-30% over tens of seconds, a slow spell that
@@ -9,15 +11,17 @@ falls on one block moves that ratio by as much. Here every round runs each imple
 few calls (the order rotates from round to round, with a 0.3 s pause before each block so
 that torch's spinning OpenMP workers are idle), and the ratio is taken within the round:
 peer's median call / fastrec's median call. The report gives the median of the per-round
-ratios and their interquartile range, and p50 / p99 over all of each implementation's calls
-(batches under 1000 rows, single requests, run 8x the calls per block).
+ratios and their interquartile range, and p50 / p99 over all of each implementation's calls.
 
-Same models, inputs and output checks as bench_model.py (which this imports).
+Same inputs, implementations and output checks as bench_model.py and bench_embedding.py (which
+this imports): the model scores one batch per size; the embedding cases cycle through their
+pools of distinct requests.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -25,58 +29,103 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BASE = "fastrec"
 
 
-def _block(fn, args, calls: int) -> list:
+def _block(fn, calls: int) -> list:
     ts = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        fn(*args)
+        fn()
         ts.append(time.perf_counter() - t0)
     return ts
 
 
-def paired(batch: int, rounds: int, calls: int, impls, pause: float = 0.3):
-    """{impl: per-round lists of call times in seconds}, rounds interleaved."""
-    import bench_model as bm
-
-    fns = {}
-    for name in impls:
-        fns[name] = bm._impl(name)
-        bm._check(name, fns[name](*bm._batch(batch)), batch)  # right answers before any timing
-    args = bm._batch(batch)
-    for name in impls:  # warm-up
-        _block(fns[name], args, 2)
-    times = {name: [] for name in impls}
+def paired(fns: dict, rounds: int, calls: int, pause: float = 0.3) -> dict:
+    """{impl: per-round lists of call times in seconds}; fns are zero-argument callables."""
+    names = list(fns)
+    for name in names:  # warm-up
+        _block(fns[name], 2)
+    times = {name: [] for name in names}
     for r in range(rounds):
-        order = list(impls[r % len(impls):]) + list(impls[:r % len(impls)])
-        for name in order:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             time.sleep(pause)
-            times[name].append(_block(fns[name], args, calls))
+            times[name].append(_block(fns[name], calls))
     return times
 
 
-def report(batch: int, times: dict, base: str = "fastrec") -> str:
+def report(label: str, times: dict, base: str = BASE) -> str:
     """Per impl: p50 / p99 over all its calls, and the per-round ratios of medians to base's."""
     b = np.asarray([np.median(block) for block in times[base]])
     b99 = np.percentile(np.concatenate(times[base]), 99)
-    lines = [f"| B={batch} | impl | p50 | p99 | p50 ratio: median of rounds (IQR) | p99 ratio |",
+    lines = [f"| {label} | impl | p50 | p99 | p50 ratio: median of rounds (IQR) | p99 ratio |",
              "|---|---|---:|---:|---|---:|"]
     for name, blocks in times.items():
         med = np.asarray([np.median(block) for block in blocks])
         q1, q2, q3 = np.percentile(med / b, [25, 50, 75])
-        every = np.concatenate(blocks)
-        p50, p99 = np.percentile(every, [50, 99])
-        lines.append(f"| | {name} | {p50 * 1e3:.2f} ms | {p99 * 1e3:.2f} ms | {q2:.2f}x ({q1:.2f}-{q3:.2f}x) "
+        p50, p99 = np.percentile(np.concatenate(blocks), [50, 99])
+        lines.append(f"| | {name} | {p50 * 1e3:.3f} ms | {p99 * 1e3:.3f} ms | {q2:.2f}x ({q1:.2f}-{q3:.2f}x) "
                      f"| {p99 / b99:.2f}x |")
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------
+# Cases: (label, {impl: zero-argument callable}, calls per block), outputs checked first
+
+
+def model_cases(batches, calls: int):
+    import bench_model as bm
+
+    for batch in batches:
+        args = bm._batch(batch)
+        fns = {}
+        for name in bm.IMPLS:
+            fn = bm._impl(name)
+            bm._check(name, fn(*args), batch)
+            fns[name] = (lambda fn=fn: fn(*args))
+        yield f"model B={batch}", fns, calls if batch >= 1000 else 8 * calls  # single requests: more calls
+
+
+def embedding_cases(case_filter: str, calls: int):
+    import torch
+
+    import bench_embedding as be
+
+    cases = [("large", p, d) for p in be.PRECISIONS for d in ("uniform", "zipf")]
+    cases += [("small", p, b) for p in be.PRECISIONS for b in (1, 270)]
+    reference: dict = {}
+    for kind, precision, var in cases:
+        label = f"{kind}-{precision}-{var if kind == 'large' else f'B{var}'}"
+        if case_filter and case_filter not in label:
+            continue
+        if kind == "large":
+            tables, requests = be.get_tables("large"), be.get_large_requests(var)
+            key, n = ("large", precision, var), calls
+        else:
+            tables, requests = be.get_tables("small"), be.get_small_requests(var)
+            key, n = ("small", precision, var), (40 if var == 1 else 8) * calls
+        fns = {}
+        for impl in ("fastrec", "torch"):
+            run = be._runner(impl, precision, tables)
+            with torch.inference_mode():
+                be._check(impl, precision, tables, requests, key, reference, run)
+            cycle = itertools.cycle(requests)
+
+            def fn(run=run, cycle=cycle):
+                with torch.inference_mode():
+                    run(next(cycle))
+
+            fns[impl] = fn
+        yield label, fns, n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, action="append", help="batch size (repeatable; default 2048 and 270)")
+    p.add_argument("--bench", choices=("model", "embedding"), default="model")
+    p.add_argument("--batch", type=int, action="append", help="model batch size (repeatable; default 2048 and 270)")
+    p.add_argument("--case", default="", help="embedding: only cases whose name contains this")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--calls", type=int, default=5, help="calls per implementation per round")
+    p.add_argument("--calls", type=int, default=5, help="calls per implementation per round (more for small requests)")
     args = p.parse_args(argv)
     sys.path.insert(0, HERE)
     import platform
@@ -85,17 +134,18 @@ def main(argv=None) -> int:
     import torch
     from benchutils import THREADS
 
-    import bench_model as bm
-
     fastrec.set_num_threads(THREADS)
     torch.set_num_threads(THREADS)
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"threads per library: {THREADS}; fastrec {fastrec.__version__}; load before: {os.getloadavg()}")
-    for batch in args.batch or (2048, 270):
-        calls = args.calls if batch >= 1000 else 8 * args.calls  # single requests: enough calls for a p99
-        times = paired(batch, args.rounds, calls, bm.IMPLS)
+    if args.bench == "model":
+        cases = model_cases(args.batch or (2048, 270), args.calls)
+    else:
+        cases = embedding_cases(args.case, args.calls)
+    for label, fns, calls in cases:
+        times = paired(fns, args.rounds, calls)
         print()
-        print(report(batch, times))
+        print(report(label, times), flush=True)
     print(f"\nload after: {os.getloadavg()}")
     return 0
 

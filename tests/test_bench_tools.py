@@ -35,5 +35,5 @@ def test_report_p50_is_over_all_calls():
     base = [[1e-3, 1e-3, 1e-3], [2e-3, 2e-3, 2e-3], [2e-3, 2e-3, 2e-3]]
     peer = [[2e-3, 2e-3, 2e-3], [4e-3, 4e-3, 4e-3], [4e-3, 4e-3, 4e-3]]
     text = paired.report(270, {"fastrec": base, "peer": peer})
-    assert "| fastrec | 2.00 ms |" in text
-    assert "| peer | 4.00 ms |" in text
+    assert "| fastrec | 2.000 ms |" in text
+    assert "| peer | 4.000 ms |" in text
