@@ -251,22 +251,28 @@ class _Case:
         raise ValueError(impl)
 
 
+_CASES: dict = {}  # built once per process, shared by the fixture and benches/paired.py
+
+
+def _specs():
+    return [("linear", f"{k}x{n}") for k, n in LINEAR_SHAPES] + [("mlp", m) for m in MLPS]
+
+
+def get_case(kind: str, name: str) -> _Case:
+    if (kind, name) not in _CASES:
+        seed = _specs().index((kind, name)) + 1  # the order the benches run them
+        if kind == "linear":
+            k, n = map(int, name.split("x"))
+            _CASES[kind, name] = _Case(kind, (k, n), (None,), seed)
+        else:
+            dims, acts = MLPS[name]
+            _CASES[kind, name] = _Case(kind, dims, acts, seed)
+    return _CASES[kind, name]
+
+
 @pytest.fixture(scope="module")
 def cases():
-    cache = {}
-
-    def get(kind: str, name: str) -> _Case:
-        if (kind, name) not in cache:
-            seed = len(cache) + 1
-            if kind == "linear":
-                k, n = map(int, name.split("x"))
-                cache[kind, name] = _Case(kind, (k, n), (None,), seed)
-            else:
-                dims, acts = MLPS[name]
-                cache[kind, name] = _Case(kind, dims, acts, seed)
-        return cache[kind, name]
-
-    return get
+    return get_case
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +285,7 @@ def onnx_dir(tmp_path_factory):
 
 def _params():
     out = []
-    specs = [("linear", f"{k}x{n}") for k, n in LINEAR_SHAPES] + [("mlp", m) for m in MLPS]
-    for kind, name in specs:
+    for kind, name in _specs():
         for b in BATCHES:
             group = f"{kind}-{name}-B{b}"
             for impl in IMPLS:

@@ -4,6 +4,7 @@
     python benches/paired.py --batch 2048 --rounds 25 --calls 5
     python benches/paired.py --bench embedding                # every bench_embedding.py case
     python benches/paired.py --bench embedding --case zipf    # cases whose name holds "zipf"
+    python benches/paired.py --bench linear --case mlp        # int8 linear layers / MLPs
 
 pytest-benchmark (benches/report.py) times each implementation in one block, one after the
 other. On a shared VM whose speed drifts by +-30% over tens of seconds, a slow spell that
@@ -13,9 +14,10 @@ that torch's spinning OpenMP workers are idle), and the ratio is taken within th
 peer's median call / fastrec's median call. The report gives the median of the per-round
 ratios and their interquartile range, and p50 / p99 over all of each implementation's calls.
 
-Same inputs, implementations and output checks as bench_model.py and bench_embedding.py (which
-this imports): the model scores one batch per size; the embedding cases cycle through their
-pools of distinct requests.
+Same inputs, implementations and output checks as bench_model.py, bench_embedding.py and
+bench_linear.py (which this imports): the model scores one batch per size; the embedding cases
+cycle through their pools of distinct requests; the linear cases run fastrec, torch-dynq,
+ort-int8 (when onnxruntime is installed) and torch-fp32, about 30 ms of calls per block.
 """
 
 from __future__ import annotations
@@ -119,11 +121,46 @@ def embedding_cases(case_filter: str, calls: int):
         yield label, fns, n
 
 
+def linear_cases(case_filter: str, calls: int):
+    import tempfile
+
+    import pytest
+    import torch
+
+    import bench_linear as bl
+
+    onnx_dir = tempfile.mkdtemp(prefix="fastrec-paired-")
+    for kind, name in bl._specs():
+        case = bl.get_case(kind, name)
+        for batch in bl.BATCHES:
+            label = f"{kind}-{name}-B{batch}"
+            if case_filter and case_filter not in label:
+                continue
+            x = case.x(batch)
+            fns = {}
+            for impl in ("fastrec", "torch-dynq", "ort-int8", "torch-fp32"):
+                try:
+                    with torch.inference_mode():
+                        bl._check(case, impl, x, batch, onnx_dir)
+                        call, _ = case.runner(impl, x, onnx_dir)
+                except (ImportError, pytest.skip.Exception):  # onnx / onnxruntime not installed
+                    continue
+
+                def fn(call=call):
+                    with torch.inference_mode():
+                        call()
+
+                fns[impl] = fn
+            # about 30 ms of fastrec calls per block (the bench's own estimate of a call's time)
+            est = max(bl.EST_CALL_S, 2 * batch * case.macs / bl.EST_OPS_PER_S)
+            yield label, fns, int(min(2000, max(calls, 0.03 / est)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", choices=("model", "embedding"), default="model")
+    p.add_argument("--bench", choices=("model", "embedding", "linear"), default="model")
     p.add_argument("--batch", type=int, action="append", help="model batch size (repeatable; default 2048 and 270)")
-    p.add_argument("--case", default="", help="embedding: only cases whose name contains this")
+    p.add_argument("--case", default="", help="embedding / linear: only cases whose name contains this")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=5, help="calls per implementation per round (more for small requests)")
     args = p.parse_args(argv)
@@ -140,8 +177,10 @@ def main(argv=None) -> int:
           f"threads per library: {THREADS}; fastrec {fastrec.__version__}; load before: {os.getloadavg()}")
     if args.bench == "model":
         cases = model_cases(args.batch or (2048, 270), args.calls)
-    else:
+    elif args.bench == "embedding":
         cases = embedding_cases(args.case, args.calls)
+    else:
+        cases = linear_cases(args.case, args.calls)
     for label, fns, calls in cases:
         times = paired(fns, args.rounds, calls)
         print()
