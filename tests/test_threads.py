@@ -171,3 +171,35 @@ def test_usable_after_fork(rng):
     r = _run(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0"
+
+
+def _thread_cpu(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[36])  # field 39: the CPU it last ran on
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not os.path.exists("/proc/self/task"),
+                    reason="Linux only")
+def test_pool_workers_avoid_the_callers_cpu(rng):
+    """Workers may run on every CPU the caller may use except the one the caller is on (so a
+    woken worker is not placed on the caller's CPU to share it for the whole call)."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs at least 2 usable CPUs")
+    old = fastrec.get_num_threads()
+    fastrec.set_num_threads(2)
+    try:
+        lin = fastrec.Int8Linear.from_float(rng.standard_normal((1024, 1024), dtype=np.float32))
+        x = rng.standard_normal((256, 1024), dtype=np.float32)
+        main = threading.get_native_id()
+        for _ in range(20):  # the caller may migrate between the call and the check: retry
+            lin(x)
+            cpu = _thread_cpu(main)
+            others = [int(t) for t in os.listdir("/proc/self/task") if int(t) != main]
+            if any(os.sched_getaffinity(t) == allowed - {cpu} for t in others):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"no thread has the caller's CPU set {sorted(allowed)} minus its CPU {cpu}")
+    finally:
+        fastrec.set_num_threads(old)
