@@ -23,6 +23,7 @@ ort-int8 (when onnxruntime is installed) and torch-fp32, about 30 ms of calls pe
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -71,6 +72,21 @@ def report(label: str, times: dict, base: str = BASE) -> str:
     return "\n".join(lines)
 
 
+def _torch_call(fn):
+    """fn under torch.inference_mode(), as the benches time torch (only torch's calls pay it)."""
+    import torch
+
+    def call():
+        with torch.inference_mode():
+            return fn()
+
+    return call
+
+
+def _next_request(run, cycle):
+    return run(next(cycle))
+
+
 # --------------------------------------------------------------------------------------------
 # Cases: (label, {impl: zero-argument callable}, calls per block), outputs checked first
 
@@ -112,12 +128,8 @@ def embedding_cases(case_filter: str, calls: int):
             with torch.inference_mode():
                 be._check(impl, precision, tables, requests, key, reference, run)
             cycle = itertools.cycle(requests)
-
-            def fn(run=run, cycle=cycle):
-                with torch.inference_mode():
-                    run(next(cycle))
-
-            fns[impl] = fn
+            fn = functools.partial(_next_request, run, cycle)
+            fns[impl] = _torch_call(fn) if impl == "torch" else fn
         yield label, fns, n
 
 
@@ -146,11 +158,7 @@ def linear_cases(case_filter: str, calls: int):
                 except (ImportError, pytest.skip.Exception):  # onnx / onnxruntime not installed
                     continue
 
-                def fn(call=call):
-                    with torch.inference_mode():
-                        call()
-
-                fns[impl] = fn
+                fns[impl] = _torch_call(call) if impl.startswith("torch") else call
             # about 30 ms of fastrec calls per block (the bench's own estimate of a call's time)
             est = max(bl.EST_CALL_S, 2 * batch * case.macs / bl.EST_OPS_PER_S)
             yield label, fns, int(min(2000, max(calls, 0.03 / est)))
