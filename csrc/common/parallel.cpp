@@ -189,12 +189,6 @@ pid_t g_pool_pid = 0;
 std::atomic<int> g_num_threads{0};
 
 int default_threads() {
-#ifdef __linux__
-  // The CPUs this process may run on (taskset, cgroup cpusets), not every CPU of the machine.
-  cpu_set_t allowed;
-  CPU_ZERO(&allowed);
-  if (sched_getaffinity(0, sizeof allowed, &allowed) == 0 && CPU_COUNT(&allowed) > 0) return CPU_COUNT(&allowed);
-#endif
   const unsigned hc = std::thread::hardware_concurrency();
   return hc == 0 ? 1 : static_cast<int>(hc);
 }
