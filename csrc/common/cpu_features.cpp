@@ -29,6 +29,7 @@ CpuFeatures detect() {
   unsigned r[4];
   cpuid(0, 0, r);
   const unsigned max_leaf = r[0];
+  f.amd = r[1] == 0x68747541u && r[3] == 0x69746e65u && r[2] == 0x444d4163u;  // "Auth" "enti" "cAMD"
   if (max_leaf < 7) return f;
   cpuid(1, 0, r);
   const bool osxsave = (r[2] >> 27) & 1;

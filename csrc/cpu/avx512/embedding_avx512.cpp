@@ -46,8 +46,6 @@ struct V {
   }
   static void store(float* p, reg v, int r) { _mm512_mask_storeu_ps(p, mask(r), v); }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-  static void prefetch_far(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2); }
-  static void prefetch_near(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };
 
 #include "../embedding_kernel.inc"

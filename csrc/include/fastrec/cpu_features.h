@@ -10,6 +10,7 @@ struct CpuFeatures {
   bool avx2 = false;      // AVX2 + FMA + F16C, with OS support for YMM state
   bool avx512 = false;    // AVX-512 F/BW/VL/DQ, with OS support for ZMM state
   bool avx512_vnni = false;
+  bool amd = false;       // vendor AuthenticAMD (a few prefetch choices differ by vendor)
 };
 
 // Detected once (cpuid + xgetbv); cheap to call afterwards.
