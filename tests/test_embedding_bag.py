@@ -213,6 +213,33 @@ def test_careful_path_all_kinds(isa, rng, kind, mode, dim):
         testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("l1_prefetch", [0, 1])
+@pytest.mark.parametrize("kind", ["q8", "q4", "q2"])
+@pytest.mark.parametrize("dim", [3, 64, 130])
+def test_fast_path_with_and_without_l1_prefetch(isa, rng, l1_prefetch, kind, dim):
+    """The fast path of quantized rows has two variants, with and without the L1 prefetch
+    (the default depends on the CPU vendor); both must agree with the oracle on any CPU,
+    including bags longer than the prefetch distances and short final bags."""
+    from fastrec import QuantizedTable, _C
+
+    W = rng.standard_normal((3000, dim)).astype(np.float32)
+    table = QuantizedTable.from_float(W, bits=int(kind[1:]))
+    lengths = np.array([200, 0, 1, 17, 150, 3], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    indices = rng.integers(0, 3000, int(offsets[-1]))
+    psw = rng.random(len(indices)).astype(np.float32)
+    _C._set_embedding_l1_prefetch(l1_prefetch)
+    try:
+        assert _C._embedding_l1_prefetch() == bool(l1_prefetch)
+        for mode, w in (("sum", None), ("sum", psw), ("mean", None), ("max", None)):
+            out = ops.embedding_bag(table, indices, offsets, mode=mode, per_sample_weights=w)
+            ref = testing.embedding_bag_ref(table, indices, offsets, mode=mode, per_sample_weights=w)
+            testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    finally:
+        _C._set_embedding_l1_prefetch(-1)
+    assert _C._embedding_l1_prefetch() == (not _C._cpu_vendor_amd())
+
+
 def test_unusual_but_valid_tables(rng):
     """Zero-width tables, empty tables with no ids, big-endian and read-only arrays."""
     assert ops.embedding_bag(np.zeros((5, 0), np.float32), [1, 2], [0, 2]).shape == (1, 0)

@@ -3,6 +3,7 @@
 #include "fastrec/embedding.h"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -87,6 +88,17 @@ BagJob bag_job(const MultiBagArgs& a, const int64_t* off, int64_t B, int64_t t, 
   job.out_stride = out_stride;
   return job;
 }
+
+namespace {
+std::atomic<int> l1_prefetch_mode{-1};
+}  // namespace
+
+bool embedding_l1_prefetch() {
+  const int mode = l1_prefetch_mode.load(std::memory_order_relaxed);
+  return mode < 0 ? !cpu_features().amd : mode != 0;
+}
+
+void set_embedding_l1_prefetch(int mode) { l1_prefetch_mode.store(mode < 0 ? -1 : (mode != 0), std::memory_order_relaxed); }
 
 void keep_first_error(const BagError& e, BagError* first) {
   if (e.position >= 0 && (first->position < 0 || e.position < first->position)) *first = e;

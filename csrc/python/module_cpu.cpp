@@ -518,6 +518,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("current_isa", [] { return std::string(isa_name(current_isa())); });
+  m.def("_set_embedding_l1_prefetch", &set_embedding_l1_prefetch, py::arg("mode"),
+        "Tests only: 1 / 0 force the embedding kernels' L1 prefetch of quantized rows on / off, -1 restores the default.");
+  m.def("_embedding_l1_prefetch", &embedding_l1_prefetch);
+  m.def("_cpu_vendor_amd", [] { return cpu_features().amd; });
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); }, py::arg("name"));
   m.def("available_isas", [] {
     std::vector<std::string> out;

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "fastrec/dispatch.h"
+#include "fastrec/embedding.h"
 
 namespace fastrec {
 namespace avx2 {

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "fastrec/dispatch.h"
+#include "fastrec/embedding.h"
 
 namespace fastrec {
 namespace avx512 {

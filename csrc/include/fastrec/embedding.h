@@ -35,6 +35,11 @@ const int64_t* checked_offsets(const MultiBagArgs& a, std::vector<int64_t>* stor
 // to out, the next to out + out_stride, ...
 BagJob bag_job(const MultiBagArgs& a, const int64_t* off, int64_t B, int64_t t, int64_t b0, int64_t b1, float* out,
                int64_t out_stride);
+// Whether the fast path also prefetches quantized rows into L1 (see embedding_kernel.inc):
+// by default everywhere but on AMD CPUs; set_embedding_l1_prefetch(1 / 0) forces it on / off
+// and -1 restores the default (for tests, which run both paths on any CPU).
+bool embedding_l1_prefetch();
+void set_embedding_l1_prefetch(int mode);
 // Keeps the error with the lowest position in *first.
 void keep_first_error(const BagError& e, BagError* first);
 // Throws the std::out_of_range for a bad id that every embedding entry point raises.
