@@ -231,6 +231,41 @@ def test_errors(rng):
         Int8MLP.from_float([_layer(rng, 8, 4)], [])
 
 
+def test_direct_call_path_matches_the_general_path(rng):
+    """lin(x) / mlp(x) send a native float32 numpy matrix straight to the kernel; anything
+    else (other dtypes and byte orders, views, tensors, unusual activations) takes the checked
+    path. Both must give the same numbers and the same errors."""
+    W, b = _layer(rng, 24, 16)
+    lin = Int8Linear.from_float(W, b)
+    mlp = Int8MLP.from_float([(W, b), _layer(rng, 16, 3)], ["relu", "sigmoid"])
+    x = rng.standard_normal((9, 48)).astype(np.float32)
+    views = {"contiguous": np.ascontiguousarray(x[:, :24]), "strided": x[:, ::2],
+             "fortran": np.asfortranarray(x[:, :24])}
+    for name, v in views.items():
+        plain = np.ascontiguousarray(v, dtype=np.float32)
+        for act in (None, "none", "relu", "sigmoid"):
+            ref = ops.int8_linear(plain, lin, activation=act)
+            np.testing.assert_array_equal(lin(v, activation=act), ref, err_msg=f"{name} {act}")
+            np.testing.assert_array_equal(lin(plain, activation=act), ref, err_msg=f"{name} {act}")
+        h = ops.int8_linear(plain, mlp.layers[0], activation="relu")
+        np.testing.assert_array_equal(mlp(v), ops.int8_linear(h, mlp.layers[1], activation="sigmoid"), err_msg=name)
+    for fn in (lin, mlp):
+        with pytest.raises(TypeError, match="float32"):
+            fn(views["contiguous"].astype(">f4"))
+    for bad in ("gelu", ["relu"], 1):
+        with pytest.raises(ValueError, match="activation"):
+            lin(views["contiguous"], activation=bad)
+    with pytest.raises(ValueError, match="features"):
+        mlp(np.zeros((2, 7), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        mlp(np.zeros((2, 24), np.float64))
+    x_bad = views["contiguous"].copy()
+    x_bad[4, 5] = np.nan
+    for fn in (lin, mlp):
+        with pytest.raises(ValueError, match="NaN or Inf \\(row 4\\)"):
+            fn(x_bad)
+
+
 def test_nan_in_a_big_parallel_batch(rng):
     W, b = _layer(rng, 512, 512)
     lin = Int8Linear.from_float(W, b)
