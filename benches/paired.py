@@ -5,6 +5,8 @@
     python benches/paired.py --bench embedding                # every bench_embedding.py case
     python benches/paired.py --bench embedding --case zipf    # cases whose name holds "zipf"
     python benches/paired.py --bench linear --case mlp        # int8 linear layers / MLPs
+    python benches/paired.py --bench embedding --case 8bit --l1-variants
+                              # + fastrec with its L1 prefetch of quantized rows forced on / off
 
 pytest-benchmark (benches/report.py) times each implementation in one block, one after the
 other. On a shared VM whose speed drifts by +-30% over tens of seconds, a slow spell that
@@ -104,7 +106,19 @@ def model_cases(batches, calls: int):
         yield f"model B={batch}", fns, calls if batch >= 1000 else 8 * calls  # single requests: more calls
 
 
-def embedding_cases(case_filter: str, calls: int):
+def _with_l1_prefetch(fn, mode: int):
+    from fastrec import _C
+
+    def call():
+        _C._set_embedding_l1_prefetch(mode)
+        try:
+            return fn()
+        finally:
+            _C._set_embedding_l1_prefetch(-1)
+    return call
+
+
+def embedding_cases(case_filter: str, calls: int, l1_variants: bool = False):
     import torch
 
     import bench_embedding as be
@@ -130,6 +144,9 @@ def embedding_cases(case_filter: str, calls: int):
             cycle = itertools.cycle(requests)
             fn = functools.partial(_next_request, run, cycle)
             fns[impl] = _torch_call(fn) if impl == "torch" else fn
+            if impl == "fastrec" and l1_variants:
+                fns["fastrec-L1-on"] = _with_l1_prefetch(fn, 1)
+                fns["fastrec-L1-off"] = _with_l1_prefetch(fn, 0)
         yield label, fns, n
 
 
@@ -164,6 +181,17 @@ def linear_cases(case_filter: str, calls: int):
             yield label, fns, int(min(2000, max(calls, 0.03 / est)))
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=("model", "embedding", "linear"), default="model")
@@ -171,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--case", default="", help="embedding / linear: only cases whose name contains this")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=5, help="calls per implementation per round (more for small requests)")
+    p.add_argument("--l1-variants", action="store_true",
+                   help="embedding: also time fastrec with its L1 prefetch of quantized rows forced on and off")
     args = p.parse_args(argv)
     sys.path.insert(0, HERE)
     import platform
@@ -181,12 +211,12 @@ def main(argv=None) -> int:
 
     fastrec.set_num_threads(THREADS)
     torch.set_num_threads(THREADS)
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    print(f"Machine: {_cpu_model() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"threads per library: {THREADS}; fastrec {fastrec.__version__}; load before: {os.getloadavg()}")
     if args.bench == "model":
         cases = model_cases(args.batch or (2048, 270), args.calls)
     elif args.bench == "embedding":
-        cases = embedding_cases(args.case, args.calls)
+        cases = embedding_cases(args.case, args.calls, args.l1_variants)
     else:
         cases = linear_cases(args.case, args.calls)
     for label, fns, calls in cases:
