@@ -34,7 +34,9 @@ the earlier positives the training interactions):
 * Recall@10 and NDCG@10 over all 1682 items, excluding each user's training items: the torch
   model by brute force (fp32 ``U @ I.T``) and the fastrec exports (``Model.recommend`` with
   ``exclude=``): fp32, and int8 (int8 tower MLPs, q8 tables, int8 item index with its exact
-  rerank, the default).
+  rerank, the default);
+* three trainings (seeds 0, 1, 2), each measured as above; the rules use the mean of the three
+  (one run has ~140 hits among 942 users, too few to resolve a 0.99 ratio).
 
 It prints markdown tables (results and the issue's rules) and, with ``--json``, writes every
 number with the configuration, machine and date. Deterministic: fixed seeds, fixed thread
@@ -110,6 +112,11 @@ class RetrievalConfig:
     tau: float = 0.05
     log_q: bool = True
     seed: int = 0
+    # The rules use every seed's run, pooled: with ~140 hits among 942 users one run resolves
+    # Recall@10 only to 0.7%, and which of int8 / fp32 wins by a hit or two changes from seed to
+    # seed (on a Zen 4 machine seed 0 gave int8 133 hits against 135, seeds 1-3 gave int8 as many
+    # or more). Pooling three seeds resolves the 0.99 ratio to about 0.25%.
+    seeds: tuple = (0, 1, 2)
 
 
 FULL = (RankingConfig(), RetrievalConfig())
@@ -449,6 +456,20 @@ def evaluate_retrieval(ml, cfg: RetrievalConfig, workdir: str, log=print) -> dic
     return out
 
 
+def evaluate_retrieval_pooled(ml, cfg: RetrievalConfig, workdir: str, log=print) -> dict:
+    """evaluate_retrieval once per seed of cfg.seeds (each training its own two-tower model);
+    every metric is the mean over the seeds (each run scores the same test users, so the pooled
+    Recall@10 is all hits over all user-runs). ``per_seed`` keeps each run."""
+    runs = [evaluate_retrieval(ml, dataclasses.replace(cfg, seed=seed), workdir, log) for seed in cfg.seeds]
+    pooled = {}
+    for label in runs[0]["results"]:
+        keys = runs[0]["results"][label]
+        pooled[label] = {k: float(np.mean([r["results"][label][k] for r in runs])) for k in keys}
+    return {"data": runs[0]["data"] + f"; mean of {len(runs)} trainings (seeds {list(cfg.seeds)})",
+            "config": dataclasses.asdict(cfg), "results": pooled,
+            "per_seed": {seed: r["results"] for seed, r in zip(cfg.seeds, runs)}}
+
+
 def retrieval_checks(r: dict) -> list:
     ref = r["results"]["torch fp32 (brute force)"]
     got = r["results"]["fastrec int8"]
@@ -495,6 +516,9 @@ def markdown(results: dict) -> str:
             same = m.get("same_top10_as_torch")
             lines.append(f"| {name} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
                          f"{'' if same is None else f'{same:.1%}'} |")
+        for seed, res in r.get("per_seed", {}).items():
+            lines.append(f"\nSeed {seed}: " + "; ".join(
+                f"{name} Recall@10 {m['recall@10']:.4f}, NDCG@10 {m['ndcg@10']:.4f}" for name, m in res.items()))
         lines.append("")
     lines += ["| rule | measured | target | met |", "|---|---:|---|---|"]
     for rule, value, target, ok in results["checks"]:
@@ -536,7 +560,7 @@ def run(ml=None, *, fast: bool = False, synthetic: bool = True, threads: int = 2
             results["source"] = ml.source
             results["ranking"] = evaluate_ranking(ranking_movielens(ml), rank_cfg, work, log)
             results["checks"] += ranking_checks(results["ranking"], "ranking")
-            results["retrieval"] = evaluate_retrieval(ml, retr_cfg, work, log)
+            results["retrieval"] = evaluate_retrieval_pooled(ml, retr_cfg, work, log)
             results["checks"] += retrieval_checks(results["retrieval"])
         if synthetic:
             results["synthetic"] = evaluate_ranking(ranking_synthetic(), SYNTHETIC, work, log)
