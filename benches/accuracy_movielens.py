@@ -466,7 +466,7 @@ def evaluate_retrieval_pooled(ml, cfg: RetrievalConfig, workdir: str, log=print)
         keys = runs[0]["results"][label]
         pooled[label] = {k: float(np.mean([r["results"][label][k] for r in runs])) for k in keys}
     return {"data": runs[0]["data"] + f"; mean of {len(runs)} trainings (seeds {list(cfg.seeds)})",
-            "config": dataclasses.asdict(cfg), "results": pooled,
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}, "results": pooled,
             "per_seed": {seed: r["results"] for seed, r in zip(cfg.seeds, runs)}}
 
 

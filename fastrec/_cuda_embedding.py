@@ -207,7 +207,10 @@ _HOST_TABLE_TYPES = frozenset((np.ndarray, QuantizedTable))
 
 
 def any_device_table(tables) -> bool:
-    """Whether any table is on the GPU (cheap for numpy and host QuantizedTable inputs)."""
+    """Whether any table of the list / tuple is on the GPU (cheap for numpy and host
+    QuantizedTable inputs)."""
+    if not isinstance(tables, (list, tuple)):
+        tables = list(tables)  # iterated twice below
     if _HOST_TABLE_TYPES.issuperset(map(type, tables)):  # iterates in C: ~0.5 us for 26 tables, not 2
         return False
     for t in tables:

@@ -114,4 +114,6 @@ def test_embedding_kernels_keep_their_prefetches():
         pytest.skip("objdump not found")
     out = subprocess.run([objdump, "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
                          check=True).stdout
-    assert out.count("prefetcht2") >= 50, "the embedding kernels' row prefetches are missing from the build"
+    # ~1600 per x86 ISA level in this build, almost all in the per-row loops (the bursts at the
+    # start of each job are a few hundred): a build that lost the loops' prefetches falls far short.
+    assert out.count("prefetcht2") >= 1000, "the embedding kernels' row prefetches are missing from the build"

@@ -234,7 +234,8 @@ def test_errors(rng):
 def test_direct_call_path_matches_the_general_path(rng):
     """lin(x) / mlp(x) send a native float32 numpy matrix straight to the kernel; anything
     else (other dtypes and byte orders, views, tensors, unusual activations) takes the checked
-    path. Both must give the same numbers and the same errors."""
+    path. Both must give the same numbers; bad activations, widths and dtypes must raise as
+    before, and NaN must be found on the direct path too."""
     W, b = _layer(rng, 24, 16)
     lin = Int8Linear.from_float(W, b)
     mlp = Int8MLP.from_float([(W, b), _layer(rng, 16, 3)], ["relu", "sigmoid"])
