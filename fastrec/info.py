@@ -84,11 +84,11 @@ def format_info(d: dict) -> str:
     feats = ", ".join(k for k, v in d["cpu_features"].items() if v) or "none"
     lines.append(f"  CPU features       : {feats}")
     lines.append(f"  int8 GEMM kernel   : {d['int8_gemm']}")
-    vendor = "AMD" if d["cpu_vendor_amd"] else "not AMD"
     if d["cpu_isa"] == "scalar":
         lines.append("  embedding prefetch : none (the scalar reference kernels)")
     else:
         l1 = "on" if d["embedding_l1_prefetch"] else "off"
+        vendor = "AMD" if d["cpu_vendor_amd"] else "not AMD"
         lines.append(f"  embedding prefetch : L2, 128 ids ahead; L1 for quantized rows {l1} (CPU vendor: {vendor})")
     lines.append(f"  threads            : {d['num_threads']} of {d['cpus_available']} CPUs available")
     lines.append(f"  OpenMP             : {'yes' if d['openmp'] else 'no'} (thread pool: {d['thread_pool']})")

@@ -33,9 +33,9 @@ _F32 = np.dtype(np.float32)
 def _plain_f32_matrix(x, in_features: int) -> bool:
     """True for the common input, a native float32 numpy matrix of the right width: the
     callers then go straight to the C++ call (which copies it only if it is not C-contiguous,
-    and finds NaN / Inf in the quantization pass). The general
-    path (device arrays, tensors, checks with Python's messages) cost ~4 us of Python per call,
-    a quarter of a batch-1 1024x1024 layer."""
+    and finds NaN / Inf in the quantization pass). The general path (device arrays, tensors,
+    checks with Python's messages) cost ~4 us of Python per call, a quarter of a batch-1
+    1024x1024 layer."""
     return type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2 and x.shape[1] == in_features
 
 
