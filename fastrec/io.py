@@ -14,7 +14,12 @@ so worker processes would not share one copy of the tables. The format is simple
 little-endian header length, a JSON header of ``{name: {dtype, shape, data_offsets}}``, then the
 raw little-endian data); this reader maps the file read-only once and hands out
 ``np.frombuffer`` views of it, so every process that loads the model shares the page cache.
-Writing goes through the ``safetensors`` package (``safetensors.numpy.save_file``).
+Writing is done here too, as standard safetensors (any safetensors reader reads the file),
+with every tensor starting on a 64-byte boundary of the file (:data:`TENSOR_ALIGNMENT`). Memory
+maps start on a page, so each table then starts on a cache line: a D=64 fp32 row spans 4 lines
+instead of 5, an fp16 one 2 instead of 3. The format allows no gaps between tensors, so the
+writer fills each gap with a small uint8 tensor named ``__fastrec_pad.<n>``; the reader drops
+those names.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import mmap
 import os
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +40,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "TENSORS_FILE",
+    "TENSOR_ALIGNMENT",
     "ModelFormatError",
     "featurizer_from_manifest",
     "read_model",
@@ -47,6 +54,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "model.safetensors"
 
+TENSOR_ALIGNMENT = 64             # file offset of every tensor written by write_model
+_PAD_PREFIX = "__fastrec_pad."    # the writer's gap fillers; names reserved, dropped on reading
 _MAX_HEADER_BYTES = 100 << 20    # safetensors' own limit on the JSON header
 _MAX_MANIFEST_BYTES = 64 << 20   # a manifest is a few KB; refuse to read a giant file
 _MISSING = object()
@@ -208,7 +217,8 @@ def _read_safetensors(path) -> tuple[dict, dict]:
                 array = np.frombuffer(mm, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
                 if (data_start + begin) % dtype.alignment:
                     array = _readonly(np.array(array))  # misaligned: one aligned private copy
-        infos[name] = _TensorInfo(dt, tuple(shape), array)
+        if not name.startswith(_PAD_PREFIX):
+            infos[name] = _TensorInfo(dt, tuple(shape), array)
     return infos, metadata
 
 
@@ -610,15 +620,14 @@ def read_model(path) -> tuple[dict, dict]:
 
 
 def write_model(path, manifest: dict, tensors: dict, *, validate: bool = True) -> None:
-    """Writes a model directory: ``model.safetensors`` (``safetensors.numpy.save_file``) and
-    ``manifest.json``. Creates the directory; replaces the two files if they exist (each is
-    written to a temporary name and renamed into place).
+    """Writes a model directory: ``model.safetensors`` (standard safetensors, every tensor on a
+    64-byte boundary of the file: see the module docstring) and ``manifest.json``. Creates the
+    directory; replaces the two files if they exist (each is written to a temporary name and
+    renamed into place).
 
     ``validate=True`` (the default) first checks the manifest against the tensors, so a
     writer cannot produce a directory :func:`read_model` would refuse (ModelFormatError).
     """
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     if not isinstance(tensors, dict):
         raise TypeError(f"tensors must be a dict of name -> numpy array, got {type(tensors).__name__}")
@@ -626,11 +635,16 @@ def write_model(path, manifest: dict, tensors: dict, *, validate: bool = True) -
     for name, a in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be strings, got {name!r}")
+        if name.startswith(_PAD_PREFIX):
+            raise ValueError(f"tensor name {name!r}: names starting with {_PAD_PREFIX!r} are reserved")
         if not isinstance(a, np.ndarray):
             raise TypeError(f"tensor {name!r} must be a numpy array, got {type(a).__name__}")
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        arrays[name] = np.ascontiguousarray(a)
+        if a.dtype not in _NAME_OF:
+            raise TypeError(f"tensor {name!r}: dtype {a.dtype} has no safetensors name "
+                            f"(supported: {', '.join(sorted(_DTYPES))})")
+        arrays[name] = np.asarray(a, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
     if validate:
         validate_manifest(manifest, arrays, manifest_file=os.path.join(path, MANIFEST_FILE),
                           tensors_file=os.path.join(path, TENSORS_FILE))
@@ -640,7 +654,7 @@ def write_model(path, manifest: dict, tensors: dict, *, validate: bool = True) -
     mfile = os.path.join(path, MANIFEST_FILE)
     tmp_t, tmp_m = tfile + ".tmp", mfile + ".tmp"
     try:
-        save_file(arrays, tmp_t)
+        _write_safetensors(tmp_t, arrays)
         with open(tmp_m, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp_t, tfile)
@@ -649,3 +663,31 @@ def write_model(path, manifest: dict, tensors: dict, *, validate: bool = True) -
         for tmp in (tmp_t, tmp_m):
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _write_safetensors(path: str, arrays: dict) -> None:
+    """A safetensors file of ``arrays`` (little-endian, C-contiguous numpy arrays of dtypes in
+    ``_NAME_OF``), in name order, each starting TENSOR_ALIGNMENT bytes into the file times some
+    integer: the header is padded with spaces (as the format allows) and each gap is filled by
+    a uint8 tensor named ``_PAD_PREFIX + <n>``, since the format allows no holes."""
+    header, parts, offset = {}, [], 0
+    for name in sorted(arrays):
+        a = arrays[name]
+        gap = -offset % TENSOR_ALIGNMENT
+        if gap:
+            header[f"{_PAD_PREFIX}{len(parts)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            parts.append(bytes(gap))
+            offset += gap
+        header[name] = {"dtype": _NAME_OF[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        parts.append(a)
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % TENSOR_ALIGNMENT)  # the data section starts on the boundary too
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for part in parts:
+            if isinstance(part, bytes):
+                f.write(part)
+            elif part.nbytes:
+                f.write(memoryview(part.reshape(-1)).cast("B"))

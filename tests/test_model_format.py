@@ -61,6 +61,68 @@ def test_valid_directory_loads_and_error_type(dlrm_dir):
 
 # ---- the safetensors file -----------------------------------------------------------------
 
+def _odd_tensors(rng):
+    """Tensors whose sizes are not multiples of 64 bytes, so most need a gap filler before the next."""
+    return {"a.f32": rng.standard_normal((7, 5)).astype(np.float32), "b.f16": np.arange(3, dtype=np.float16),
+            "c.i8": rng.integers(-128, 128, (3, 11)).astype(np.int8), "d.u8": np.arange(1, dtype=np.uint8),
+            "e.i64": np.arange(9, dtype=np.int64), "f.bool": np.array([True, False, True]),
+            "g.f32be": np.arange(6, dtype=">f4").reshape(2, 3), "h.empty": np.zeros((0, 4), np.float32),
+            "i.scalar": np.array(2.5, np.float64)}
+
+
+def test_writer_puts_every_tensor_on_a_64_byte_boundary(tmp_path, rng):
+    # write_model's tensors start 64-byte aligned in the file, hence in the page-aligned map:
+    # an fp32 table row of 256 bytes spans 4 cache lines instead of 5 (docs/FORMAT.md).
+    m, tensors, _ = build_dlrm(rng, precision="int8", storages=("fp32", "q8", "fp16"), D=64)
+    tensors = {**tensors, **_odd_tensors(rng)}  # unreferenced tensors are allowed
+    write_model(tmp_path / "m", m, tensors)
+    header, data = _read_header(tmp_path / "m")
+    data_start = (tmp_path / "m" / TENSORS).stat().st_size - len(data)
+    assert data_start % 64 == 0
+    pads = {k for k in header if k.startswith("__fastrec_pad.")}
+    assert set(header) - pads == set(tensors)
+    spans = sorted(tuple(e["data_offsets"]) for e in header.values())
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no holes
+    assert spans[-1][1] == len(data)
+    for name in tensors:
+        assert header[name]["data_offsets"][0] % 64 == 0, name
+    for k in pads:
+        assert header[k]["dtype"] == "U8" and 1 <= header[k]["shape"][0] < 64, header[k]
+    # The reader drops the fillers and hands out aligned views with the written values.
+    back, _ = read_safetensors(tmp_path / "m" / TENSORS)
+    assert set(back) == set(tensors)
+    for name, a in tensors.items():
+        assert back[name].dtype == a.dtype.newbyteorder("<") and np.array_equal(back[name], a), name
+        if back[name].size:
+            assert back[name].ctypes.data % 64 == 0, name
+    model = fastrec.load(tmp_path / "m")
+    assert all(t.ctypes.data % 64 == 0 for t in model._table_data)
+
+
+def test_written_file_reads_with_the_safetensors_package(tmp_path, rng):
+    st = pytest.importorskip("safetensors")
+    m, tensors, _ = build_dlrm(rng, precision="fp32", storages=("fp32", "q4"))
+    tensors = {**tensors, **_odd_tensors(rng)}
+    write_model(tmp_path / "m", m, tensors)
+    with st.safe_open(str(tmp_path / "m" / TENSORS), framework="numpy") as f:
+        names = set(f.keys())
+        got = {k: f.get_tensor(k) for k in names}
+    pads = {k for k in names if k.startswith("__fastrec_pad.")}
+    assert names - pads == set(tensors)
+    for name, a in tensors.items():
+        assert np.array_equal(got[name], a) and got[name].shape == a.shape, name
+    assert all(got[k].dtype == np.uint8 and not got[k].any() for k in pads)
+
+
+def test_writer_refuses_reserved_names_and_unknown_dtypes(tmp_path, rng):
+    m, tensors, _ = build_dlrm(rng, precision="fp32", storages=("fp32",))
+    with pytest.raises(ValueError, match="reserved"):
+        write_model(tmp_path / "m", m, {**tensors, "__fastrec_pad.0": np.zeros(3, np.uint8)})
+    with pytest.raises(TypeError, match="no safetensors name"):
+        write_model(tmp_path / "m", m, {**tensors, "x": np.zeros(3, np.complex64)})
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("keep", [0, 3, 8, 20, 0.5, -1])
 def test_truncated_safetensors(dlrm_dir, keep):
     raw = (dlrm_dir / TENSORS).read_bytes()

@@ -195,8 +195,13 @@ class Checker:
         assert m["featurizer"] is None
         assert isinstance(m["metadata"], dict)
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in m["metadata"].items())
-        assert self.used == set(self.file.keys()), set(self.file.keys()) - self.used
-        return m, {k: self.file.get_tensor(k) for k in self.file.keys()}
+        # Besides the referenced tensors, only the writer's gap fillers (FORMAT.md), all zeros.
+        pads = {k for k in self.file.keys() if k.startswith("__fastrec_pad.")}
+        assert self.used == set(self.file.keys()) - pads, set(self.file.keys()) - pads - self.used
+        for k in pads:
+            pad = self.file.get_tensor(k)
+            assert pad.dtype == np.uint8 and 1 <= pad.size < 64 and not pad.any(), (k, pad)
+        return m, {k: self.file.get_tensor(k) for k in self.file.keys() if k not in pads}
 
 
 def check_export(path):
