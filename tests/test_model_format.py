@@ -114,6 +114,24 @@ def test_written_file_reads_with_the_safetensors_package(tmp_path, rng):
     assert all(got[k].dtype == np.uint8 and not got[k].any() for k in pads)
 
 
+def test_files_of_the_old_writer_load_and_rewrite_aligned(tmp_path, rng):
+    # Models written before the aligned writer (safetensors.numpy.save_file, 8-byte alignment)
+    # still load; write_model(new, *read_model(old)) rewrites one aligned, same scores.
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    m, tensors, ref = build_dlrm(rng, precision="int8", storages=("fp32", "fp16", "q8"), D=16)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / MANIFEST).write_text(json.dumps(m))
+    st_numpy.save_file(tensors, str(old / TENSORS))
+    new = tmp_path / "new"
+    write_model(new, *read_model(old))
+    a, b = fastrec.load(old), fastrec.load(new)
+    assert all(t.ctypes.data % 64 == 0 for t in b._table_data)
+    dense = rng.standard_normal((5, m["dense_features"])).astype(np.float32)
+    sparse = random_sparse(rng, ref["features"], ref["rows"], 5)
+    np.testing.assert_array_equal(a.score(dense, sparse), b.score(dense, sparse))
+
+
 def test_writer_refuses_reserved_names_and_unknown_dtypes(tmp_path, rng):
     m, tensors, _ = build_dlrm(rng, precision="fp32", storages=("fp32",))
     with pytest.raises(ValueError, match="reserved"):
