@@ -9,7 +9,8 @@ server's requests come with gaps: this times one call after each gap of 0, 0.3, 
     python benches/paced.py --precision 8bit --batch 270 --calls 1000
 
 fastrec runs twice per gap (first and last), to show how much the same code moves within one
-run. p50 / p99 per call, microseconds. Threads: FASTREC_BENCH_THREADS (default 2), both libraries.
+run. p50 / p99 per call, microseconds. The first table is the machine's own cost of waking up:
+`np.add(1, 1)` and `embedding_bags` over 26 cache-resident tables of 128 rows, timed the same way. Threads: FASTREC_BENCH_THREADS (default 2), both libraries.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     print(f"fastrec {fastrec.__version__}, torch {torch.__version__}, {THREADS} threads each; p50 / p99 us per call")
     tables = be.get_tables("small")
+    small = be.get_small_requests(1)
+    tiny = [fastrec.QuantizedTable.from_float(np.ones((128, be.D), np.float32), bits=8) for _ in range(be.SMALL_T)]
+    tiny_requests = [(r.indices % 128, r.offsets) for r in small]
+    print("\nwake-up cost, B=1\n| gap | np.add(1, 1) | embedding_bags, 26 x 128 rows |\n|---|---:|---:|")
+    for gap in GAPS_MS:
+        noop = measure(lambda r: np.add(1, 1), small, gap, a.calls)
+        cached = measure(lambda r: fastrec.ops.embedding_bags(tiny, *r), tiny_requests, gap, a.calls)
+        print(f"| {gap} ms | {noop[0]:.1f} / {noop[1]:.1f} | {cached[0]:.1f} / {cached[1]:.1f} |")
     for precision in a.precision or ["8bit", "fp32"]:
         runs = {"fastrec": be._runner("fastrec", precision, tables), "torch": be._runner("torch", precision, tables)}
         for batch in a.batch or [270, 1]:
