@@ -635,8 +635,8 @@ def write_model(path, manifest: dict, tensors: dict, *, validate: bool = True) -
     for name, a in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be strings, got {name!r}")
-        if name.startswith(_PAD_PREFIX):
-            raise ValueError(f"tensor name {name!r}: names starting with {_PAD_PREFIX!r} are reserved")
+        if name.startswith(_PAD_PREFIX) or name == "__metadata__":
+            raise ValueError(f"tensor name {name!r} is reserved (as are all names starting with {_PAD_PREFIX!r})")
         if not isinstance(a, np.ndarray):
             raise TypeError(f"tensor {name!r} must be a numpy array, got {type(a).__name__}")
         if a.dtype.byteorder == ">":

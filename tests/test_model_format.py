@@ -136,6 +136,8 @@ def test_writer_refuses_reserved_names_and_unknown_dtypes(tmp_path, rng):
     m, tensors, _ = build_dlrm(rng, precision="fp32", storages=("fp32",))
     with pytest.raises(ValueError, match="reserved"):
         write_model(tmp_path / "m", m, {**tensors, "__fastrec_pad.0": np.zeros(3, np.uint8)})
+    with pytest.raises(ValueError, match="reserved"):
+        write_model(tmp_path / "m", m, {**tensors, "__metadata__": np.zeros(3, np.uint8)})
     with pytest.raises(TypeError, match="no safetensors name"):
         write_model(tmp_path / "m", m, {**tensors, "x": np.zeros(3, np.complex64)})
     assert not (tmp_path / "m").exists()
