@@ -36,7 +36,7 @@ import weakref
 
 import numpy as np
 
-from . import _cuda
+from . import _C, _cuda
 
 __all__ = ["search", "topk", "upload"]
 
@@ -79,15 +79,11 @@ def _build(like: _cuda.DeviceArray, rows: np.ndarray, ids: np.ndarray, precision
     else:
         if precision == "int8":
             row_bytes = _round_up(D, 64)
-            amax = np.abs(rows).max(axis=1) if n else np.zeros(0, np.float32)
-            # The CPU's per-item symmetric rounding (csrc/cpu/topk.cpp): inv = 127 / amax in
-            # float32, codes = round-half-even(x * inv) clamped to [-127, 127], scale = amax / 127.
-            inv = np.zeros_like(amax)
-            np.divide(np.float32(127), amax, out=inv, where=amax > 0)
+            # The CPU's per-item symmetric rounding (csrc/cpu/topk.cpp), by the CPU's own quantizer.
             c = np.zeros((np_, row_bytes), np.int8)
-            c[:n, :D] = np.clip(np.rint(rows * inv[:, None]), -127, 127).astype(np.int8)
             s = np.zeros(np_, np.float32)
-            s[:n] = amax / np.float32(127)
+            if n:
+                c[:n, :D], s[:n] = _C.quantize_rows_int8(np.ascontiguousarray(rows, dtype=np.float32))
             arrays["scales"] = scales = up(s)
         else:
             row_bytes = _round_up(D, 32) * 2

@@ -183,7 +183,7 @@ def _read_safetensors(path) -> tuple[dict, dict]:
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in metadata.items()):
         raise ModelFormatError(path, "header.__metadata__", "an object of string values", metadata)
-    infos = {}
+    infos, spans = {}, []
     for name, entry in header.items():
         where = f"header[{name!r}]"
         if not isinstance(entry, dict):
@@ -217,8 +217,22 @@ def _read_safetensors(path) -> tuple[dict, dict]:
                 array = np.frombuffer(mm, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
                 if (data_start + begin) % dtype.alignment:
                     array = _readonly(np.array(array))  # misaligned: one aligned private copy
+        spans.append((begin, end, name))
         if not name.startswith(_PAD_PREFIX):
             infos[name] = _TensorInfo(dt, tuple(shape), array)
+    # As the safetensors format requires: the tensors tile the data section, no gaps, no
+    # overlaps, up to the end of the file. A header length lowered by a few bytes (the JSON
+    # still parses, padded with spaces) otherwise shifted every tensor.
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise ModelFormatError(path, f"header[{name!r}].data_offsets",
+                                   f"tensors that tile the data section (this one starting at byte {covered})",
+                                   [begin, end])
+        covered = end
+    if covered != data_len:
+        raise ModelFormatError(path, "header", f"tensors that cover the data section ({data_len} bytes)",
+                               _Text(f"{covered} bytes covered"))
     return infos, metadata
 
 

@@ -52,6 +52,18 @@ def test_without_rerank(rng, isa, precision):
     assert np.abs(scores - true).max() <= tol * np.abs(true).max()
 
 
+def test_int8_items_too_small_for_127_over_amax(rng, isa):
+    # Item rows with max |x| < ~3.7e-37 (127 / amax overflows float32) are quantized like any
+    # other: before, zeros became -127 and every other code saturated, and top-1 could change.
+    items, queries = data(rng, 500, 16, 5)
+    items[rng.random(items.shape) < 0.3] = 0.0
+    tiny, big = items * np.float32(1e-38), queries * np.float32(1e36)
+    index = fastrec.ItemIndex(tiny, precision="int8", rerank=False)
+    scores, got = check(index, tiny, big, 10)
+    true = np.einsum("qd,qkd->qk", big.astype(np.float64), tiny[got].astype(np.float64))
+    assert np.abs(scores - true).max() <= 0.05 * np.abs(true).max()
+
+
 def test_isas_agree(rng):
     from fastrec import _C
 

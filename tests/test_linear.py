@@ -19,12 +19,15 @@ def _layer(rng, K, N, bias=True):
 
 def _ref_quantize_rows(x):
     """numpy version of the kernels' activation quantization (float32 arithmetic)."""
-    amax = np.abs(x).max(axis=1).astype(np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
+    amax = np.abs(x).max(axis=1).astype(np.float32) if x.shape[1] else np.zeros(len(x), np.float32)
+    with np.errstate(over="ignore"):
         inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-        y = np.rint(x * inv[:, None])
-    # 0 * inf (a row whose 127 / amax overflows) is NaN: the kernels' fmax(-127, NaN) gives -127
-    q = np.clip(np.where(np.isnan(y), -127, y), -127, 127).astype(np.int8)
+    # Where 127 / amax overflows (amax < ~3.7e-37) the row is scaled by 2^100 first (exactly).
+    tiny = np.isinf(inv)
+    up = np.where(tiny, np.float32(2.0**100), np.float32(1)).astype(np.float32)
+    inv = np.where(tiny, np.float32(127) / np.where(tiny, amax * up, 1), inv).astype(np.float32)
+    y = np.rint((x * up[:, None]) * inv[:, None])
+    q = np.clip(y, -127, 127).astype(np.int8)
     return q, (amax / np.float32(127)).astype(np.float32)
 
 
@@ -67,6 +70,28 @@ def test_activation_quantization_special_values(isa, K):
     q_ref, s_ref = _ref_quantize_rows(rows)
     assert np.array_equal(q, q_ref)
     assert np.array_equal(s, s_ref)
+
+
+@pytest.mark.parametrize("K", [4, 16, 70])
+def test_rows_too_small_for_127_over_amax(isa, K):
+    """Rows whose max |x| is below ~3.7e-37 (where 127 / amax overflows float32, normal and
+    subnormal values alike) quantize like any other row: zeros stay 0, the rest keep their ratios."""
+    pattern = np.resize(np.float32([1.0, 0.5, 0.0, -0.25, -1.0, 0.75, -0.0]), K)
+    rows = np.stack([pattern * np.float32(m) for m in (3e-37, 1e-38, 1e-40, 1e-44, 4e-37, 1e-30)])
+    q, s = _C.quantize_rows_int8(rows)
+    q_ref, s_ref = _ref_quantize_rows(rows)
+    assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
+    expect = pattern.astype(np.float64) * 127
+    for i in range(3):  # the ratios survive, to rounding (row 3's subnormals keep ~3 bits: skipped)
+        assert np.all(np.abs(q[i] - expect) <= 0.5 + 1e-3), (i, q[i])
+    assert not np.any(q[:, pattern == 0])  # zeros are zeros
+    # Through a layer: identity weights of 1e36 give back x * 1e36 to int8 precision.
+    lin = Int8Linear.from_float(np.eye(K, dtype=np.float32) * np.float32(1e36))
+    x = rows[:2]
+    y = lin(x).astype(np.float64)
+    ref = x.astype(np.float64) * 1e36
+    tol = np.abs(ref).max(axis=1, keepdims=True) / 127 * 1.01
+    assert np.all(np.abs(y - ref) <= tol), (y, ref)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

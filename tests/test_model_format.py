@@ -152,6 +152,39 @@ def test_truncated_safetensors(dlrm_dir, keep):
     assert err.file.endswith(TENSORS)
 
 
+@pytest.mark.parametrize("less", [1, 2, 3, 5, 8, 17])
+def test_header_length_lowered_into_the_padding(dlrm_dir, less):
+    # The JSON still parses (it ends in padding spaces), but every tensor would be read `less`
+    # bytes early: the tensors no longer tile the data section up to the end of the file.
+    raw = bytearray((dlrm_dir / TENSORS).read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    raw[:8] = struct.pack("<Q", n - less)
+    (dlrm_dir / TENSORS).write_bytes(bytes(raw))
+    _fails(dlrm_dir, TENSORS)
+
+
+@pytest.mark.parametrize("how", ["gap", "overlap", "short", "duplicate"])
+def test_tensors_must_tile_the_data_section(dlrm_dir, how):
+    header, data = _read_header(dlrm_dir)
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.items() if k != "__metadata__")
+    last = spans[-1][2]
+    if how == "gap":  # one byte more data at the end, not in any tensor
+        _write_header(dlrm_dir, header, data + b"\0")
+        _fails(dlrm_dir, "cover the data section")
+        return
+    if how == "short":  # the data ends before the last tensor does
+        _write_header(dlrm_dir, header, data[:-1])
+        _fails(dlrm_dir, "within the data section")
+        return
+    if how == "overlap":  # a 1-byte U8 tensor inside the last tensor's bytes
+        b = header[last]["data_offsets"][0]
+        header["extra"] = {"dtype": "U8", "shape": [1], "data_offsets": [b, b + 1]}
+    else:  # a second tensor on the same bytes as the last one
+        header["extra"] = dict(header[last])
+    _write_header(dlrm_dir, header, data)
+    _fails(dlrm_dir, "tile the data section")
+
+
 def test_header_length_larger_than_file(dlrm_dir):
     header, data = _read_header(dlrm_dir)
     _write_header(dlrm_dir, header, data, length=2**63)

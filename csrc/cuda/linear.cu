@@ -117,8 +117,14 @@ quantize_rows_kernel(const float* __restrict__ x, int64_t M, int64_t K, int64_t 
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     finite = __all_sync(0xffffffffu, finite);
     row_bad = !finite;
-    // The CPU's float operations: inv = 127 / amax, scale = amax / 127, code = rint(x * inv).
-    const float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
+    // The CPU's float operations: inv = 127 / amax, scale = amax / 127, code = rint(x * inv);
+    // where 127 / amax overflows (amax < ~3.7e-37), code = rint((x * 2^100) * (127 / (amax * 2^100))).
+    float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
+    float up = 1.f;
+    if (isinf(inv)) {
+      up = 0x1p100f;
+      inv = __fdiv_rn(127.f, __fmul_rn(amax, up));
+    }
     if (lane == 0) scale[row] = finite ? __fdiv_rn(amax, 127.f) : __int_as_float(0x7fc00000);
     int8_t* qr = q + row * Kp;
     for (int64_t k = 4 * lane; k < Kp; k += 128) {
@@ -136,7 +142,7 @@ quantize_rows_kernel(const float* __restrict__ x, int64_t M, int64_t K, int64_t 
       uint32_t packed = 0;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int c = min(127, max(-127, __float2int_rn(__fmul_rn(v[j], inv))));
+        const int c = min(127, max(-127, __float2int_rn(__fmul_rn(__fmul_rn(v[j], up), inv))));
         packed |= (static_cast<uint32_t>(c) & 0xffu) << (8 * j);
       }
       *reinterpret_cast<uint32_t*>(qr + k) = packed;

@@ -99,11 +99,17 @@ __global__ void __launch_bounds__(256) prep_queries_kernel(const float* __restri
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   if (!finite && lane == 0) atomicMin(bad, static_cast<int>(qbase + r));
   if (PREC == kTopkInt8) {
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    if (lane == 0) qscale[r] = amax / 127.f;
+    // As the CPU (csrc/cpu/ref/gemm_ref.cpp): rows whose 127 / amax overflows are scaled by 2^100.
+    float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
+    float up = 1.f;
+    if (isinf(inv)) {
+      up = 0x1p100f;
+      inv = __fdiv_rn(127.f, __fmul_rn(amax, up));
+    }
+    if (lane == 0) qscale[r] = __fdiv_rn(amax, 127.f);
     int8_t* c = reinterpret_cast<int8_t*>(codes + static_cast<int64_t>(r) * rb);
     for (int d = lane; d < rb; d += 32) {
-      const float v = d < D ? fminf(127.f, fmaxf(-127.f, rintf(__fmul_rn(x[d], inv)))) : 0.f;
+      const float v = d < D ? fminf(127.f, fmaxf(-127.f, rintf(__fmul_rn(__fmul_rn(x[d], up), inv)))) : 0.f;
       c[d] = static_cast<int8_t>(v);
     }
   } else if (PREC == kTopkF16) {

@@ -252,7 +252,7 @@ int64_t quantize_rows(const QuantizeJob& j) {
     std::memcpy(&amax, &bits, sizeof amax);
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     j.a_scale[m] = amax / 127.f;
-    if (!(inv <= 3.4e38f)) {  // amax < ~4e-37 (or NaN): 127 / amax overflows; the reference's steps
+    if (!(inv <= 3.4e38f)) {  // amax < ~4e-37: 127 / amax overflows; the reference scales the row first
       QuantizeJob one = j;
       one.m0 = m;
       one.m1 = m + 1;

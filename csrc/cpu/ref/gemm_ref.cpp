@@ -2,6 +2,7 @@
 // integer result every optimised variant must reproduce bit for bit.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "fastrec/dispatch.h"
 
@@ -21,10 +22,18 @@ int64_t quantize_rows(const QuantizeJob& j) {
     }
     if (!finite && bad_row < 0) bad_row = m;
     // q = round-half-even(x * (127 / amax)), the same float operations as the SIMD variants.
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    // Below amax ~ 3.7e-37, 127 / amax overflows: the row is first scaled by 2^100 (exact),
+    // and the codes are those of the scaled row (x * up * (127 / (amax * up)), up = 2^100).
+    // Without this, zeros came out as 0 * inf = NaN and every other value saturated.
+    float up = 1.f;
+    if (!(inv <= std::numeric_limits<float>::max())) {
+      up = 0x1p100f;
+      inv = 127.f / (amax * up);
+    }
     j.a_scale[m] = amax / 127.f;
     for (int64_t k = 0; k < j.K; ++k) {
-      float q = std::nearbyint(x[k] * inv);
+      float q = std::nearbyint((x[k] * up) * inv);
       q = std::fmin(127.f, std::fmax(-127.f, q));
       a[k] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
     }
