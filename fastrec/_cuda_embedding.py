@@ -271,7 +271,7 @@ def _launch(tables, codes, pads, idx, off, fixed_len, num_offsets, per_sample_we
         from .ops import _check_weights
 
         psw = device_view(per_sample_weights, "per_sample_weights")
-        _check_weights(psw.dtype, psw.shape, n)
+        _check_weights(psw.dtype, psw.shape, n, idx.shape)
         _same_device(psw, "per_sample_weights", idx.device)
     T = len(tables)
     if (num_offsets - 1) % T != 0:

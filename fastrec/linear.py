@@ -81,6 +81,20 @@ def quantize_weight(weight) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def _checked_int8(weight_int8, weight_scale, bias):
+    """(weight_int8, weight_scale, bias) as Int8Linear takes them, or TypeError / ValueError."""
+    w = as_numpy(weight_int8)
+    if w.dtype != np.int8:
+        raise TypeError(f"weight_int8 must be int8, got {w.dtype}")
+    if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"weight_int8 must be 2-D (out_features, in_features), got shape {w.shape}")
+    if int(w.min()) < -127:
+        raise ValueError("weight_int8 codes must be in [-127, 127] (symmetric quantization), found -128")
+    scale = _f32_vector(weight_scale, "weight_scale", w.shape[0])
+    bias = None if bias is None else _f32_vector(bias, "bias", w.shape[0])
+    return w, scale, bias
+
+
 class Int8Linear:
     """``y = x @ W.T + b`` with int8 weights and dynamically quantized int8 activations.
 
@@ -89,6 +103,8 @@ class Int8Linear:
     """
 
     def __init__(self, weight_int8, weight_scale, bias=None):
+        """Same as :meth:`from_int8` (the checks are here, so no way round them)."""
+        weight_int8, weight_scale, bias = _checked_int8(weight_int8, weight_scale, bias)
         self._core = _C.Int8LayerCore(weight_int8, weight_scale, bias)
         self._k = self._core.in_features
         # Read-only copies: the kernels use their own packed copy, made above, so writing to
@@ -118,17 +134,8 @@ class Int8Linear:
     def from_int8(cls, weight_int8, weight_scale, bias=None) -> "Int8Linear":
         """A layer from already-quantized weights (e.g. read from a model file): ``weight_int8``
         int8 (out_features, in_features) with codes in [-127, 127], ``weight_scale`` float32
-        (out_features,) finite, ``bias`` float32 (out_features,) or None. No requantization."""
-        w = as_numpy(weight_int8)
-        if w.dtype != np.int8:
-            raise TypeError(f"weight_int8 must be int8, got {w.dtype}")
-        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
-            raise ValueError(f"weight_int8 must be 2-D (out_features, in_features), got shape {w.shape}")
-        if w.size and int(w.min()) < -127:
-            raise ValueError("weight_int8 codes must be in [-127, 127] (symmetric quantization), found -128")
-        scale = _f32_vector(weight_scale, "weight_scale", w.shape[0])
-        bias = None if bias is None else _f32_vector(bias, "bias", w.shape[0])
-        return cls(w, scale, bias)
+        (out_features,) finite, ``bias`` float32 (out_features,) finite or None. No requantization."""
+        return cls(weight_int8, weight_scale, bias)
 
     @property
     def in_features(self) -> int:

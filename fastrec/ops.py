@@ -54,18 +54,22 @@ def _check_bag_shapes(indices_shape, offsets_shape) -> None:
         raise ValueError("offsets must have length B + 1 >= 1 (CSR), got an empty array")
 
 
-def _check_weights(dtype, shape, n: int) -> None:
+def _check_weights(dtype, shape, n: int, indices_shape=None) -> None:
+    """per_sample_weights: float32, shaped like the indices or 1-D with one weight per index
+    (a (3, 2) array for (2, 3) indices would pair weights and ids in an order nobody meant)."""
     if dtype != np.float32:
         raise TypeError(f"per_sample_weights must be float32, got {dtype}")
-    if int(np.prod(shape, dtype=np.int64)) != n:
-        raise ValueError(f"per_sample_weights must have one weight per index ({n}), got shape {tuple(shape)}")
+    shape = tuple(shape)
+    if shape != (n,) and (indices_shape is None or shape != tuple(indices_shape)):
+        like = f" or {tuple(indices_shape)} (the shape of indices)" if indices_shape not in (None, (n,)) else ""
+        raise ValueError(f"per_sample_weights must have shape ({n},){like}, one weight per index, got shape {shape}")
 
 
-def _weights_array(x, n: int) -> np.ndarray:
+def _weights_array(x, n: int, indices_shape) -> np.ndarray:
     if isinstance(x, (list, tuple)):
         x = np.asarray(x, dtype=np.float32)
     x = as_numpy(x)
-    _check_weights(x.dtype, x.shape, n)
+    _check_weights(x.dtype, x.shape, n, tuple(indices_shape))
     return x.reshape(-1)
 
 
@@ -99,7 +103,9 @@ def embedding_bag(weight, indices, offsets=None, *, mode="sum", per_sample_weigh
             with ``offsets=None``.
         offsets: CSR offsets, length ``B + 1``, ``offsets[0] == 0``, non-decreasing,
             ``offsets[-1] == len(indices)``.
-        mode: ``"sum"``, ``"mean"`` or ``"max"``. An empty bag gives zeros.
+        mode: ``"sum"``, ``"mean"`` or ``"max"``. An empty bag gives zeros. ``"max"`` ignores NaN
+            values in the table, as ``np.fmax`` does (a column that is NaN in every row of a bag
+            gives -inf); sum and mean propagate them.
         per_sample_weights: float32, one weight per index, only with ``mode="sum"``.
         padding_idx: an id whose entries are skipped (negative counts from the end, as in torch);
             ``mean`` divides by the number of the other entries; an all-padding bag gives zeros.
@@ -125,6 +131,7 @@ def embedding_bag(weight, indices, offsets=None, *, mode="sum", per_sample_weigh
         return _cuda_embedding.embedding_bag(weight, indices, offsets, code, per_sample_weights, padding_idx)
     weight = _table(weight)
     indices = _index_array(indices, "indices")
+    indices_shape = indices.shape
     if offsets is None:
         _check_bag_shapes(indices.shape, None)
         B, L = indices.shape
@@ -134,7 +141,7 @@ def embedding_bag(weight, indices, offsets=None, *, mode="sum", per_sample_weigh
         offsets = _index_array(offsets, "offsets")
         _check_bag_shapes(indices.shape, offsets.shape)
     if per_sample_weights is not None:
-        per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
+        per_sample_weights = _weights_array(per_sample_weights, indices.shape[0], indices_shape)
     pad = _padding_code(padding_idx, _num_rows(weight))
     return _C.embedding_bags((weight,), indices, offsets, (code,), per_sample_weights, (pad,), _table)
 
@@ -212,7 +219,7 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
     if offsets.ndim != 1:
         raise ValueError(f"offsets must be 1-D, got {offsets.ndim}-D")
     if per_sample_weights is not None:
-        per_sample_weights = _weights_array(per_sample_weights, indices.shape[0])
+        per_sample_weights = _weights_array(per_sample_weights, indices.shape[0], indices.shape)
     pads = _padding_codes(padding_idx, T, lambda t: _num_rows(_table(tables[t])))
     return _C.embedding_bags(tables, indices, offsets, codes, per_sample_weights, pads, _table)
 

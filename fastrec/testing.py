@@ -66,8 +66,8 @@ def embedding_bag_ref(weight, indices, offsets=None, *, mode="sum", per_sample_w
             out[b] = (np.asarray(ws)[:, None] * m).sum(axis=0)
         elif mode == "mean":
             out[b] = m.mean(axis=0)
-        elif mode == "max":
-            out[b] = m.max(axis=0)
+        elif mode == "max":  # NaN values are ignored (np.fmax from -inf), as the kernels do
+            out[b] = np.fmax.reduce(np.vstack([np.full((1, m.shape[1]), -np.inf), m]), axis=0)
         else:
             raise ValueError(f"unknown mode {mode!r}")
     return out

@@ -253,3 +253,23 @@ def test_unusual_but_valid_tables(rng):
     testing.assert_close(ops.embedding_bag(ro, idx, off), ref, rtol=1e-6, atol=1e-6)
     with pytest.raises(IndexError, match="out of range \\[0, 0\\)"):
         ops.embedding_bag(np.zeros((0, 4), np.float32), [0], [0, 1])
+
+
+@pytest.mark.parametrize("dim", [1, 7, 16, 70])
+@pytest.mark.parametrize("wdtype", [np.float32, np.float16])
+def test_max_ignores_nan_on_every_path(isa, rng, dim, wdtype):
+    """Max pooling ignores NaN table values like np.fmax (a column NaN in every row of a bag
+    gives -inf), in whatever order the rows come and on the fast and the careful path alike;
+    sum propagates them."""
+    W = rng.standard_normal((12, dim)).astype(wdtype)
+    W[1, :] = np.nan
+    W[3, dim // 2] = np.nan
+    idx = np.array([0, 1, 2, 2, 1, 0, 1, 3, 1, 1, 4, 5], np.int64)
+    off = np.array([0, 3, 6, 8, 10, 10, 12], np.int64)  # bags: NaN first, last, mixed, all NaN, empty
+    expect = testing.embedding_bag_ref(W, idx, off, mode="max")
+    assert np.isneginf(expect[3]).all() and not np.isnan(expect).any()
+    for padding_idx in (None, 5):  # 5 sends the job down the careful path
+        out = ops.embedding_bag(W, idx, off, mode="max", padding_idx=padding_idx)
+        ref = expect if padding_idx is None else testing.embedding_bag_ref(W, idx, off, mode="max", padding_idx=5)
+        np.testing.assert_array_equal(out, ref.astype(np.float32))
+    assert np.isnan(ops.embedding_bag(W, idx, off, mode="sum")[0]).all()

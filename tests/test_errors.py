@@ -100,6 +100,16 @@ def test_per_sample_weights_errors():
         ops.embedding_bag(W, IDX, OFF, per_sample_weights=np.ones(2, dtype=np.float32))
     with pytest.raises(TypeError, match="float32"):
         ops.embedding_bag(W, IDX, OFF, per_sample_weights=np.ones(3, dtype=np.float64))
+    # Shaped like the indices or 1-D: other shapes with the right count are refused, not
+    # paired with the ids in flattened order.
+    with pytest.raises(ValueError, match="one weight per index"):
+        ops.embedding_bag(W, IDX, OFF, per_sample_weights=np.ones((1, 3), dtype=np.float32))
+    ids2d = np.array([[0, 1, 2], [3, 4, 0]])
+    w2d = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with pytest.raises(ValueError, match=r"shape \(6,\) or \(2, 3\)"):
+        ops.embedding_bag(W, ids2d, per_sample_weights=w2d.reshape(3, 2))
+    np.testing.assert_array_equal(ops.embedding_bag(W, ids2d, per_sample_weights=w2d),
+                                  ops.embedding_bag(W, ids2d, per_sample_weights=w2d.reshape(-1)))
     with pytest.raises(ValueError, match="every mode"):
         ops.embedding_bags([W], IDX, OFF, modes=["max"], per_sample_weights=psw)
 
@@ -137,6 +147,20 @@ def test_quantized_table_errors():
         QuantizedTable.from_fbgemm(np.zeros((3, 12), dtype=np.int8), 8)
     with pytest.raises(ValueError, match="too short"):
         QuantizedTable.from_fbgemm(np.zeros((3, 12), dtype=np.uint8), 8, dim=8)
+    for dim in (2**63 - 1, 2**62, 5):  # 5 at 8 bits: no overflow, but rows of 12 bytes hold 4
+        with pytest.raises(ValueError, match="too short"):
+            QuantizedTable.from_fbgemm(np.zeros((3, 12), dtype=np.uint8), 4 if dim > 5 else 8, dim=dim)
+    with pytest.raises(ValueError, match="too short"):  # the constructor checks too, before any overflow
+        QuantizedTable(np.zeros((3, 12), dtype=np.uint8), 4, 2**63 - 1)
+    # FBGEMM rows keep scale and bias right after the codes: a smaller dim would read them from
+    # inside the codes. Only TBE rows may be padded.
+    packed = QuantizedTable.from_float(W, 8).to_fbgemm()
+    for make in (lambda: QuantizedTable.from_fbgemm(packed, 8, dim=W.shape[1] - 1),
+                 lambda: QuantizedTable(packed, 8, W.shape[1] - 1)):
+        with pytest.raises(ValueError, match="only layout 'tbe' rows may be padded"):
+            make()
+    q4 = QuantizedTable.from_float(np.ones((2, 5), np.float32), 4).to_fbgemm()  # 3 code bytes + 4
+    assert QuantizedTable.from_fbgemm(q4, 4, dim=5).dim == 5 and QuantizedTable.from_fbgemm(q4, 4).dim == 6
     with pytest.raises(ValueError, match="hold no values"):
         QuantizedTable.from_fbgemm(np.zeros((3, 8), dtype=np.uint8), 8)
     with pytest.raises(ValueError, match="layout"):
@@ -152,3 +176,25 @@ def test_failed_call_leaves_inputs_unchanged():
     with pytest.raises(IndexError):
         ops.embedding_bag(w, idx, off)
     assert np.array_equal(w, W) and idx.tolist() == [1, 99] and off.tolist() == [0, 2]
+
+
+def test_objects_whose_init_never_ran_raise_instead_of_crashing():
+    # cls.__new__(cls) without __init__: pybind11 would hand out unconstructed storage.
+    from fastrec import _C
+
+    t = QuantizedTable.__new__(QuantizedTable)
+    for attr in ("data", "bits", "dim", "num_rows", "layout", "row_stride"):
+        with pytest.raises(TypeError, match="not initialised"):
+            getattr(t, attr)
+    with pytest.raises(TypeError, match="not initialised"):
+        ops.embedding_bags([t], np.array([0]), np.array([0, 1]))
+    layer = _C.Int8LayerCore.__new__(_C.Int8LayerCore)
+    x = np.ones((2, 3), np.float32)
+    for call in (lambda: layer.in_features, lambda: _C.int8_linear(x, layer, 0),
+                 lambda: _C.int8_linear_int32(x.astype(np.int8), layer)):
+        with pytest.raises(TypeError, match="not initialised"):
+            call()
+    with pytest.raises(TypeError, match="None"):
+        _C.int8_mlp(x, [None], [0])
+    with pytest.raises(TypeError, match="expected a Int8LayerCore"):
+        _C.int8_linear(x, 5, 0)

@@ -332,3 +332,30 @@ def test_many_threads_share_one_layer(rng):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert not errors
+
+
+def test_constructor_checks_as_from_int8():
+    # Int8Linear(...) directly takes the same checks as from_int8 (it skipped them before).
+    w = np.ones((2, 3), np.int8)
+    s = np.ones(2, np.float32)
+    for args, exc in [((w, np.float32([1, np.nan])), ValueError), ((w, s, np.float32([0, np.inf])), ValueError),
+                      ((np.full((2, 3), -128, np.int8), s), ValueError), ((w.astype(np.int16), s), TypeError),
+                      ((w, s.astype(np.float64)), TypeError), ((w, np.ones(3, np.float32)), ValueError)]:
+        for make in (Int8Linear, Int8Linear.from_int8):
+            with pytest.raises(exc):
+                make(*args)
+    assert Int8Linear(w, s).out_features == 2
+
+
+@pytest.mark.parametrize("B", [2, 200])  # the layer-by-layer path and the row-task path
+def test_overflow_inside_an_mlp_is_named(B):
+    """A finite input whose first layer overflows float32: ValueError naming the layer whose
+    input held the Inf, not a claim that the caller's input did."""
+    W = np.eye(4, dtype=np.float32) * np.float32(1e30)
+    mlp = Int8MLP.from_float([(W, None), (W, None)], [None, None])
+    with pytest.raises(ValueError, match=r"input of layer 1 holds NaN or Inf \(row 0\): an earlier layer's output"):
+        mlp(np.full((B, 4), 1e30, np.float32))
+    x = np.ones((B, 4), np.float32)
+    x[B - 1, 2] = np.nan
+    with pytest.raises(ValueError, match=rf"^input contains NaN or Inf \(row {B - 1}\)$"):
+        mlp(x)

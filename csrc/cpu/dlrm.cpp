@@ -72,7 +72,7 @@ void dlrm_forward(const DlrmForward& f) {
   for (const Int8Layer* l : f.top) macs += l->in_features() * l->out_features();
   const RowTasks rt(B, macs);
   std::vector<BagError> bag_errors(static_cast<size_t>(rt.tasks));
-  std::vector<int64_t> bad_rows(static_cast<size_t>(rt.tasks), -1);
+  std::vector<NonFinite> bad_rows(static_cast<size_t>(rt.tasks));
   rt.run([&](int64_t task, int64_t m0, int64_t m1) {
     const int64_t rows = m1 - m0;
     DlrmScratch& s = dlrm_scratch();
@@ -85,14 +85,17 @@ void dlrm_forward(const DlrmForward& f) {
       keep_first_error(e, &bag_errors[task]);
     }
     if (bag_errors[task].position >= 0) return;
+    int layer = 0;
+    const char* mlp = "bottom";
     int64_t r = int8_layers_on_rows(f.bottom.data(), f.bottom_acts.data(), f.bottom.size(), f.dense + m0 * f.dense_dim,
-                                    f.dense_dim, rows, bottom);
+                                    f.dense_dim, rows, bottom, &layer);
     if (r < 0) {
       const InteractionJob ij(bottom, emb, T, D, top_in, 0, rows);
       k.dot_interaction(ij);
-      r = int8_layers_on_rows(f.top.data(), f.top_acts.data(), f.top.size(), top_in, W, rows, f.out + m0);
+      mlp = "top";
+      r = int8_layers_on_rows(f.top.data(), f.top_acts.data(), f.top.size(), top_in, W, rows, f.out + m0, &layer);
     }
-    if (r >= 0) bad_rows[task] = m0 + r;
+    if (r >= 0) bad_rows[task] = NonFinite{m0 + r, layer, mlp};
   });
   BagError first;
   for (const BagError& e : bag_errors) keep_first_error(e, &first);

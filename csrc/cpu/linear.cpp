@@ -19,13 +19,23 @@ constexpr int64_t kStaticMacs = int64_t{1} << 18;  // few-row calls above this s
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+std::string nonfinite_message(const NonFinite& e) {
+  const std::string row = "(row " + std::to_string(e.row) + ")";
+  if (e.layer == 0 && (e.mlp[0] == '\0' || std::string(e.mlp) == "bottom")) return "input contains NaN or Inf " + row;
+  const bool top = std::string(e.mlp) == "top";
+  return std::string("the input of layer ") + std::to_string(e.layer) + (e.mlp[0] ? " of the " : "") + e.mlp +
+         (e.mlp[0] ? " MLP" : "") + " holds NaN or Inf " + row + ": an earlier layer's output overflowed float32" +
+         (top ? ", or an embedding table holds NaN or Inf" : " (the input itself is finite)");
+}
+
 // u8 activations (q + 128, padded to Kp) and per-row scales for M rows of x, on this thread.
+// `layer`: which layer's input x is, for the message.
 void quantize(const KernelTable& k, const float* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp,
-              std::vector<uint8_t>* a, std::vector<float>* a_scale) {
+              std::vector<uint8_t>* a, std::vector<float>* a_scale, int layer = 0) {
   a->resize(static_cast<size_t>(M * Kp));
   a_scale->resize(static_cast<size_t>(M));
   const int64_t bad = k.quantize_rows(QuantizeJob{x, ldx, K, Kp, 0, M, a->data(), a_scale->data()});
-  if (bad >= 0) throw std::invalid_argument("input contains NaN or Inf (row " + std::to_string(bad) + ")");
+  if (bad >= 0) throw std::invalid_argument(nonfinite_message(NonFinite{bad, layer, ""}));
 }
 
 Epilogue epilogue_of(Activation act) { return act == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone; }
@@ -121,7 +131,7 @@ void layer_by_layer(const KernelTable& k, const Int8Layer* const* layers, const 
       bufs[i % 2].resize(static_cast<size_t>(M * b.N));
       out = bufs[i % 2].data();
     }
-    quantize(k, in, M, ld, b.K, b.Kp, &a, &a_scale);
+    quantize(k, in, M, ld, b.K, b.Kp, &a, &a_scale, static_cast<int>(i));
     run_gemm(k, b, a.data(), b.Kp, a_scale.data(), M, epilogue_of(acts[i]), out, nullptr, b.N);
     if (acts[i] == Activation::kSigmoid) sigmoid_inplace(out, M * b.N);
     in = out;
@@ -167,14 +177,14 @@ void RowTasks::run(const std::function<void(int64_t, int64_t, int64_t)>& fn) con
   }
 }
 
-void throw_if_nonfinite(const std::vector<int64_t>& bad_rows) {
-  for (int64_t b : bad_rows) {
-    if (b >= 0) throw std::invalid_argument("input contains NaN or Inf (row " + std::to_string(b) + ")");
+void throw_if_nonfinite(const std::vector<NonFinite>& bad) {
+  for (const NonFinite& e : bad) {
+    if (e.row >= 0) throw std::invalid_argument(nonfinite_message(e));
   }
 }
 
 int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x,
-                            int64_t ldx, int64_t rows, float* y) {
+                            int64_t ldx, int64_t rows, float* y, int* layer) {
   const KernelTable& k = kernels();
   RowScratch& s = row_scratch();
   const float* in = x;
@@ -183,7 +193,10 @@ int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* ac
     const PackedB& b = layers[i]->view();
     const QuantizeJob q{in, ld, b.K, b.Kp, 0, rows, at_least(&s.a, rows * b.Kp), at_least(&s.a_scale, rows)};
     const int64_t bad = k.quantize_rows(q);
-    if (bad >= 0) return bad;
+    if (bad >= 0) {
+      if (layer) *layer = static_cast<int>(i);
+      return bad;
+    }
     float* out = i + 1 == n ? y : at_least(&s.out, rows * b.N);  // `in` is consumed by now
     GemmJob j = gemm_job(b, q.a, b.Kp, q.a_scale, epilogue_of(acts[i]), out, nullptr, b.N);
     j.m0 = 0;
@@ -208,11 +221,12 @@ void int8_layers_forward(const Int8Layer* const* layers, const Activation* acts,
   int64_t macs = 0;
   for (size_t i = 0; i < n; ++i) macs += layers[i]->in_features() * layers[i]->out_features();
   const RowTasks rt(M, macs);
-  std::vector<int64_t> bad(static_cast<size_t>(rt.tasks), -1);
+  std::vector<NonFinite> bad(static_cast<size_t>(rt.tasks));
   const int64_t ldy = layers[n - 1]->out_features();
   rt.run([&](int64_t t, int64_t m0, int64_t m1) {
-    const int64_t r = int8_layers_on_rows(layers, acts, n, x + m0 * ldx, ldx, m1 - m0, y + m0 * ldy);
-    if (r >= 0) bad[t] = m0 + r;
+    int layer = 0;
+    const int64_t r = int8_layers_on_rows(layers, acts, n, x + m0 * ldx, ldx, m1 - m0, y + m0 * ldy, &layer);
+    if (r >= 0) bad[t] = NonFinite{m0 + r, layer, ""};
   });
   throw_if_nonfinite(bad);
 }

@@ -25,6 +25,27 @@ using namespace fastrec;
 
 namespace {
 
+// The C++ object behind `self`, refusing an instance whose __init__ never ran (made with
+// `cls.__new__(cls)`): pybind11 would hand out its unconstructed storage, and reading it
+// crashed. TypeError for an object of another type too.
+template <class T>
+T& initialised(py::handle self, const char* what) {
+  if (!py::isinstance<T>(self)) throw py::type_error(std::string("expected a ") + what);
+  auto* inst = reinterpret_cast<py::detail::instance*>(self.ptr());
+  auto vh = inst->get_value_and_holder(py::detail::get_type_info(typeid(T)), /*throw_if_missing=*/false);
+  if (!vh || !vh.holder_constructed()) {
+    throw py::type_error(std::string(what) + " is not initialised (its __init__ was never called)");
+  }
+  return *vh.template value_ptr<T>();
+}
+
+// Every layer of an MLP argument: no None (a null layer), each initialised.
+void check_layers(const std::vector<std::shared_ptr<Int8Layer>>& layers, const char* what) {
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (!layers[i]) throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is None, not an int8 layer");
+  }
+}
+
 // Row-wise quantized table storage, the base of fastrec.QuantizedTable. Holds the packed
 // bytes (R, row_stride) uint8 and how to read them; the Python subclass adds the methods.
 struct PackedTable {
@@ -49,15 +70,23 @@ void init_packed(PackedTable& self, py::array data, int bits, int64_t dim, const
   if (data.ndim() != 2) throw py::value_error("packed table data must be 2-D (rows, bytes per row)");
   if (!(data.flags() & py::array::c_style)) throw py::value_error("packed table data must be C-contiguous");
   if (dim < 1) throw py::value_error("dim must be >= 1, got " + std::to_string(dim));
-  const int64_t cb = code_bytes(bits, dim);
   const bool tbe = layout == "tbe";
   const int64_t qbytes = (bits == 8 && !tbe) ? 8 : 4;
-  const int64_t need = cb + qbytes;
   const int64_t stride = data.shape(1);
-  if (stride < need) {
+  // Compared before code_bytes(dim), which would overflow for a huge dim.
+  if (dim > (stride - qbytes) * (8 / bits)) {
     throw py::value_error("packed rows of " + std::to_string(stride) + " bytes are too short for dim=" +
-                          std::to_string(dim) + " at " + std::to_string(bits) + " bits in layout '" + layout +
-                          "' (need >= " + std::to_string(need) + ")");
+                          std::to_string(dim) + " at " + std::to_string(bits) + " bits in layout '" + layout + "'");
+  }
+  const int64_t cb = code_bytes(bits, dim);
+  const int64_t need = cb + qbytes;
+  // FBGEMM's rows have the scale and bias right after the codes: a smaller dim would read
+  // them from inside the codes. Only TBE rows may be padded.
+  if (!tbe && stride != need) {
+    throw py::value_error("packed rows of " + std::to_string(stride) + " bytes do not match dim=" + std::to_string(dim) +
+                          " at " + std::to_string(bits) + " bits in layout 'fbgemm' (" + std::to_string(cb) +
+                          " code bytes + " + std::to_string(qbytes) + " = " + std::to_string(need) +
+                          " bytes a row; only layout 'tbe' rows may be padded)");
   }
   self.data = data;
   self.bits = bits;
@@ -175,7 +204,7 @@ void parse_bag_args(BagArgs* out, const py::sequence& tables, py::array indices,
   for (size_t t = 0; t < T; ++t) {
     py::object obj = tables[t];
     if (PyObject_TypeCheck(obj.ptr(), packed_type)) {
-      a.tables.push_back(obj.cast<PackedTable&>().view);
+      a.tables.push_back(initialised<PackedTable>(obj, "QuantizedTable").view);
       out->keep.push_back(std::move(obj));
     } else {
       a.tables.push_back(float_view(obj, t, out->keep, convert));
@@ -373,12 +402,12 @@ PYBIND11_MODULE(_C, m) {
              return t;
            }),
            py::arg("data"), py::arg("bits"), py::arg("dim"), py::arg("layout") = "fbgemm")
-      .def_property_readonly("data", [](const PackedTable& t) { return t.data; })
-      .def_property_readonly("bits", [](const PackedTable& t) { return t.bits; })
-      .def_property_readonly("dim", [](const PackedTable& t) { return t.dim; })
-      .def_property_readonly("num_rows", [](const PackedTable& t) { return t.view.num_rows; })
-      .def_property_readonly("row_stride", [](const PackedTable& t) { return t.view.row_stride; })
-      .def_property_readonly("layout", [](const PackedTable& t) { return t.layout; });
+      .def_property_readonly("data", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.data; })
+      .def_property_readonly("bits", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.bits; })
+      .def_property_readonly("dim", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.dim; })
+      .def_property_readonly("num_rows", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.view.num_rows; })
+      .def_property_readonly("row_stride", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.view.row_stride; })
+      .def_property_readonly("layout", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.layout; });
 
   py::class_<ItemBlock, std::shared_ptr<ItemBlock>>(m, "ItemBlock")
       .def(py::init(&make_item_block), py::arg("items"), py::arg("precision"), py::arg("keep_f32"))
@@ -423,9 +452,10 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Int8Layer, std::shared_ptr<Int8Layer>>(m, "Int8LayerCore")
       .def(py::init(&make_layer), py::arg("weight_int8"), py::arg("weight_scale"), py::arg("bias") = py::none())
-      .def_property_readonly("in_features", &Int8Layer::in_features)
-      .def_property_readonly("out_features", &Int8Layer::out_features);
-  m.def("int8_linear", [](py::handle x, const Int8Layer& layer, int act) {
+      .def_property_readonly("in_features", [](py::handle self) { return initialised<Int8Layer>(self, "Int8LayerCore").in_features(); })
+      .def_property_readonly("out_features", [](py::handle self) { return initialised<Int8Layer>(self, "Int8LayerCore").out_features(); });
+  m.def("int8_linear", [](py::handle x, py::handle layer_obj, int act) {
+    const Int8Layer& layer = initialised<Int8Layer>(layer_obj, "Int8LayerCore");
     py::array xa = check_x(x, layer.in_features());
     const int64_t M = xa.shape(0);
     const Activation a = activation_of(act);
@@ -438,7 +468,8 @@ PYBIND11_MODULE(_C, m) {
     }
     return y;
   }, py::arg("x"), py::arg("layer"), py::arg("activation") = 0);
-  m.def("int8_linear_int32", [](py::handle q, const Int8Layer& layer) {
+  m.def("int8_linear_int32", [](py::handle q, py::handle layer_obj) {
+    const Int8Layer& layer = initialised<Int8Layer>(layer_obj, "Int8LayerCore");
     py::array qa = require(q, kNpyInt8, "q", "int8", 2);
     if (qa.shape(1) != layer.in_features()) throw py::value_error("q has the wrong number of features");
     const int64_t M = qa.shape(0);
@@ -453,6 +484,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("q"), py::arg("layer"));
   m.def("int8_mlp", [](py::handle x, const std::vector<std::shared_ptr<Int8Layer>>& layers, const std::vector<int>& acts) {
     if (layers.empty()) throw py::value_error("an MLP needs at least one layer");
+    check_layers(layers, "layers");
     if (acts.size() != layers.size()) throw py::value_error("one activation per layer is required");
     py::array xa = check_x(x, layers[0]->in_features());
     const int64_t M = xa.shape(0);
@@ -480,6 +512,8 @@ PYBIND11_MODULE(_C, m) {
         BagArgs args;
         parse_bag_args(&args, tables, indices, offsets, modes, py::none(), padding_idx, py::none());
         if (bottom.empty() || top.empty()) throw py::value_error("the bottom and top MLPs need at least one layer");
+        check_layers(bottom, "bottom");
+        check_layers(top, "top");
         py::array xa = check_x(dense, bottom[0]->in_features());
         DlrmForward f;
         f.emb = args.a;

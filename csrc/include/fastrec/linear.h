@@ -44,9 +44,10 @@ void int8_layers_forward(const Int8Layer* const* layers, const Activation* acts,
                          int64_t ldx, float* y);
 
 // The same on the calling thread alone, for a few rows (<= 60) inside a caller's task; y has
-// row stride N_last. Returns the first row holding NaN or Inf (relative to x), or -1.
+// row stride N_last. Returns the first row holding NaN or Inf (relative to x), or -1; *layer
+// (if given) gets the layer whose input held it (> 0: an earlier layer overflowed float32).
 int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x,
-                            int64_t ldx, int64_t rows, float* y);
+                            int64_t ldx, int64_t rows, float* y, int* layer = nullptr);
 
 // Row tasks for callers that run a whole pipeline per block of rows (int8 MLPs, the fused
 // DLRM forward): whole 6-row tiles, at most 60 rows a task, a multiple of the thread count.
@@ -61,8 +62,16 @@ struct RowTasks {
   int64_t M = 0, tiles = 0, tasks = 0;
   bool parallel = false;
 };
-// Throws the NaN/Inf std::invalid_argument for the first row >= 0 in bad_rows (one per task).
-void throw_if_nonfinite(const std::vector<int64_t>& bad_rows);
+// Where a NaN or Inf was found: the row, and the layer whose input held it (in the MLP named
+// `mlp`, "" for a lone MLP). Layer 0 of the first MLP reads the caller's input; any other
+// layer's input held a value that overflowed float32 inside the model.
+struct NonFinite {
+  int64_t row = -1;
+  int layer = 0;
+  const char* mlp = "";
+};
+// Throws the NaN/Inf std::invalid_argument for the first entry with row >= 0 (one per task).
+void throw_if_nonfinite(const std::vector<NonFinite>& bad);
 // Throws std::invalid_argument when a layer's inputs do not match the previous one's outputs.
 void check_layer_chain(const Int8Layer* const* layers, size_t n);
 
