@@ -649,6 +649,10 @@ def write_model(path, manifest: dict, tensors: dict, *, validate: bool = True) -
     for name, a in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be strings, got {name!r}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: JSON would escape it, safetensors refuses it
+            raise ValueError(f"tensor name {name!r} is not valid Unicode text") from None
         if name.startswith(_PAD_PREFIX) or name == "__metadata__":
             raise ValueError(f"tensor name {name!r} is reserved (as are all names starting with {_PAD_PREFIX!r})")
         if not isinstance(a, np.ndarray):

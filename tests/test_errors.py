@@ -196,5 +196,13 @@ def test_objects_whose_init_never_ran_raise_instead_of_crashing():
             call()
     with pytest.raises(TypeError, match="None"):
         _C.int8_mlp(x, [None], [0])
+    with pytest.raises(TypeError, match="not initialised"):  # inside a list too (was a RuntimeError)
+        _C.int8_mlp(x, [layer], [0])
+    block = _C.ItemBlock.__new__(_C.ItemBlock)
+    for call in (lambda: block.to_float(), lambda: block.nbytes, lambda: block.precision, lambda: len(block),
+                 lambda: _C.topk_search([block], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)],
+                                        np.ones((1, 4), np.float32), 1, 1, False)):
+        with pytest.raises(TypeError, match="not initialised"):
+            call()
     with pytest.raises(TypeError, match="expected a Int8LayerCore"):
         _C.int8_linear(x, 5, 0)

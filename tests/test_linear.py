@@ -75,7 +75,9 @@ def test_activation_quantization_special_values(isa, K):
 @pytest.mark.parametrize("K", [4, 16, 70])
 def test_rows_too_small_for_127_over_amax(isa, K):
     """Rows whose max |x| is below ~3.7e-37 (where 127 / amax overflows float32, normal and
-    subnormal values alike) quantize like any other row: zeros stay 0, the rest keep their ratios."""
+    subnormal values alike) get codes like any other row: zeros stay 0, the rest keep their
+    ratios. Their scale, amax / 127, is subnormal below ~1.5e-36, so the dequantized output
+    loses relative precision there: measured below, ~0.4% at 1e-38."""
     pattern = np.resize(np.float32([1.0, 0.5, 0.0, -0.25, -1.0, 0.75, -0.0]), K)
     rows = np.stack([pattern * np.float32(m) for m in (3e-37, 1e-38, 1e-40, 1e-44, 4e-37, 1e-30)])
     q, s = _C.quantize_rows_int8(rows)
@@ -87,10 +89,10 @@ def test_rows_too_small_for_127_over_amax(isa, K):
     assert not np.any(q[:, pattern == 0])  # zeros are zeros
     # Through a layer: identity weights of 1e36 give back x * 1e36 to int8 precision.
     lin = Int8Linear.from_float(np.eye(K, dtype=np.float32) * np.float32(1e36))
-    x = rows[:2]
+    x = rows[:2]  # 3e-37 and 1e-38
     y = lin(x).astype(np.float64)
     ref = x.astype(np.float64) * 1e36
-    tol = np.abs(ref).max(axis=1, keepdims=True) / 127 * 1.01
+    tol = np.abs(ref).max(axis=1, keepdims=True) * (0.5 / 127 + 0.005)  # rounding + the subnormal scale
     assert np.all(np.abs(y - ref) <= tol), (y, ref)
 
 
@@ -357,5 +359,8 @@ def test_overflow_inside_an_mlp_is_named(B):
         mlp(np.full((B, 4), 1e30, np.float32))
     x = np.ones((B, 4), np.float32)
     x[B - 1, 2] = np.nan
+    with pytest.raises(ValueError, match=rf"^input contains NaN or Inf \(row {B - 1}\)$"):
+        mlp(x)
+    x[0] = 1e30  # row 0 overflows inside, row B-1 is NaN in the input: the input is named
     with pytest.raises(ValueError, match=rf"^input contains NaN or Inf \(row {B - 1}\)$"):
         mlp(x)

@@ -138,6 +138,8 @@ def test_writer_refuses_reserved_names_and_unknown_dtypes(tmp_path, rng):
         write_model(tmp_path / "m", m, {**tensors, "__fastrec_pad.0": np.zeros(3, np.uint8)})
     with pytest.raises(ValueError, match="reserved"):
         write_model(tmp_path / "m", m, {**tensors, "__metadata__": np.zeros(3, np.uint8)})
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        write_model(tmp_path / "m", m, {**tensors, "a\ud800": np.zeros(3, np.uint8)})
     with pytest.raises(TypeError, match="no safetensors name"):
         write_model(tmp_path / "m", m, {**tensors, "x": np.zeros(3, np.complex64)})
     assert not (tmp_path / "m").exists()
@@ -160,7 +162,8 @@ def test_header_length_lowered_into_the_padding(dlrm_dir, less):
     n = struct.unpack("<Q", raw[:8])[0]
     raw[:8] = struct.pack("<Q", n - less)
     (dlrm_dir / TENSORS).write_bytes(bytes(raw))
-    _fails(dlrm_dir, TENSORS)
+    assert raw[8 + n - less:8 + n].strip() == b""  # only padding was cut: the JSON still parses
+    _fails(dlrm_dir, TENSORS, "cover the data section")
 
 
 @pytest.mark.parametrize("how", ["gap", "overlap", "short", "duplicate"])

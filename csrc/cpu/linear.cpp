@@ -178,6 +178,13 @@ void RowTasks::run(const std::function<void(int64_t, int64_t, int64_t)>& fn) con
 }
 
 void throw_if_nonfinite(const std::vector<NonFinite>& bad) {
+  // The caller's own input first (layer 0 of the first MLP): one task's overflow inside the
+  // model must not hide another task's NaN in the input.
+  for (const NonFinite& e : bad) {
+    if (e.row >= 0 && e.layer == 0 && (e.mlp[0] == '\0' || std::string(e.mlp) == "bottom")) {
+      throw std::invalid_argument(nonfinite_message(e));
+    }
+  }
   for (const NonFinite& e : bad) {
     if (e.row >= 0) throw std::invalid_argument(nonfinite_message(e));
   }

@@ -39,11 +39,22 @@ T& initialised(py::handle self, const char* what) {
   return *vh.template value_ptr<T>();
 }
 
-// Every layer of an MLP argument: no None (a null layer), each initialised.
-void check_layers(const std::vector<std::shared_ptr<Int8Layer>>& layers, const char* what) {
-  for (size_t i = 0; i < layers.size(); ++i) {
-    if (!layers[i]) throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is None, not an int8 layer");
+// A sequence of T objects (Int8LayerCore, ItemBlock) as shared pointers: TypeError for None,
+// another type or an object whose __init__ never ran (pybind11's own conversion let None
+// through as a null pointer and failed on the latter with a RuntimeError).
+template <class T>
+std::vector<std::shared_ptr<T>> held_list(py::handle seq, const char* what, const char* type_name) {
+  if (!py::isinstance<py::sequence>(seq) || py::isinstance<py::str>(seq)) {
+    throw py::type_error(std::string(what) + " must be a sequence of " + type_name + " objects");
   }
+  std::vector<std::shared_ptr<T>> out;
+  for (py::handle item : py::reinterpret_borrow<py::sequence>(seq)) {
+    const std::string where = std::string(what) + "[" + std::to_string(out.size()) + "]";
+    if (item.is_none()) throw py::type_error(where + " is None, not a " + type_name);
+    initialised<T>(item, type_name);
+    out.push_back(item.cast<std::shared_ptr<T>>());
+  }
+  return out;
 }
 
 // Row-wise quantized table storage, the base of fastrec.QuantizedTable. Holds the packed
@@ -335,9 +346,10 @@ std::shared_ptr<ItemBlock> make_item_block(py::handle items, int precision, bool
   return std::make_shared<ItemBlock>(p, N, D, static_cast<ItemPrecision>(precision), keep_f32);
 }
 
-py::tuple topk_search_py(const std::vector<std::shared_ptr<ItemBlock>>& blocks, const std::vector<py::handle>& ids,
+py::tuple topk_search_py(py::handle blocks_obj, const std::vector<py::handle>& ids,
                          const std::vector<py::handle>& removed, py::handle queries, int64_t k, int64_t candidates,
                          bool rerank, py::handle exclude_ids, py::handle exclude_offsets) {
+  const std::vector<std::shared_ptr<ItemBlock>> blocks = held_list<ItemBlock>(blocks_obj, "blocks", "ItemBlock");
   if (ids.size() != blocks.size() || removed.size() != blocks.size()) {
     throw py::value_error("blocks, ids and removed must have the same length");
   }
@@ -411,17 +423,20 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ItemBlock, std::shared_ptr<ItemBlock>>(m, "ItemBlock")
       .def(py::init(&make_item_block), py::arg("items"), py::arg("precision"), py::arg("keep_f32"))
-      .def("__len__", &ItemBlock::size)
-      .def_property_readonly("dim", &ItemBlock::dim)
-      .def_property_readonly("nbytes", &ItemBlock::nbytes)
-      .def_property_readonly("has_f32", &ItemBlock::has_f32)
+      .def("__len__", [](py::handle self) { return initialised<ItemBlock>(self, "ItemBlock").size(); })
+      .def_property_readonly("dim", [](py::handle self) { return initialised<ItemBlock>(self, "ItemBlock").dim(); })
+      .def_property_readonly("nbytes", [](py::handle self) { return initialised<ItemBlock>(self, "ItemBlock").nbytes(); })
+      .def_property_readonly("has_f32", [](py::handle self) { return initialised<ItemBlock>(self, "ItemBlock").has_f32(); })
       .def("to_float",
-           [](const ItemBlock& b) {
+           [](py::handle self) {
+             const ItemBlock& b = initialised<ItemBlock>(self, "ItemBlock");
              F32Array out({b.size(), b.dim()});
              b.to_float(out.mutable_data());
              return out;
            })
-      .def_property_readonly("precision", [](const ItemBlock& b) { return static_cast<int>(b.precision()); });
+      .def_property_readonly("precision", [](py::handle self) {
+        return static_cast<int>(initialised<ItemBlock>(self, "ItemBlock").precision());
+      });
   m.def(
       "dot_interaction",
       [](py::handle bottom, py::handle emb, int64_t T) {
@@ -482,9 +497,9 @@ PYBIND11_MODULE(_C, m) {
     }
     return y;
   }, py::arg("q"), py::arg("layer"));
-  m.def("int8_mlp", [](py::handle x, const std::vector<std::shared_ptr<Int8Layer>>& layers, const std::vector<int>& acts) {
+  m.def("int8_mlp", [](py::handle x, py::handle layers_obj, const std::vector<int>& acts) {
+    const auto layers = held_list<Int8Layer>(layers_obj, "layers", "Int8LayerCore");
     if (layers.empty()) throw py::value_error("an MLP needs at least one layer");
-    check_layers(layers, "layers");
     if (acts.size() != layers.size()) throw py::value_error("one activation per layer is required");
     py::array xa = check_x(x, layers[0]->in_features());
     const int64_t M = xa.shape(0);
@@ -507,13 +522,13 @@ PYBIND11_MODULE(_C, m) {
       "dlrm_forward",
       [](const py::sequence& tables, py::array indices, py::array offsets, const std::vector<int>& modes,
          const std::vector<int64_t>& padding_idx, py::handle dense,
-         const std::vector<std::shared_ptr<Int8Layer>>& bottom, const std::vector<int>& bottom_acts,
-         const std::vector<std::shared_ptr<Int8Layer>>& top, const std::vector<int>& top_acts) {
+         py::handle bottom_obj, const std::vector<int>& bottom_acts, py::handle top_obj,
+         const std::vector<int>& top_acts) {
+        const auto bottom = held_list<Int8Layer>(bottom_obj, "bottom", "Int8LayerCore");
+        const auto top = held_list<Int8Layer>(top_obj, "top", "Int8LayerCore");
         BagArgs args;
         parse_bag_args(&args, tables, indices, offsets, modes, py::none(), padding_idx, py::none());
         if (bottom.empty() || top.empty()) throw py::value_error("the bottom and top MLPs need at least one layer");
-        check_layers(bottom, "bottom");
-        check_layers(top, "top");
         py::array xa = check_x(dense, bottom[0]->in_features());
         DlrmForward f;
         f.emb = args.a;

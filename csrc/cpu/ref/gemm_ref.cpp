@@ -25,7 +25,9 @@ int64_t quantize_rows(const QuantizeJob& j) {
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     // Below amax ~ 3.7e-37, 127 / amax overflows: the row is first scaled by 2^100 (exact),
     // and the codes are those of the scaled row (x * up * (127 / (amax * up)), up = 2^100).
-    // Without this, zeros came out as 0 * inf = NaN and every other value saturated.
+    // Without this, zeros came out as 0 * inf = NaN and every other value saturated. The
+    // scale, amax / 127, is still the unscaled one: subnormal below amax ~1.5e-36, so such rows
+    // come back with less relative precision (~0.4% at 1e-38; all of it below ~1.3e-43).
     float up = 1.f;
     if (!(inv <= std::numeric_limits<float>::max())) {
       up = 0x1p100f;
