@@ -246,3 +246,20 @@ def test_module_exports_without_gpu():
     from fastrec import _cuda_topk
 
     assert callable(_cuda_topk.search) and fastrec.ItemIndex is ItemIndex
+
+
+@needs_cuda
+@pytest.mark.parametrize("tiny", ["queries", "items"])
+def test_int8_rows_too_small_for_127_over_amax(to_device, rng, tiny):
+    # Rows with max |x| < ~3.7e-37 (127 / amax overflows float32) are scaled by 2^100 before
+    # rounding, on the device (queries: csrc/cuda/topk.cu) as on the CPU (items and queries).
+    items, queries = _data(rng, 3000, 24, 9)
+    items[rng.random(items.shape) < 0.3] = 0.0
+    queries[rng.random(queries.shape) < 0.3] = 0.0
+    small, big = np.float32(1e-38), np.float32(1e36)
+    items, queries = (items * big, queries * small) if tiny == "queries" else (items * small, queries * big)
+    index = ItemIndex(items, precision="int8", rerank=False)
+    cs, ci = index.search(queries, 20)
+    ds, di = index.search(to_device(queries), 20)
+    np.testing.assert_allclose(to_host(ds), cs, rtol=1e-5, atol=1e-6 * np.abs(cs).max())
+    _check(index, items, queries, 20, ds, di, precision="int8", rerank=False)
