@@ -192,8 +192,8 @@ def _read_safetensors(path) -> tuple[dict, dict]:
         if not isinstance(dt, str) or (dt not in _DTYPES and dt not in _ITEMSIZE):
             raise ModelFormatError(path, where + ".dtype", f"one of {sorted(_DTYPES) + sorted(_ITEMSIZE)}", dt)
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise ModelFormatError(path, where + ".shape", "a list of non-negative integers", shape)
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+            raise ModelFormatError(path, where + ".shape", "a list of non-negative integers below 2**63", shape)
         offs = entry.get("data_offsets")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
                 or not 0 <= offs[0] <= offs[1]):

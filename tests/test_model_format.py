@@ -228,6 +228,12 @@ def test_lying_header_never_allocates(dlrm_dir):
     header["huge"] = {"dtype": "F32", "shape": [2**40, 2**20], "data_offsets": [0, 2**62]}
     _write_header(dlrm_dir, header, data)
     _fails(dlrm_dir, "huge", "within the data section")
+    # An empty tensor with a dimension numpy cannot hold: ModelFormatError, not numpy's ValueError.
+    header, data = _read_header(dlrm_dir)
+    del header["huge"]
+    header["huge"] = {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}
+    _write_header(dlrm_dir, header, data)
+    _fails(dlrm_dir, "huge", ".shape", "below 2**63")
 
 
 def test_read_safetensors_views(dlrm_dir):
