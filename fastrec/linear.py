@@ -15,8 +15,9 @@ symmetric per row (scale = max|x_b| / 127), both rounded half to even to [-127, 
 Tiny rows: where 127 / max|x_b| overflows float32 (max|x_b| below ~3.7e-37) the row is scaled
 by 2^100 before rounding, so its codes keep their ratios; its scale is still max|x_b| / 127,
 subnormal below ~1.5e-36, so such rows come back with less relative precision (~0.4% at
-1e-38). With flush-to-zero set in the calling thread (``torch.set_flush_denormal(True)``),
-subnormal inputs and scales are read as zero on the CPU; the GPU kernels do not flush.
+1e-38). Flush-to-zero (``torch.set_flush_denormal(True)``) is a per-thread CPU setting: on a
+thread that has it, subnormal inputs and scales read as zero, so results for such rows can
+differ between the calling thread, fastrec's pool threads and the GPU (which does not flush).
 """
 
 from __future__ import annotations
