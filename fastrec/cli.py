@@ -138,6 +138,19 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _positive(kind):
+    """argparse type: a number of `kind` > 0 (argparse prints the error and exits 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastrec", description="fastrec: fast inference for recommendation models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,16 +160,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("example", help="run a short embedding-bag example and time it against numpy")
     p.set_defaults(fn=_cmd_example)
     p = sub.add_parser("demo", help="recommend and rank with the two embedded demo models; latency vs numpy")
-    p.add_argument("--users", type=int, default=4, help="users to recommend for (default 4; the last is a new user)")
-    p.add_argument("--candidates", type=int, default=270, help="raw candidates per ranking request (default 270)")
-    p.add_argument("--repeat", type=int, default=200, help="requests timed per task and engine (default 200)")
+    p.add_argument("--users", type=_positive(int), default=4, help="users to recommend for (default 4; the last is a new user)")
+    p.add_argument("--candidates", type=_positive(int), default=270, help="raw candidates per ranking request (default 270)")
+    p.add_argument("--repeat", type=_positive(int), default=200, help="requests timed per task and engine (default 200)")
     p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("inspect", help="what a model directory holds (kind, tables, layers, index, sizes)")
     p.add_argument("path", help="a model directory (manifest.json + model.safetensors)")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(fn=_cmd_inspect)
     p = sub.add_parser("bench", help="a quick same-run comparison against the installed peers (torch, faiss, numpy)")
-    p.add_argument("--seconds", type=float, default=0.5, help="time per implementation and case (default 0.5)")
+    p.add_argument("--seconds", type=_positive(float), default=0.5, help="time per implementation and case (default 0.5)")
     p.set_defaults(fn=_cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -40,10 +40,28 @@ def _id_array(ids, n: int) -> np.ndarray:
         ids = ids.astype(np.int64)  # [] is float64 to numpy
     if ids.dtype.kind not in "iu":
         raise TypeError(f"ids must be integers, got {ids.dtype}")
+    if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"ids must fit in int64, got {int(ids.max())}")  # (they wrapped to negative ids)
     ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
     if ids.shape[0] != n:
         raise ValueError(f"ids must have one id per item ({n}), got {ids.shape[0]}")
     return ids
+
+
+def _check_item_ids(ids: np.ndarray) -> None:
+    """Item ids: unique and >= 0 (search results pad with id -1)."""
+    if ids.size and int(ids.min()) < 0:
+        raise ValueError(f"item ids must be >= 0 (search results pad with id -1), got {int(ids.min())}")
+    _check_unique(ids)
+
+
+def _check_range(items: np.ndarray, precision: str) -> None:
+    """fp16 stores items as float16: a value beyond +-65504 would become inf, and the scores
+    inf - inf = NaN, so the item would silently drop out of every result."""
+    if precision == "fp16" and items.size:
+        big = float(np.abs(items).max())
+        if big > 65504.0:
+            raise ValueError(f"items hold {big:.6g}, beyond float16's range (+-65504): use precision 'fp32' or 'int8'")
 
 
 def _check_unique(ids: np.ndarray) -> None:
@@ -112,6 +130,8 @@ def exclude_csr(exclude, Q: int):
     """``exclude`` (a list of Q id arrays, or a tuple ``(ids, offsets)`` in CSR) as int64 CSR."""
     if exclude is None:
         return None, None
+    if isinstance(exclude, (dict, str, bytes)):  # a dict's keys would be taken as the id lists
+        raise TypeError(f"exclude must be a list of Q id arrays or an (ids, offsets) tuple, got {type(exclude).__name__}")
     if isinstance(exclude, tuple):
         if len(exclude) != 2:
             raise ValueError("exclude as a tuple must be (exclude_ids, exclude_offsets)")
@@ -159,8 +179,9 @@ class ItemIndex:
         self._rerank = bool(rerank)
         self._dim = int(items.shape[1])
         self._lock = threading.Lock()  # serialises writers; readers take a snapshot
+        _check_range(items, precision)
         ids = np.arange(items.shape[0], dtype=np.int64) if ids is None else _id_array(ids, items.shape[0])
-        _check_unique(ids)
+        _check_item_ids(ids)
         segments = (self._segment(items, ids),) if items.shape[0] else ()
         self._snap = _snapshot(segments)
 
@@ -246,8 +267,9 @@ class ItemIndex:
     def add(self, items, ids) -> None:
         """Adds items with new unique ids (ValueError if an id is already in the index)."""
         items = float_matrix(items, "items", self._dim)
+        _check_range(items, self._precision)
         ids = _id_array(ids, items.shape[0])
-        _check_unique(ids)
+        _check_item_ids(ids)
         if items.shape[0] == 0:
             return
         seg = self._segment(items, ids)  # the packing runs outside the lock

@@ -78,12 +78,20 @@ def _per_query(recommended, relevant, k: int):
     if len(relevant) != n:
         raise ValueError(f"recommended_ids has {n} queries, relevant_sets has {len(relevant)}")
     for row, rel in zip(rec, relevant):
+        if isinstance(rel, (str, bytes)):  # would be split into characters
+            raise TypeError(f"each relevant set must hold integer ids, got {type(rel).__name__}")
         if isinstance(rel, (int, np.integer)):
-            rel = {int(rel)}
+            values = [rel]
         elif isinstance(rel, np.ndarray):
-            rel = {int(v) for v in rel.reshape(-1).tolist()}
+            values = rel.reshape(-1).tolist()
         else:
-            rel = {int(v) for v in rel}
+            values = list(rel)
+        values = [int(v) if isinstance(v, np.integer) else v for v in values]
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise TypeError(f"relevant ids must be integers, got {values!r}")  # 1.7 used to count as id 1
+        rel = set(values)
+        if any(v < 0 for v in rel):  # -1 would match the padding of recommended ids
+            raise ValueError(f"relevant ids must be >= 0 (-1 pads recommended ids), got {sorted(rel)}")
         if not rel:
             continue
         top = np.asarray(row).reshape(-1)[:k].tolist()

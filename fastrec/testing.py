@@ -127,8 +127,13 @@ def topk_ref(queries, items, k: int, *, ids=None, exclude=None):
     Q = q.shape[0]
     out_s = np.full((Q, k), -np.inf)
     out_i = np.full((Q, k), -1, dtype=np.int64)
+    # Each distinct row is scored once: BLAS may round identical rows differently depending on
+    # where they sit, which broke exact ties (the smaller id must win them).
+    if x.shape[0]:
+        uniq, inverse = np.unique(x, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
     for r in range(Q):
-        scores = x @ q[r]
+        scores = (uniq @ q[r])[inverse] if x.shape[0] else np.empty(0)
         keep = np.ones(x.shape[0], dtype=bool)
         if exclude is not None and exclude[r] is not None and len(exclude[r]):
             keep &= ~np.isin(ids, np.asarray(exclude[r], dtype=np.int64))

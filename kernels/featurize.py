@@ -198,6 +198,8 @@ def hash_rows(ids: np.ndarray, num_rows: int, key: int, *, backend: str = "auto"
     :func:`fastrec.kernels.hashing.hash_ids` without its argument checks, for the featurizer's
     already-validated features. Same kernels, same results."""
     if ids.dtype.itemsize == 8:
+        if not ids.dtype.isnative:  # byte-swapped: the view would read the swapped bytes
+            ids = ids.astype(ids.dtype.newbyteorder("="))
         u = np.ascontiguousarray(ids).view(np.uint64)
     else:
         u = ids.astype(np.uint64)  # sign-extends, then wraps: value mod 2**64

@@ -121,6 +121,8 @@ def _int_ids(ids) -> np.ndarray:
 def _as_u64(ids: np.ndarray) -> np.ndarray:
     """The ids' values mod 2**64, as a flat contiguous uint64 array."""
     if ids.dtype.itemsize == 8:  # int64 / uint64: same bits, no copy when contiguous
+        if not ids.dtype.isnative:  # byte-swapped: the view would read the swapped bytes
+            ids = ids.astype(ids.dtype.newbyteorder("="))
         return np.ascontiguousarray(ids).view(np.uint64).reshape(-1)
     return ids.astype(np.uint64).reshape(-1)  # C casts: sign-extends, then wraps
 

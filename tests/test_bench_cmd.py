@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 
 def test_bench_command_runs():
     env = dict(os.environ, FASTREC_NUM_THREADS="1")
@@ -15,3 +17,15 @@ def test_bench_command_runs():
     assert r.returncode == 0, r.stderr
     for line in ("embedding_bags", "int8 linear", "top-100", "time / fastrec", "fastrec int8+rerank"):
         assert line in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("argv", [["bench", "--seconds", "0"], ["bench", "--seconds", "inf"], ["bench", "--seconds", "x"],
+                                  ["demo", "--users", "-1"], ["demo", "--candidates", "0"], ["demo", "--repeat", "-5"]])
+def test_bad_counts_are_usage_errors(argv, capsys):
+    # argparse's error and exit status 2, not a traceback from deep inside (or a run that never ends).
+    from fastrec.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "must be a finite number > 0" in capsys.readouterr().err or argv[-1] == "x"

@@ -64,6 +64,39 @@ def test_int8_items_too_small_for_127_over_amax(rng, isa):
     assert np.abs(scores - true).max() <= 0.05 * np.abs(true).max()
 
 
+def test_item_id_and_value_checks(rng):
+    items = rng.standard_normal((3, 4)).astype(np.float32)
+    # -1 pads results, so it (and any negative id) cannot be an item id; uint64 ids above
+    # int64's range used to wrap to negative ids.
+    for bad in ([-1, 5, 7], [0, -5, 7], np.array([2**64 - 1, 2, 3], np.uint64)):
+        with pytest.raises(ValueError, match="ids must"):
+            fastrec.ItemIndex(items, ids=bad)
+    index = fastrec.ItemIndex(items, ids=[0, 1, 2])
+    with pytest.raises(ValueError, match="ids must"):
+        index.add(items[:1], [-3])
+    # fp16 stores items as float16: values beyond +-65504 would become inf and drop out.
+    big = items.copy()
+    big[1, 2] = 1e5
+    with pytest.raises(ValueError, match="float16's range"):
+        fastrec.ItemIndex(big, precision="fp16")
+    with pytest.raises(ValueError, match="float16's range"):
+        fastrec.ItemIndex(items, precision="fp16").add(big[1:2], [9])
+    scores, ids = fastrec.ItemIndex(big, precision="int8").search(items[:1], 3)  # other precisions are fine
+    assert sorted(ids[0].tolist()) == [0, 1, 2]
+    # A dict's keys would have been read as the per-query id lists.
+    with pytest.raises(TypeError, match="exclude"):
+        index.search(items[:2], 2, exclude={0: [1], 1: [2]})
+
+
+def test_oracle_breaks_exact_ties_by_the_smaller_id(rng):
+    # Identical rows used to get slightly different float64 scores from BLAS depending on
+    # their position, so the oracle itself broke "ties by the smaller id".
+    x = np.repeat(rng.standard_normal((1, 17)), 79, 0).astype(np.float32)
+    q = rng.standard_normal((3, 17)).astype(np.float32)
+    assert topk_ref(q, x, 3)[1].tolist() == [[0, 1, 2]] * 3
+    assert fastrec.ItemIndex(x, precision="fp32").search(q, 3)[1].tolist() == [[0, 1, 2]] * 3
+
+
 def test_isas_agree(rng):
     from fastrec import _C
 

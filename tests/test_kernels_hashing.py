@@ -273,3 +273,17 @@ def test_bad_strings_and_salts():
     for salt in (1.5, None, True, [1]):
         with pytest.raises(TypeError, match="salt must be an int or a string"):
             hashing.hash_ids(np.arange(3), 10, salt)
+
+
+@pytest.mark.parametrize("dtype", [">i8", ">u8", ">i4", "<i8"])
+def test_byte_swapped_ids_hash_by_value(dtype):
+    # 8-byte ids were hashed through a raw uint64 view: byte-swapped ones hashed their swapped bytes.
+    from fastrec.kernels import featurize as fk
+
+    ids = np.array([0, 1, 2, 7, 2**31 - 1], dtype=dtype)
+    native = ids.astype(ids.dtype.newbyteorder("="))
+    expect = hashing.hash_ids(native, 97)
+    np.testing.assert_array_equal(hashing.hash_ids(ids, 97), expect)
+    np.testing.assert_array_equal(hashing.hash_ids_ref(ids, 97), expect)
+    for backend in ("numpy", "auto"):  # the featurizer's path (numba where installed)
+        np.testing.assert_array_equal(fk.hash_rows(ids, 97, hashing.salt_key(0), backend=backend), expect)

@@ -110,3 +110,11 @@ def test_topk_metric_errors():
         ndcg_at_k([[1], [2]], [{1}], 1)
     with pytest.raises(ValueError, match="2-D"):
         recall_at_k(np.array([1, 2]), [{1}, {2}], 1)
+    # Relevant ids: integers >= 0. A float was truncated (1.7 counted as id 1), a string split
+    # into characters, and -1 matched the padding of recommended ids.
+    for bad, exc in (([[1.7]], TypeError), (["12"], TypeError), ([[None]], TypeError), ([[-1]], ValueError)):
+        for fn in (recall_at_k, ndcg_at_k):
+            with pytest.raises(exc):
+                fn([[1, 2, -1]], bad, 3)
+    assert recall_at_k([[1, 2]], [np.array([2, 5], np.int32)], 2) == 0.5
+    assert recall_at_k([[1, 2]], [np.int64(2)], 2) == 1.0
