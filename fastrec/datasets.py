@@ -263,11 +263,19 @@ def _columns(ratings) -> dict:
     for k, v in cols.items():
         if v.shape[:1] != (n,):
             raise ValueError(f"ratings[{k!r}] has {v.shape[:1]} rows, user_id has {n}")
+    ts = cols["timestamp"]
+    if ts.dtype.kind == "f" and np.isnan(ts).any():  # NaN sorts last: it would count as the latest
+        raise ValueError(f"ratings['timestamp'] holds NaN (row {int(np.argmax(np.isnan(ts)))})")
     return cols
 
 
 def _take(cols: dict, idx: np.ndarray) -> dict:
     return {k: v[idx] for k, v in cols.items()}
+
+
+def _need_rating(cols: dict, option: str) -> None:
+    if "rating" not in cols:
+        raise ValueError(f"{option} needs a 'rating' column; the columns are {sorted(cols)} (pass {option}=None)")
 
 
 def leave_last_out_split(ratings, *, n_last: int = 1, min_rating=None):
@@ -279,9 +287,12 @@ def leave_last_out_split(ratings, *, n_last: int = 1, min_rating=None):
     Returns ``(train, test)``, dicts of the same columns; rows of each are in time order.
     """
     cols = _columns(ratings)
+    if isinstance(n_last, bool) or not isinstance(n_last, (int, np.integer)):
+        raise TypeError(f"n_last must be an int, got {n_last!r}")
     if n_last < 1:
         raise ValueError(f"n_last must be >= 1, got {n_last}")
     if min_rating is not None:
+        _need_rating(cols, "min_rating")
         cols = _take(cols, np.nonzero(cols["rating"] >= min_rating)[0])
     user, ts = cols["user_id"], cols["timestamp"]
     order = np.lexsort((np.arange(len(user)), ts, user))  # by user, then time, then position
@@ -308,6 +319,7 @@ def time_split(ratings, *, test_fraction: float = 0.2, positive_threshold=4):
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if positive_threshold is not None:
+        _need_rating(cols, "positive_threshold")
         cols["label"] = (cols["rating"] >= positive_threshold).astype(np.float32)
     n = len(cols["user_id"])
     order = np.lexsort((np.arange(n), cols["timestamp"]))
@@ -409,6 +421,8 @@ def synthetic_ctr(n: int, *, seed: int = 0, num_dense: int = 13, num_sparse: int
     if cardinalities is None:
         cards = [CRITEO_CARDINALITIES[j % 26] for j in range(num_sparse)]
     else:
+        if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in cardinalities):
+            raise TypeError(f"cardinalities must be ints, got {list(cardinalities)!r}")  # 2.7 became 2
         cards = [int(c) for c in cardinalities]
         if len(cards) != num_sparse:
             raise ValueError(f"cardinalities has {len(cards)} entries, num_sparse is {num_sparse}")

@@ -326,4 +326,6 @@ def _check_k(k) -> int:
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if k > 2**31 - 1:  # (2**63 overflowed the candidate count inside: a raw pybind11 TypeError)
+        raise ValueError(f"k must be < 2**31, got {k}")
     return int(k)

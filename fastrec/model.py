@@ -508,6 +508,8 @@ class Model:
             out, _ = g.run(sparse, B, lambda indices, offsets: _C.dlrm_forward(
                 g.tables, indices, offsets, self._fused[0], self._fused[1], x, *self._fused[2:]))
             return out
+        if not np.isfinite(x).all():  # as the int8 forward does (it finds them while quantizing)
+            raise ValueError(f"input contains NaN or Inf (row {int(np.argwhere(~np.isfinite(x))[0, 0])})")
         emb, _ = self._group.pool(sparse, B)
         bottom = self._bottom(x)
         # [bottom, dot(v_i, v_j) for i > j] in one C++ pass (docs/FORMAT.md step 3)

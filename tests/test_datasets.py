@@ -260,3 +260,20 @@ def test_time_split():
     assert "label" not in train and len(test["user_id"]) == 2
     with pytest.raises(ValueError):
         time_split(r, test_fraction=1.0)
+
+
+def test_split_and_synthetic_argument_checks():
+    r = {"user_id": np.array([1, 1, 2]), "item_id": np.array([5, 6, 7]), "timestamp": np.array([1.0, 2.0, 3.0])}
+    with pytest.raises(TypeError, match="n_last"):
+        leave_last_out_split(r, n_last=1.5)
+    # Without a rating column: a ValueError naming the option, not a bare KeyError.
+    with pytest.raises(ValueError, match="min_rating needs a 'rating' column"):
+        leave_last_out_split(r, min_rating=4)
+    with pytest.raises(ValueError, match="positive_threshold needs a 'rating' column"):
+        time_split(r)
+    assert len(time_split(r, positive_threshold=None)[1]["user_id"]) == 1
+    # A NaN timestamp sorted as the latest and went to the test set.
+    with pytest.raises(ValueError, match="NaN"):
+        leave_last_out_split({**r, "timestamp": np.array([1.0, np.nan, 3.0])})
+    with pytest.raises(TypeError, match="cardinalities must be ints"):
+        synthetic_ctr(4, num_sparse=1, cardinalities=[2.7])

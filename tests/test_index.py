@@ -83,6 +83,9 @@ def test_item_id_and_value_checks(rng):
         fastrec.ItemIndex(items, precision="fp16").add(big[1:2], [9])
     scores, ids = fastrec.ItemIndex(big, precision="int8").search(items[:1], 3)  # other precisions are fine
     assert sorted(ids[0].tolist()) == [0, 1, 2]
+    for k in (2**31, 2**63, 2**64):  # 2**63 overflowed the candidate count: a raw pybind11 TypeError
+        with pytest.raises(ValueError, match="k must be"):
+            index.search(items[:1], k)
     # A dict's keys would have been read as the per-query id lists.
     with pytest.raises(TypeError, match="exclude"):
         index.search(items[:2], 2, exclude={0: [1], 1: [2]})

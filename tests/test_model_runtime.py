@@ -378,6 +378,12 @@ def test_dlrm_errors(rng, model_dir):
         model.score(dense[:, :4], sparse)
     with pytest.raises(ValueError, match=r"\(B, 5\)"):
         model.score(dense[0], sparse)
+    bad = dense.copy()
+    bad[2, 1] = np.nan  # the fp32 forward returned NaN for that row; the int8 one raised
+    for precision in ("fp32", "int8"):
+        mp, tp, refp = build_dlrm(rng, precision=precision, storages=("fp32", "q8"))
+        with pytest.raises(ValueError, match=r"NaN or Inf \(row 2\)"):
+            fastrec.load(model_dir(mp, tp)).score(bad, random_sparse(rng, refp["features"], refp["rows"], 3))
     with pytest.raises(ValueError, match="unknown sparse feature 'C9'"):
         model.score(dense, {**sparse, "C9": sparse["C1"]})
     with pytest.raises(ValueError, match=r"missing sparse feature\(s\) \['C2'\]"):
