@@ -39,7 +39,10 @@ def auc(labels, scores) -> float:
             or only one class present (the AUC is undefined).
     """
     y = np.asarray(labels)
-    s = np.asarray(scores, dtype=np.float64)
+    s = np.asarray(scores)
+    if s.dtype.kind not in "biuf":  # complex scores lost their imaginary part with only a warning
+        raise ValueError(f"scores must be real numbers, got dtype {s.dtype}")
+    s = s.astype(np.float64, copy=False)
     if y.ndim != 1 or s.ndim != 1 or y.shape != s.shape:
         raise ValueError(f"labels and scores must be 1-D of the same length, got shapes "
                          f"{y.shape} and {s.shape}")

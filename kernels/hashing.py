@@ -110,9 +110,19 @@ def _int_ids(ids) -> np.ndarray:
         if hasattr(ids, "detach") and hasattr(ids, "cpu"):  # a CPU torch tensor
             ids = ids.detach().cpu().numpy()
         else:
-            ids = np.asarray(ids)
+            given = ids
+            try:
+                ids = np.asarray(ids)
+            except OverflowError:
+                raise TypeError("ids must fit in int64 or uint64") from None
             if ids.size == 0 and ids.dtype == np.float64:  # [] -> float64 by default
                 ids = ids.astype(np.int64)
+            elif ids.dtype.kind in "fO" and isinstance(given, (list, tuple)) and all(
+                    isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in given):
+                # Python ints that no one integer dtype holds (e.g. [2**64 - 1, -1]) become a
+                # float64 or object array: say so, rather than "got float64".
+                raise TypeError("ids hold Python ints that no single integer dtype holds (e.g. >= 2**63 "
+                                "together with < 0, or >= 2**64); pass an int64 or uint64 array")
     if ids.dtype.kind not in "iu":
         raise TypeError(f"ids must be integers (any int/uint dtype), got {ids.dtype}")
     return ids
@@ -347,12 +357,13 @@ def _torch_cuda_hash(ids, num_rows: int, salt):
 def _is_strings(x) -> bool:
     if isinstance(x, (str, bytes)):
         raise TypeError("pass a sequence of strings (e.g. [s]), not a single string")
+    text = (str, bytes, bytearray)  # a bytearray element was taken as a row of integer ids
     if isinstance(x, np.ndarray):
         if x.dtype.kind in "US":
             return True
-        return x.dtype == object and x.size > 0 and isinstance(x.reshape(-1)[0], (str, bytes))
+        return x.dtype == object and x.size > 0 and isinstance(x.reshape(-1)[0], text)
     if isinstance(x, (list, tuple)) and x:
-        return isinstance(x[0], (str, bytes))
+        return isinstance(x[0], text)
     return False
 
 

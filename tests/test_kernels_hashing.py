@@ -287,3 +287,13 @@ def test_byte_swapped_ids_hash_by_value(dtype):
     np.testing.assert_array_equal(hashing.hash_ids_ref(ids, 97), expect)
     for backend in ("numpy", "auto"):  # the featurizer's path (numba where installed)
         np.testing.assert_array_equal(fk.hash_rows(ids, 97, hashing.salt_key(0), backend=backend), expect)
+
+
+def test_bytearray_strings_and_unholdable_python_ints():
+    # A bytearray element was hashed as a row of integer ids; Python ints that no integer dtype
+    # holds gave a TypeError about float64.
+    assert hashing.hash_ids([bytearray(b"ab")], 1000).tolist() == hashing.hash_ids([b"ab"], 1000).tolist()
+    for bad in ([2**64 - 1, -1], [2**70]):
+        with pytest.raises(TypeError, match="no single integer dtype"):
+            hashing.hash_ids(bad, 1000)
+    assert hashing.hash_ids([2**64 - 1], 97).tolist() == hashing.hash_ids(np.array([2**64 - 1], np.uint64), 97).tolist()

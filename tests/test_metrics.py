@@ -53,6 +53,11 @@ def test_auc_matches_sklearn():
     assert auc(y, s) == pytest.approx(metrics.roc_auc_score(y, s), abs=1e-12)
 
 
+def test_auc_refuses_complex_scores():
+    with pytest.raises(ValueError, match="real numbers"):
+        auc([0, 1], np.array([0.1, 0.9]) + 1j)
+
+
 def test_auc_errors():
     with pytest.raises(ValueError, match="one class"):
         auc([1, 1], [0.1, 0.2])
