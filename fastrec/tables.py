@@ -169,21 +169,12 @@ class QuantizedTable(_C.PackedTable):
                 raise ValueError(f"packed rows of {width} bytes hold no values at {bits} bits")
         elif isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-        dim = int(dim)
-        # Checked here for host and device tables alike (the host constructor checks again).
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if dim > (width - qbytes) * (8 // bits):
-            raise ValueError(f"packed rows of {width} bytes are too short for dim={dim} at {bits} bits "
-                             f"in layout {layout!r}")
-        if layout == "fbgemm" and _code_bytes(bits, dim) + qbytes != width:
-            raise ValueError(f"packed rows of {width} bytes do not match dim={dim} at {bits} bits in layout 'fbgemm' "
-                             f"({_code_bytes(bits, dim)} code bytes + {qbytes}); only layout 'tbe' rows may be padded")
+        # dim against the row width: the C++ base constructor, for host and device tables alike.
         if on_gpu:
             from ._cuda_embedding import DeviceQuantizedTable
 
-            return DeviceQuantizedTable(packed.obj, bits, dim, layout)
-        return cls(packed, bits, dim, layout)
+            return DeviceQuantizedTable(packed.obj, bits, int(dim), layout)
+        return cls(packed, bits, int(dim), layout)
 
     def to_device(self, like="torch", device=None) -> "QuantizedTable":
         """A copy of this table with its rows in GPU memory, for the CUDA embedding ops.

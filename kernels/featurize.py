@@ -197,12 +197,7 @@ def hash_rows(ids: np.ndarray, num_rows: int, key: int, *, backend: str = "auto"
     (:func:`fastrec.kernels.hashing.salt_key`) computed once by the caller: the per-call work of
     :func:`fastrec.kernels.hashing.hash_ids` without its argument checks, for the featurizer's
     already-validated features. Same kernels, same results."""
-    if ids.dtype.itemsize == 8:
-        if not ids.dtype.isnative:  # byte-swapped: the view would read the swapped bytes
-            ids = ids.astype(ids.dtype.newbyteorder("="))
-        u = np.ascontiguousarray(ids).view(np.uint64)
-    else:
-        u = ids.astype(np.uint64)  # sign-extends, then wraps: value mod 2**64
+    u = _hashing._as_u64(ids)
     if use_numba(backend):
         out = np.empty(u.shape[0], dtype=np.int64)
         _hashing._require_numba("ids")(u, np.uint64(num_rows), np.uint64(key), out)

@@ -21,7 +21,7 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 std::string nonfinite_message(const NonFinite& e) {
   const std::string row = "(row " + std::to_string(e.row) + ")";
-  if (e.layer == 0 && (e.mlp[0] == '\0' || std::string(e.mlp) == "bottom")) return "input contains NaN or Inf " + row;
+  if (e.in_input()) return "input contains NaN or Inf " + row;
   const bool top = std::string(e.mlp) == "top";
   return std::string("the input of layer ") + std::to_string(e.layer) + (e.mlp[0] ? " of the " : "") + e.mlp +
          (e.mlp[0] ? " MLP" : "") + " holds NaN or Inf " + row + ": an earlier layer's output overflowed float32" +
@@ -181,9 +181,7 @@ void throw_if_nonfinite(const std::vector<NonFinite>& bad) {
   // The caller's own input first (layer 0 of the first MLP): one task's overflow inside the
   // model must not hide another task's NaN in the input.
   for (const NonFinite& e : bad) {
-    if (e.row >= 0 && e.layer == 0 && (e.mlp[0] == '\0' || std::string(e.mlp) == "bottom")) {
-      throw std::invalid_argument(nonfinite_message(e));
-    }
+    if (e.row >= 0 && e.in_input()) throw std::invalid_argument(nonfinite_message(e));
   }
   for (const NonFinite& e : bad) {
     if (e.row >= 0) throw std::invalid_argument(nonfinite_message(e));

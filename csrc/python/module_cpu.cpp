@@ -67,6 +67,8 @@ struct PackedTable {
   TableView view;
 };
 
+const PackedTable& packed_table(py::handle self) { return initialised<PackedTable>(self, "QuantizedTable"); }
+
 int64_t code_bytes(int bits, int64_t dim) {
   const int64_t per_byte = 8 / bits;
   return (dim + per_byte - 1) / per_byte;
@@ -215,7 +217,7 @@ void parse_bag_args(BagArgs* out, const py::sequence& tables, py::array indices,
   for (size_t t = 0; t < T; ++t) {
     py::object obj = tables[t];
     if (PyObject_TypeCheck(obj.ptr(), packed_type)) {
-      a.tables.push_back(initialised<PackedTable>(obj, "QuantizedTable").view);
+      a.tables.push_back(packed_table(obj).view);
       out->keep.push_back(std::move(obj));
     } else {
       a.tables.push_back(float_view(obj, t, out->keep, convert));
@@ -414,12 +416,12 @@ PYBIND11_MODULE(_C, m) {
              return t;
            }),
            py::arg("data"), py::arg("bits"), py::arg("dim"), py::arg("layout") = "fbgemm")
-      .def_property_readonly("data", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.data; })
-      .def_property_readonly("bits", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.bits; })
-      .def_property_readonly("dim", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.dim; })
-      .def_property_readonly("num_rows", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.view.num_rows; })
-      .def_property_readonly("row_stride", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.view.row_stride; })
-      .def_property_readonly("layout", [](py::handle self) { const PackedTable& t = initialised<PackedTable>(self, "QuantizedTable"); return t.layout; });
+      .def_property_readonly("data", [](py::handle self) { const PackedTable& t = packed_table(self); return t.data; })
+      .def_property_readonly("bits", [](py::handle self) { const PackedTable& t = packed_table(self); return t.bits; })
+      .def_property_readonly("dim", [](py::handle self) { const PackedTable& t = packed_table(self); return t.dim; })
+      .def_property_readonly("num_rows", [](py::handle self) { const PackedTable& t = packed_table(self); return t.view.num_rows; })
+      .def_property_readonly("row_stride", [](py::handle self) { const PackedTable& t = packed_table(self); return t.view.row_stride; })
+      .def_property_readonly("layout", [](py::handle self) { const PackedTable& t = packed_table(self); return t.layout; });
 
   py::class_<ItemBlock, std::shared_ptr<ItemBlock>>(m, "ItemBlock")
       .def(py::init(&make_item_block), py::arg("items"), py::arg("precision"), py::arg("keep_f32"))

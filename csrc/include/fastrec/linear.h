@@ -1,5 +1,6 @@
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -69,6 +70,8 @@ struct NonFinite {
   int64_t row = -1;
   int layer = 0;
   const char* mlp = "";
+  // Found in the caller's own input (layer 0 of a lone MLP or of the bottom MLP).
+  bool in_input() const { return layer == 0 && (mlp[0] == '\0' || std::strcmp(mlp, "bottom") == 0); }
 };
 // Throws the NaN/Inf std::invalid_argument for the first entry with row >= 0 (one per task).
 void throw_if_nonfinite(const std::vector<NonFinite>& bad);
