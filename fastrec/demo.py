@@ -7,7 +7,10 @@
   (:func:`synthetic_interactions`); int8 MLPs, 8-bit tables, an int8 item index with exact
   reranking, and a featurizer for the user side (user id, age bucket, country).
 
-Both are built by ``tools/build_demo_models.py`` (needs torch; deterministic). The demo sends raw
+Both are built by ``tools/build_demo_models.py`` (needs torch; deterministic on one machine, but
+torch's CPU kernels round differently on other CPUs, so a rebuild elsewhere trains other weights;
+the shipped files were last rewritten, same tensors, by fastrec's 64-byte-aligning writer:
+``write_model(path, *read_model(path))``). The demo sends raw
 requests (JSON bodies, as a service would receive them) through fastrec (``recommend_raw``,
 ``score_raw``) and through a plain NumPy implementation of the same models written here from
 the manifest's tensors (dequantized tables, int8 layers with per-row activation quantization,

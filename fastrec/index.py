@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ _PRECISIONS = {"int8": 0, "fp16": 1, "fp32": 2}
 _MAX_SEGMENTS = 16  # more than this after an add: the catalogue is merged into one block
 
 
-def float_matrix(x, name: str, dim: int | None = None) -> np.ndarray:
-    """A C-contiguous float32 2-D array with finite values (TypeError / ValueError otherwise)."""
+def float_matrix(x, name: str, dim: int | None = None, *, check_finite: bool = True) -> np.ndarray:
+    """A C-contiguous float32 2-D array with finite values (TypeError / ValueError otherwise;
+    ``check_finite=False`` leaves the NaN / Inf check to the caller, see ``_check_finite``)."""
     x = as_numpy(x)
     if x.dtype != np.float32:
         raise TypeError(f"{name} must be float32, got {x.dtype}")
@@ -28,10 +30,15 @@ def float_matrix(x, name: str, dim: int | None = None) -> np.ndarray:
     if x.shape[1] < 1:
         raise ValueError(f"{name} must have at least one column")
     x = np.ascontiguousarray(x)
+    if check_finite:
+        _check_finite(x, name)
+    return x
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
     if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0]
         raise ValueError(f"{name} contain NaN or Inf (row {bad[0]}, column {bad[1]})")
-    return x
 
 
 def _id_array(ids, n: int) -> np.ndarray:
@@ -55,13 +62,46 @@ def _check_item_ids(ids: np.ndarray) -> None:
     _check_unique(ids)
 
 
-def _check_range(items: np.ndarray, precision: str) -> None:
+def _abs_max(x: np.ndarray) -> float:
+    """max |x| (0 for an empty array), without an |x| temporary the size of x."""
+    return max(float(x.max()), -float(x.min())) if x.size else 0.0
+
+
+def _check_range(amax: float, precision: str) -> None:
     """fp16 stores items as float16: a value beyond +-65504 would become inf, and the scores
     inf - inf = NaN, so the item would silently drop out of every result."""
-    if precision == "fp16" and items.size:
-        big = float(np.abs(items).max())
-        if big > 65504.0:
-            raise ValueError(f"items hold {big:.6g}, beyond float16's range (+-65504): use precision 'fp32' or 'int8'")
+    if precision == "fp16" and amax > 65504.0:
+        raise ValueError(f"items hold {amax:.6g}, beyond float16's range (+-65504): use precision 'fp32' or 'int8'")
+
+
+# Every partial sum of q . x is at most D * max|q| * max|x| in magnitude; below this bound
+# (2**126, a quarter of float32's range) no float32 score, partial sum or int8 rescaling overflows.
+_SAFE_BOUND = 2.0**126
+
+
+def _checked_queries(q: np.ndarray, item_amax: float):
+    """Checks the queries for NaN / Inf and returns per-query power-of-two exponents that keep
+    float32 scoring finite (None when all are 0).
+
+    Scores are linear in the query, so dividing a query by 2**e ranks the items the same and
+    gives its scores divided by 2**e exactly (outside float32's subnormal range). Without this, a
+    catalogue whose scores pass ~3.4e38 scored every item inf and lost the ranking.
+
+    The common case costs one BLAS dot: sum(q**2) is finite only when every value is, and its
+    root bounds max |q|."""
+    flat = q.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sumsq = float(np.dot(flat, flat))
+    if math.isfinite(sumsq):
+        if math.sqrt(sumsq) * item_amax * q.shape[1] < _SAFE_BOUND:
+            return None
+    else:
+        _check_finite(q, "queries")  # (or a sum of squares past float32's range: q > ~1.8e19)
+    if item_amax == 0.0 or _abs_max(q) * item_amax * q.shape[1] < _SAFE_BOUND:
+        return None
+    bound = np.maximum(q.max(axis=1), -q.min(axis=1)).astype(np.float64) * (item_amax * q.shape[1])
+    _, e = np.frexp(bound / _SAFE_BOUND)  # bound / 2**e < SAFE_BOUND
+    return np.maximum(e, 0).astype(np.int32)
 
 
 def _check_unique(ids: np.ndarray) -> None:
@@ -89,6 +129,7 @@ class _Segment:
     block: object            # _C.ItemBlock
     ids: np.ndarray          # int64, one per item
     removed: np.ndarray | None  # uint8 flags, or None when nothing is removed
+    amax: float              # max |x| over the segment's float32 rows (removed ones included)
 
 
 @dataclass(frozen=True)
@@ -98,6 +139,7 @@ class _Snapshot:
     segments: tuple
     sorted_ids: np.ndarray   # live ids, sorted
     where: np.ndarray        # (segment, row) of each sorted id, shape (n, 2)
+    amax: float              # max |x| over all segments
 
     @property
     def live(self) -> int:
@@ -115,7 +157,8 @@ def _snapshot(segments) -> _Snapshot:
     all_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
     all_where = np.concatenate(where) if where else np.empty((0, 2), np.int64)
     order = np.argsort(all_ids, kind="stable")
-    return _Snapshot(tuple(segments), all_ids[order], all_where[order])
+    amax = max((seg.amax for seg in segments), default=0.0)
+    return _Snapshot(tuple(segments), all_ids[order], all_where[order], amax)
 
 
 def _locate(snap: _Snapshot, ids: np.ndarray):
@@ -179,16 +222,17 @@ class ItemIndex:
         self._rerank = bool(rerank)
         self._dim = int(items.shape[1])
         self._lock = threading.Lock()  # serialises writers; readers take a snapshot
-        _check_range(items, precision)
+        amax = _abs_max(items)
+        _check_range(amax, precision)
         ids = np.arange(items.shape[0], dtype=np.int64) if ids is None else _id_array(ids, items.shape[0])
         _check_item_ids(ids)
-        segments = (self._segment(items, ids),) if items.shape[0] else ()
+        segments = (self._segment(items, ids, amax),) if items.shape[0] else ()
         self._snap = _snapshot(segments)
 
-    def _segment(self, items: np.ndarray, ids: np.ndarray) -> _Segment:
+    def _segment(self, items: np.ndarray, ids: np.ndarray, amax: float) -> _Segment:
         keep = self._rerank or self._precision == "fp32"
         block = _C.ItemBlock(items, _PRECISIONS[self._precision], keep)
-        return _Segment(block, ids, None)
+        return _Segment(block, ids, None, amax)
 
     # ---- properties ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -235,7 +279,9 @@ class ItemIndex:
 
         Returns:
             ``(scores, ids)``: float32 and int64 ``(Q, k)``, best first, ties broken by the smaller
-            id; where fewer than k items remain the tail is id -1 with score -inf. Device queries
+            id; where fewer than k items remain the tail is id -1 with score -inf. A score beyond
+            float32's range (~3.4e38) is returned as +-inf, its item still ranked by the true
+            score (CPU; on the GPU such scores are not yet handled). Device queries
             (torch CUDA tensor / CuPy array) give device arrays of their framework, computed on the
             caller's current stream from a device copy of the index made on first use (see
             ``fastrec/_cuda_topk.py``).
@@ -251,14 +297,20 @@ class ItemIndex:
         q = as_numpy(queries)
         if q.ndim == 1:
             single, q = True, q.reshape(1, -1)
-        q = float_matrix(q, "queries", self._dim)
+        q = float_matrix(q, "queries", self._dim, check_finite=False)
         k = _check_k(k)
         ex_ids, ex_off = exclude_csr(exclude, q.shape[0])
         snap = self._snap
         segs = snap.segments
+        shift = _checked_queries(q, snap.amax)
+        if shift is not None:
+            q = np.ldexp(q, -shift[:, None]).astype(np.float32)
         scores, ids = _C.topk_search(
             [s.block for s in segs], [s.ids for s in segs], [s.removed for s in segs], q, k,
             _candidates(k, self._precision, self._rerank), self._rerank, ex_ids, ex_off)
+        if shift is not None:
+            with np.errstate(over="ignore"):  # a true score beyond float32's range is +-inf
+                scores = np.ldexp(scores, shift[:, None]).astype(np.float32)
         if single:
             return scores[0], ids[0]
         return scores, ids
@@ -267,12 +319,13 @@ class ItemIndex:
     def add(self, items, ids) -> None:
         """Adds items with new unique ids (ValueError if an id is already in the index)."""
         items = float_matrix(items, "items", self._dim)
-        _check_range(items, self._precision)
+        amax = _abs_max(items)
+        _check_range(amax, self._precision)
         ids = _id_array(ids, items.shape[0])
         _check_item_ids(ids)
         if items.shape[0] == 0:
             return
-        seg = self._segment(items, ids)  # the packing runs outside the lock
+        seg = self._segment(items, ids, amax)  # the packing runs outside the lock
         with self._lock:
             snap = self._snap
             _, hit = _locate(snap, ids)
@@ -299,7 +352,7 @@ class ItemIndex:
                 seg = segments[s]
                 removed = np.zeros(seg.ids.shape[0], np.uint8) if seg.removed is None else seg.removed.copy()
                 removed[where[where[:, 0] == s, 1]] = 1
-                segments[s] = _Segment(seg.block, seg.ids, removed)
+                segments[s] = _Segment(seg.block, seg.ids, removed, seg.amax)
             total = sum(s.ids.shape[0] for s in segments)
             if snap.live - ids.shape[0] < total // 2:  # mostly tombstones: rebuild
                 merged = self._merged(segments)
@@ -318,7 +371,7 @@ class ItemIndex:
         items = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
         if items.shape[0] == 0:
             return None
-        return self._segment(items, np.concatenate(ids))
+        return self._segment(items, np.concatenate(ids), _abs_max(items))
 
 
 def _check_k(k) -> int:

@@ -64,6 +64,36 @@ def test_int8_items_too_small_for_127_over_amax(rng, isa):
     assert np.abs(scores - true).max() <= 0.05 * np.abs(true).max()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("rerank", [True, False])
+def test_scores_near_and_beyond_float32_range(rng, isa, precision, rerank):
+    # Scores past ~3.4e38 used to come back inf for every item, in no order; and a partial sum
+    # that overflowed made an item score inf though its true score was small. Queries are now
+    # scaled by a power of two inside the search, so ids rank as in float64.
+    items, queries = data(rng, 400, 16, 4)
+    items *= np.float32(1e19)
+    queries *= np.float32(1e19)
+    exact = queries.astype(np.float64) @ items.T.astype(np.float64)
+    assert np.abs(exact).max() > 3.5e38
+    scores, got = fastrec.ItemIndex(items, precision=precision, rerank=rerank).search(queries, 5)
+    want = np.argsort(-exact, axis=1, kind="stable")[:, :5]
+    if rerank or precision == "fp32":
+        np.testing.assert_array_equal(got, want)
+        with np.errstate(over="ignore"):  # float32 rounds the scores past its range to inf
+            np.testing.assert_array_equal(scores, np.take_along_axis(exact, want, 1).astype(np.float32))
+    else:
+        assert (got[:, 0] == want[:, 0]).mean() >= 0.75
+    # cancellation: 3e38 + 3e38 - 3e38 - 3e38 overflowed to inf, so this item ranked first
+    big = np.float32(3e38)
+    items = np.array([[big, big, -big, -big], [1, 1, 1, 1], [0, 0, 0, 1]], np.float32)
+    q = np.ones((1, 4), np.float32)
+    scores, got = fastrec.ItemIndex(items, precision=precision, rerank=rerank).search(q, 3)
+    np.testing.assert_array_equal(got[0, :1], [1])
+    if rerank or precision == "fp32":
+        np.testing.assert_array_equal(got[0], [1, 2, 0])
+        np.testing.assert_array_equal(scores[0], [4, 1, 0])
+
+
 def test_item_id_and_value_checks(rng):
     items = rng.standard_normal((3, 4)).astype(np.float32)
     # -1 pads results, so it (and any negative id) cannot be an item id; uint64 ids above
