@@ -26,7 +26,8 @@ Common fields: ``name`` (unique over dense and sparse), ``source`` (the input co
 key; defaults to ``name``), ``kind``. Unknown fields are errors.
 
 Dense kinds (each value is read as float64; NaN, +-inf and missing values (``None``, an absent
-record key) are *missing* and replaced by ``fill`` before the transform; the result is float32):
+record key) are *missing* and replaced by ``fill`` before the transform; the result is float32,
+and a value whose result lies beyond float32's range (e.g. 1e300) counts as missing too):
 
 * ``identity``: ``x``; ``fill`` defaults to 0.
 * ``log1p``: ``log(1 + max(x, 0))``, as DLRM does for Criteo's counts; ``fill`` defaults to 0
@@ -118,6 +119,9 @@ def _int(v, path, lo=None, hi=None) -> int:
         rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         _fail(path, f"an integer {rng}", v)
     return v
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _num(v, path) -> float:
@@ -223,6 +227,9 @@ def _parse_dense(d, path) -> _Dense:
         if not std > 0:
             _fail(path + ".std", "a number > 0", std)
     fill = _num(d["fill"], path + ".fill") if "fill" in d else (mean if kind == "standardize" else 0.0)
+    y = (fill - mean) / std if kind == "standardize" else fill  # (log1p cannot overflow)
+    if not abs(y) <= _F32_MAX:
+        _fail(path + ".fill", "a fill whose transformed value fits float32 (|y| <= 3.4028235e38)", fill)
     return _Dense(name, source, kind, fill, mean, std)
 
 

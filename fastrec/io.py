@@ -523,14 +523,21 @@ def _validate_two_tower(c: _Checker, m, precision, feature_dim) -> None:
     items_name = c.str_(idx["items"], "$.two_tower.index.items")
     info = c.tensors.get(items_name)
     n = info.shape[0] if info is not None and len(info.shape) == 2 else 0
-    c.tensor(items_name, "$.two_tower.index.items", "F32", (n, du), finite=True)
+    items = c.tensor(items_name, "$.two_tower.index.items", "F32", (n, du), finite=True)
     ids = c.tensor(idx["ids"], "$.two_tower.index.ids", "I64", (n,))
+    # What ItemIndex refuses at load, so that a writer cannot produce a model load refuses.
+    if idx["precision"] == "fp16" and n and max(float(items.max()), -float(items.min())) > 65504.0:
+        raise ModelFormatError(c.tfile, f"tensor {items_name!r} (referenced by $.two_tower.index.items)",
+                               "item vectors within float16's range (+-65504) for an fp16 index",
+                               _Text(f"values up to {max(float(items.max()), -float(items.min())):.6g}"))
+    ids_at = f"tensor {idx['ids']!r} (referenced by $.two_tower.index.ids)"
+    if n and int(ids.min()) < 0:
+        raise ModelFormatError(c.tfile, ids_at, "item ids >= 0 (search results pad with id -1)", int(ids.min()))
     if n > 1:
         s = np.sort(ids)
         dup = s[1:][s[1:] == s[:-1]]
         if dup.size:
-            raise ModelFormatError(c.tfile, f"tensor {idx['ids']!r} (referenced by $.two_tower.index.ids)",
-                                   "unique item ids", _Text(f"{int(dup[0])} more than once"))
+            raise ModelFormatError(c.tfile, ids_at, "unique item ids", _Text(f"{int(dup[0])} more than once"))
 
 
 _SPEC_ERROR = re.compile(r"^featurizer spec: (\$\S*): (.*)$", re.S)

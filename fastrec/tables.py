@@ -56,6 +56,15 @@ def _float_weight(weight) -> np.ndarray:
     return w
 
 
+def _check_row_range(ok: np.ndarray, mn: np.ndarray, mx: np.ndarray, why: str) -> None:
+    """ValueError naming the first row whose scale or bias cannot be stored (they came out inf,
+    and the row dequantized to NaN)."""
+    if not ok.all():
+        r = int(np.argmin(ok))
+        raise ValueError(f"row {r} of the table cannot be quantized: it spans [{float(mn[r]):.6g}, "
+                         f"{float(mx[r]):.6g}] and {why}")
+
+
 def _quantize_8bit(w: np.ndarray) -> np.ndarray:
     """FBGEMM's 8-bit row-wise quantization, in float32 arithmetic as FBGEMM does it."""
     R, D = w.shape
@@ -64,7 +73,9 @@ def _quantize_8bit(w: np.ndarray) -> np.ndarray:
         return out
     mn = w.min(axis=1)
     mx = w.max(axis=1)
-    rng = mx - mn
+    with np.errstate(over="ignore"):
+        rng = mx - mn
+    _check_row_range(np.isfinite(rng), mn, mx, "its range max - min overflows float32 (the 8-bit scale)")
     scale = rng / np.float32(255.0)
     inv = np.float32(255.0) / (rng + np.float32(1e-8))
     q = np.rint((w - mn[:, None]) * inv[:, None])
@@ -82,11 +93,14 @@ def _quantize_nbit(w: np.ndarray, bits: int) -> np.ndarray:
     if R == 0:
         return out
     qmax = (1 << bits) - 1
-    mn = w.min(axis=1).astype(np.float16).astype(np.float32)  # bias is stored as fp16
     mx = w.max(axis=1)
-    rng = mx - mn
-    scale = np.where(rng == 0, np.float32(1.0), rng / np.float32(qmax)).astype(np.float32)
-    scale = scale.astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore"):
+        mn = w.min(axis=1).astype(np.float16).astype(np.float32)  # bias is stored as fp16
+        rng = mx - mn
+        scale = np.where(rng == 0, np.float32(1.0), rng / np.float32(qmax)).astype(np.float32)
+        scale = scale.astype(np.float16).astype(np.float32)
+    _check_row_range(np.isfinite(mn) & np.isfinite(scale), w.min(axis=1), mx,
+                     f"its min or (max - min) / {qmax} is beyond float16's +-65504 (the {bits}-bit bias and scale)")
     with np.errstate(divide="ignore"):
         inv = np.float32(1.0) / scale
     bad = (scale == 0) | ~np.isfinite(inv)

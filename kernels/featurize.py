@@ -11,7 +11,8 @@ Definitions (every backend)::
                      op IDENTITY:    y = v
                      op LOG1P:       y = log1p(v if v >= 0 else 0)
                      op STANDARDIZE: y = (v - mean[j]) / std[j]
-                     out = float32(y)
+                     out = float32(y), or float32(y of fill[j]) where float32(y) is +-inf
+                     (a finite float64 beyond float32's range counts as missing too)
     lookup:          row of the id in a sorted key array (exact int64 match), else oov
     bucketize:       number of boundaries <= x (binary search, boundaries strictly increasing);
                      missing_row when x is not finite
@@ -145,9 +146,22 @@ def dense_transform(x, ops, fill, mean, std, *, backend: str = "auto") -> np.nda
     mean = np.ascontiguousarray(mean, dtype=np.float64)
     std = np.ascontiguousarray(std, dtype=np.float64)
     out = np.empty(x.shape, dtype=np.float32)
-    if use_numba(backend):
-        _numba("dense")(x, ops, fill, mean, std, out)
-        return out
+    with np.errstate(over="ignore"):  # past float32's range: handled below
+        if use_numba(backend):
+            _numba("dense")(x, ops, fill, mean, std, out)
+        else:
+            _dense_numpy(x, ops, fill, mean, std, out)
+    if out.size and not np.isfinite(out).all():
+        # 1e300 is finite in float64 but inf in float32: such a value counts as missing, as
+        # NaN does, rather than making the model refuse the whole batch
+        fill_out = np.empty((1, x.shape[1]), dtype=np.float32)
+        with np.errstate(over="ignore"):
+            _dense_numpy(fill[None, :], ops, fill, mean, std, fill_out)
+        out = np.where(np.isfinite(out), out, fill_out)
+    return out
+
+
+def _dense_numpy(x, ops, fill, mean, std, out) -> None:
     for j in range(x.shape[1]):
         v = x[:, j]
         v = np.where(np.isfinite(v), v, fill[j])
@@ -156,7 +170,6 @@ def dense_transform(x, ops, fill, mean, std, *, backend: str = "auto") -> np.nda
         elif ops[j] == OP_STANDARDIZE:
             v = (v - mean[j]) / std[j]
         out[:, j] = v
-    return out
 
 
 def lookup(ids, keys, rows, oov: int, *, backend: str = "auto") -> np.ndarray:

@@ -242,6 +242,8 @@ BAD_SPECS = [
     (_set(["dense", 0, "fill"], "0"), "$.dense[0].fill"),
     (_set(["dense", 0, "fill"], True), "$.dense[0].fill"),
     (_set(["dense", 0, "mean"], 1.0), "$.dense[0].mean"),
+    (_set(["dense", 3, "fill"], 1e39), "$.dense[3].fill"),  # finite, but not in float32
+    (lambda spec: spec["dense"][2].update(std=1e-300, fill=0.0), "$.dense[2].fill"),  # (fill - mean) / std
     (_set(["dense", 2, "std"], 0.0), "$.dense[2].std"),
     (_set(["dense", 2, "std"], KeyError), "$.dense[2].std"),
     (_set(["dense", 1, "name"], "I1"), "$.dense[1].name"),
@@ -345,6 +347,21 @@ def test_transform_errors():
         fz.transform("x")
     with pytest.raises(TypeError, match=r"records\[1\]"):
         fz.transform([{"x": 1, "c": 1, "v": 1, "m": []}, 5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_beyond_float32_count_as_missing(backend):
+    # 1e300 is a finite float64 but inf in float32: it used to reach the model as inf, which
+    # refused the whole batch; now it is missing, as NaN is, and gets the fill
+    spec = {"version": 1, "dense": [{"name": "a", "kind": "identity", "fill": -1.0},
+                                    {"name": "z", "kind": "standardize", "mean": 1.0, "std": 1e-30},
+                                    {"name": "l", "kind": "log1p"}]}
+    fz = Featurizer.from_spec(spec, backend=backend)
+    dense, _ = fz.transform({"a": [1e300, -1e39, 2.0, math.nan], "z": [1e10, 1.0, 1.0 + 2**-20, None],
+                             "l": [1e300, 1.0, 0.0, math.inf]})
+    want = np.array([[-1, 0, np.log1p(1e300)], [-1, 0, np.log1p(1.0)], [2, 2**-20 / 1e-30, 0], [-1, 0, 0]],
+                    np.float32)
+    np.testing.assert_array_equal(dense, want)
 
 
 def test_empty_batch_and_no_features():

@@ -114,6 +114,23 @@ def test_constant_and_extreme_rows(isa, rng):
         assert np.all(np.isfinite(out))
 
 
+def test_rows_whose_scale_or_bias_cannot_be_stored():
+    # 4/2-bit rows keep fp16 scale and bias; 8-bit rows a float32 range. Beyond them the scale
+    # came out inf and the row dequantized to NaN; now from_float refuses the row.
+    W = np.zeros((3, 8), dtype=np.float32)
+    W[1, 0] = 7e4  # min 0, (max - min) / 15 fits fp16: fine at every width
+    for bits in BITS:
+        assert np.isfinite(QuantizedTable.from_float(W, bits=bits).dequantize()).all()
+    W[2] = -7e4  # a min beyond fp16
+    for bits in (4, 2):
+        with pytest.raises(ValueError, match="row 2 .*float16"):
+            QuantizedTable.from_float(W, bits=bits)
+    assert np.isfinite(QuantizedTable.from_float(W, bits=8).dequantize()).all()
+    W[2, :2] = [3e38, -3e38]  # max - min overflows float32
+    with pytest.raises(ValueError, match="row 2 .*overflows float32"):
+        QuantizedTable.from_float(W, bits=8)
+
+
 # ---- byte compatibility and results against torch's FBGEMM ops ---------------------------
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -535,6 +536,24 @@ def test_training_errors():
     with pytest.raises(ValueError, match="labels must have shape"):
         bad = dict(batches[0], labels=torch.zeros(3))
         train(student, [bad], progress=False)
+    with pytest.raises(ValueError, match="batch 0 holds no samples"):  # (the loss was NaN)
+        empty = {k: (v[:1] if k == "offsets" else v[:0]) for k, v in batches[0].items()}
+        train(student, [empty], progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train(student, batches, lr=float("inf"), progress=False)
+
+
+def test_training_takes_numpy_scalars_and_dict_indices_without_offsets():
+    batches = ranking_problem(n_batches=2, B=4)
+    teacher, student = small_dlrm(seed=0), small_dlrm(seed=1)
+    train(student, batches, epochs=np.int64(1), lr=np.float32(1e-3), progress=False)
+    distill(teacher, student, batches, temperature=np.float32(2), alpha=np.float64(0.5), progress=False)
+    b = batches[0]
+    names = [f for f, _ in student.sparse_features]
+    per_feature = dict(zip(names, student._split(b["indices"], b["offsets"], names)[1]))
+    hist = train(student, [{"dense": b["dense"], "indices": per_feature, "labels": b["labels"]}],
+                 progress=False)
+    assert np.isfinite(hist[0]["loss"])
 
 
 # --------------------------------------------------------------------------- export
@@ -659,6 +678,26 @@ def test_export_errors(tmp_path):
         export(tt, tmp_path / "b", items=(ii, io), index_precision="int4")
     with pytest.raises(ValueError, match="'indices', 'offsets'"):
         export(tt, tmp_path / "b", items={"idx": ii})
+    # what ItemIndex refuses at load is refused at export (it used to write a model load refused)
+    with pytest.raises(ValueError, match=">= 0"):
+        export(tt, tmp_path / "b", items=(ii, io, [5, -1, 7]))
+    tt = small_two_tower(normalize=False)
+    with torch.no_grad():
+        for p in tt.parameters():
+            p.fill_(30.0)
+    with pytest.raises(ValueError, match="float16"):
+        export(tt, tmp_path / "b", items=(ii, io), index_precision="fp16")
+    assert not (tmp_path / "b").exists()
+    with warnings.catch_warnings():  # (torch.ao.quantization is deprecated)
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(small_dlrm(), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(TypeError, match="export the float model"):
+        export(q, tmp_path / "c")
+    with pytest.raises(ValueError, match="row 0 .*float16"):  # q4's fp16 scale and bias
+        m = small_dlrm()
+        with torch.no_grad():
+            m._ebc.embedding_bags[m.tables[0][0]].weight[0] = -7e4
+        export(m, tmp_path / "c", embedding_bits=4)
 
 
 # --------------------------------------------------------------------------- round trip

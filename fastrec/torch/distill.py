@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -39,7 +40,9 @@ _TOWER_KEYS = ("user_indices", "user_offsets", "item_indices", "item_offsets")
 
 def _unpack(batch, keys, n_required: int, position: int):
     if isinstance(batch, Mapping):
-        missing = [k for k in keys[:n_required] if k not in batch]
+        # a {feature: (indices, offsets)} dict of indices carries its own offsets
+        missing = [k for k in keys[:n_required]
+                   if k not in batch and not (k == "offsets" and isinstance(batch.get("indices"), Mapping))]
         if missing:
             raise ValueError(f"batch {position} lacks the keys {missing}; expected {list(keys)}")
         return [batch.get(k) for k in keys]
@@ -49,6 +52,13 @@ def _unpack(batch, keys, n_required: int, position: int):
                              f"({', '.join(keys)})")
         return list(batch) + [None] * (len(keys) - len(batch))
     raise TypeError(f"batch {position} must be a dict or a tuple, got {type(batch).__name__}")
+
+
+def _nonempty(out: torch.Tensor, position: int) -> torch.Tensor:
+    """The model's output for a batch, refusing an empty one (its mean loss is NaN)."""
+    if out.numel() == 0:
+        raise ValueError(f"batch {position} holds no samples")
+    return out
 
 
 def _labels(labels, like: torch.Tensor, position: int) -> torch.Tensor:
@@ -70,10 +80,10 @@ def _is_two_tower(model) -> bool:
 def _check_common(model, epochs, lr, optimizer, batches):
     if not isinstance(model, nn.Module):
         raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if optimizer is None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or not math.isfinite(lr):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -171,12 +181,12 @@ def train(model, batches, *, epochs=1, lr=1e-3, optimizer=None, progress=True):
     if _is_two_tower(model):
         def step(batch, pos):
             ui, uo, ii, io = _unpack(batch, _TOWER_KEYS, 4, pos)
-            scores = model(ui, uo, ii, io)
+            scores = _nonempty(model(ui, uo, ii, io), pos)
             return {"loss": _in_batch_ce(scores, pos)}
     else:
         def step(batch, pos):
             dense, idx, off, labels = _unpack(batch, _RANKING_KEYS, 4, pos)
-            logits = model(dense, idx, off)
+            logits = _nonempty(model(dense, idx, off), pos)
             return {"loss": F.binary_cross_entropy_with_logits(logits, _labels(labels, logits, pos))}
     with _modes(train=[model]):
         return _loop(model, batches, step, epochs=epochs, optimizer=optimizer,
@@ -220,10 +230,10 @@ def distill(teacher, student, batches, *, epochs=1, temperature=2.0, alpha=0.5, 
         raise TypeError("teacher and student must be of the same kind (both two-tower models, "
                         f"or both ranking models); got {type(teacher).__name__} and "
                         f"{type(student).__name__}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     teacher_params = {id(p) for p in teacher.parameters()}
     if any(id(p) in teacher_params for p in student.parameters()):
@@ -237,7 +247,7 @@ def distill(teacher, student, batches, *, epochs=1, temperature=2.0, alpha=0.5, 
     if _is_two_tower(student):
         def step(batch, pos):
             ui, uo, ii, io = _unpack(batch, _TOWER_KEYS, 4, pos)
-            s = student(ui, uo, ii, io)
+            s = _nonempty(student(ui, uo, ii, io), pos)
             with torch.no_grad():
                 t = teacher(ui, uo, ii, io).to(device=s.device, dtype=s.dtype)
             if t.shape != s.shape:
@@ -250,7 +260,7 @@ def distill(teacher, student, batches, *, epochs=1, temperature=2.0, alpha=0.5, 
     else:
         def step(batch, pos):
             dense, idx, off, labels = _unpack(batch, _RANKING_KEYS, 3 if a == 1 else 4, pos)
-            s = student(dense, idx, off)
+            s = _nonempty(student(dense, idx, off), pos)
             with torch.no_grad():
                 t = teacher(dense, idx, off).to(device=s.device, dtype=s.dtype)
             if t.shape != s.shape:

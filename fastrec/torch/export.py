@@ -42,6 +42,10 @@ def _layers(linears, activations, prefix: str, precision: str, tensors: dict) ->
     out = []
     for i, (lin, act) in enumerate(zip(linears, activations)):
         name = f"{prefix}.{i}"
+        if not isinstance(getattr(lin, "weight", None), torch.Tensor):  # torch.ao's has weight()
+            raise TypeError(f"{name} is a {type(lin).__module__}.{type(lin).__name__}, not a float "
+                            "torch.nn.Linear: export the float model (before torch.ao quantization); "
+                            "fastrec quantizes it itself (precision='int8')")
         w = _float_array(lin.weight, f"{name}.weight")
         b = None if lin.bias is None else _float_array(lin.bias, f"{name}.bias")
         entry = {"in": int(w.shape[1]), "out": int(w.shape[0]), "activation": act,
@@ -243,8 +247,9 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
     if embedding_bits is not None and (isinstance(embedding_bits, bool)
                                        or embedding_bits not in _STORAGE):
         raise ValueError(f"embedding_bits must be 8, 4 or None, got {embedding_bits!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     metadata = _check_metadata(metadata)
     featurizer = _featurizer_spec(featurizer)
     if isinstance(model, DLRM) and items is not None:
