@@ -167,6 +167,11 @@ class _Torch:
     def take_cols(x, cols):
         return x.index_select(1, cols)
 
+    def first_nonfinite_row(self, x):
+        """The first row of x holding NaN or Inf, or None (waits for x)."""
+        bad = ~self.t.isfinite(x).all(dim=1)
+        return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
     def normalize(self, x):
         return x / self.t.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
 
@@ -234,6 +239,10 @@ class _Cupy:
 
     def take_cols(self, x, cols):
         return self.cp.take(x, cols, axis=1)
+
+    def first_nonfinite_row(self, x):
+        bad = ~self.cp.isfinite(x).all(axis=1)
+        return int(self.cp.argmax(bad)) if bool(bad.any()) else None
 
     def normalize(self, x):
         n = self.cp.linalg.norm(x, axis=1, keepdims=True)
@@ -438,6 +447,10 @@ class CudaModel:
         with fw.context():
             x = self._dense(dense, self.dense_width)
             B = x.shape[0]
+            if not isinstance(self.top, Int8MLP):  # (an int8 top MLP finds them while quantizing)
+                row = fw.first_nonfinite_row(x)
+                if row is not None:  # as the CPU runtime refuses them
+                    raise ValueError(f"input contains NaN or Inf (row {row})")
             indices, offsets, B, starts = self._pack(g, sparse, B)  # inputs first: a host copy may wait
             bottom = self._run_mlp(self.bottom, x, check_finite=False)  # queued ahead of the embedding wait
             emb = self._embed(g, sparse, indices, offsets, starts)

@@ -86,6 +86,10 @@ def test_dlrm_float_matches_cpu(rng, model_dir, dev, precision, storages):
                      (dense, pair)):                                                 # host KJT pair
             p = _check_out(gpu.score(d, s), fw, (B,))
             np.testing.assert_allclose(p, expect, rtol=1e-5, atol=1e-6)
+    dense[B // 2, 1] = np.inf  # as on the CPU: ValueError naming the row (the GPU returned NaN)
+    for model, d in ((cpu, dense), (gpu, dense), (gpu, to_device(dense))):
+        with pytest.raises(ValueError, match=f"NaN or Inf \\(row {B // 2}\\)"):
+            model.score(d, sparse)
 
 
 @needs_cuda

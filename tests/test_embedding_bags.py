@@ -123,6 +123,15 @@ def test_per_table_padding_idx_errors(rng):
         ops.embedding_bags(tables, indices, offsets, padding_idx=[999, None, None, None, None, None])
 
 
+def test_dims_adding_up_past_int64_are_refused():
+    # 0-row tables cost no memory, so their dims could sum past 2**63 and wrap to a small
+    # width: the output was allocated (B, 1) and the kernel wrote past it (a segfault).
+    huge = np.empty((0, 2**62 - 1), np.float16)
+    small = np.ones((3, 5), np.float32)
+    with pytest.raises(ValueError, match="dims add up"):
+        ops.embedding_bags([huge, huge, huge, huge, small], np.zeros(0, np.int64), np.zeros(6, np.int64))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8])
 @pytest.mark.parametrize("alignment", [1, 64, 4096])
 def test_aligned_tables(rng, dtype, alignment):

@@ -94,6 +94,16 @@ def test_scores_near_and_beyond_float32_range(rng, isa, precision, rerank):
         np.testing.assert_array_equal(scores[0], [4, 1, 0])
 
 
+def test_int8_dimension_limit():
+    # beyond D = 133144 the int32 sums of 127 * 127 * D overflow; fp16 / fp32 take any D
+    D = 2**31 // (127 * 127) + 1
+    items = np.ones((2, D), np.float32)
+    with pytest.raises(ValueError, match="at most 133144"):
+        fastrec.ItemIndex(items, precision="int8")
+    scores, ids = fastrec.ItemIndex(items, precision="fp32").search(items[:1], 1)
+    assert scores[0, 0] == D
+
+
 def test_item_id_and_value_checks(rng):
     items = rng.standard_normal((3, 4)).astype(np.float32)
     # -1 pads results, so it (and any negative id) cannot be an item id; uint64 ids above

@@ -43,6 +43,18 @@ def test_int32_accumulation_is_exact(isa, rng, K, N, B):
     assert np.array_equal(out, ref)
 
 
+def test_largest_k_is_exact_and_larger_is_refused(isa):
+    # 127 * 127 * K must fit the int32 accumulators: up to K = 133144 every sum is exact; beyond,
+    # all-127 inputs wrapped to negative outputs on every ISA, silently. Now a ValueError.
+    K = 2**31 // (127 * 127)
+    lin = Int8Linear.from_float(np.ones((1, K), np.float32))
+    q = np.array([[127] * K, [-127] * K], np.int8)
+    assert _C.int8_linear_int32(q, lin._core).tolist() == [[127 * 127 * K], [-127 * 127 * K]]
+    np.testing.assert_allclose(lin(np.ones((2, K), np.float32)), K, rtol=1e-6)
+    with pytest.raises(ValueError, match="at most 133144 input features"):
+        Int8Linear.from_float(np.ones((1, K + 1), np.float32))
+
+
 @pytest.mark.parametrize("K", [1, 3, 17, 97, 1024])
 def test_activation_quantization_matches_numpy(isa, rng, K):
     x = (rng.standard_normal((9, K)) * rng.uniform(0.01, 100, size=(9, 1))).astype(np.float32)

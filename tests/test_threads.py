@@ -173,6 +173,77 @@ def test_usable_after_fork(rng):
     assert r.stdout.strip() == "0"
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_other_threads_run_kernels():
+    """A child forked while another thread held the pool's state mutex inherited it locked and
+    hung in its first kernel call (2 runs in 3 within 300 forks); it now gets a fresh mutex."""
+    code = (
+        "import os, threading, time, numpy as np, fastrec\n"
+        "from fastrec import ops\n"
+        "rng = np.random.default_rng(0)\n"
+        "W = rng.standard_normal((20000, 64), dtype=np.float32)\n"
+        "off = np.arange(1025, dtype=np.int64) * 20\n"
+        "idx = rng.integers(0, 20000, 1024 * 20)\n"
+        "want = ops.embedding_bag(W, idx, off)\n"
+        "stop = threading.Event()\n"
+        "def busy():\n"
+        "    while not stop.is_set():\n"
+        "        ops.embedding_bag(W, idx, off)\n"
+        "ts = [threading.Thread(target=busy, daemon=True) for _ in range(3)]\n"
+        "[t.start() for t in ts]\n"
+        "bad = 0\n"
+        "for i in range(150):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        os._exit(0 if np.array_equal(ops.embedding_bag(W, idx, off), want) else 3)\n"
+        "    for _ in range(400):\n"
+        "        done, status = os.waitpid(pid, os.WNOHANG)\n"
+        "        if done:\n"
+        "            bad += os.waitstatus_to_exitcode(status) != 0\n"
+        "            break\n"
+        "        time.sleep(0.005)\n"
+        "    else:\n"
+        "        os.kill(pid, 9)\n"
+        "        print('hung at fork', i)\n"
+        "        break\n"
+        "stop.set()\n"
+        "[t.join() for t in ts]\n"
+        "print('bad', bad)\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "bad 0", r.stdout
+
+
+def test_exception_inside_a_pool_task_is_raised_cleanly():
+    """An allocation failing inside a pool task (the MLP's per-thread scratch) left run() while
+    the other thread still ran the task: a MemoryError, then a segfault. Now every thread finishes
+    first, the caller raises, and the pool keeps working."""
+    code = (
+        "import resource, numpy as np, fastrec\n"
+        "from fastrec import Int8Linear, Int8MLP\n"
+        "H = 130_000; r = np.random.default_rng(0)\n"
+        "mlp = Int8MLP([Int8Linear.from_float(r.standard_normal((H, 1)).astype(np.float32)),\n"
+        "               Int8Linear.from_float(r.standard_normal((1, H)).astype(np.float32))], ['relu', None])\n"
+        "x = r.standard_normal((720, 1)).astype(np.float32)\n"
+        "want = mlp(x[:2])\n"
+        "vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (60 << 20), resource.RLIM_INFINITY))\n"
+        "for _ in range(3):\n"
+        "    try:\n"
+        "        mlp(x)\n"
+        "        print('ran')\n"
+        "    except MemoryError:\n"
+        "        print('MemoryError')\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+        "print(np.array_equal(mlp(x[:2]), want))\n"
+    )
+    r = _run(code, FASTREC_NUM_THREADS="2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines[-1] == "True" and "MemoryError" in lines, r.stdout
+
+
 def _thread_cpu(tid: int) -> int:
     with open(f"/proc/self/task/{tid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[36])  # field 39: the CPU it last ran on

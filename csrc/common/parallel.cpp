@@ -3,6 +3,7 @@
 // (another Python thread) or a nested one runs inline on its own thread instead.
 #include "fastrec/parallel.h"
 
+#include <pthread.h>
 #include <unistd.h>
 #ifdef __linux__
 #include <sched.h>
@@ -13,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -41,6 +43,16 @@ struct Job {
   int64_t chunk = 1;
   std::atomic<int64_t> next{0};
   std::atomic<int> active{0};
+  // The first exception a participant threw (fn should not throw, but an allocation can):
+  // the caller rethrows it once every participant is done with fn.
+  std::mutex error_mu;
+  std::exception_ptr error;
+};
+
+// Marks the current thread as inside a pool task for its lifetime (exceptions included).
+struct InPoolTask {
+  InPoolTask() { t_in_pool_task = true; }
+  ~InPoolTask() { t_in_pool_task = false; }
 };
 
 class Pool {
@@ -68,6 +80,7 @@ class Pool {
     job_.chunk = chunk;
     job_.next.store(0, std::memory_order_relaxed);
     job_.active.store(nthreads_, std::memory_order_relaxed);
+    job_.error = nullptr;
     keep_workers_off_caller_cpu();
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -84,21 +97,30 @@ class Pool {
         done_cv_.wait(lk, [this] { return job_.active.load(std::memory_order_acquire) == 0; });
       }
     }
+    if (job_.error) std::rethrow_exception(job_.error);
   }
 
  private:
   void work(int index) {
-    t_in_pool_task = true;
-    if (job_.fixed) {
-      if (index < job_.n) (*job_.fn)(index, job_.n);
-    } else {
-      for (;;) {
-        const int64_t b = job_.next.fetch_add(job_.chunk, std::memory_order_relaxed);
-        if (b >= job_.n) break;
-        (*job_.fn)(b, std::min(job_.n, b + job_.chunk));
+    try {
+      const InPoolTask in_task;
+      if (job_.fixed) {
+        if (index < job_.n) (*job_.fn)(index, job_.n);
+      } else {
+        for (;;) {
+          const int64_t b = job_.next.fetch_add(job_.chunk, std::memory_order_relaxed);
+          if (b >= job_.n) break;
+          (*job_.fn)(b, std::min(job_.n, b + job_.chunk));
+        }
       }
+    } catch (...) {
+      // Never let it leave a worker (std::terminate) or the caller's share (the workers would
+      // still be running fn, whose captures live on the caller's stack): keep it, stop handing
+      // out chunks, and let run() rethrow it after the wait.
+      job_.next.store(job_.n, std::memory_order_relaxed);
+      std::lock_guard<std::mutex> lk(job_.error_mu);
+      if (!job_.error) job_.error = std::current_exception();
     }
-    t_in_pool_task = false;
     if (job_.active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard<std::mutex> lk(mu_);
       done_cv_.notify_all();
@@ -179,13 +201,27 @@ class Pool {
 
 // Pool state, created on first use (no static initialisers). After fork() the child sees the
 // parent's pointer but none of its threads: the pid check makes the child build its own pool
-// (the parent's object is deliberately leaked in the child).
-std::mutex& state_mutex() {
-  static std::mutex* m = new std::mutex();
-  return *m;
-}
+// (the parent's object is deliberately leaked in the child). The state mutex itself may have
+// been held by another parent thread at the fork, and no thread in the child would ever
+// release it: a fork handler gives the child a fresh one (the old one is leaked too).
+std::mutex* g_state_mu = nullptr;
 Pool* g_pool = nullptr;
 pid_t g_pool_pid = 0;
+
+void reset_state_in_child() {
+  g_state_mu = new std::mutex();
+  g_pool = nullptr;
+}
+
+std::mutex& state_mutex() {
+  static const bool registered = [] {
+    g_state_mu = new std::mutex();
+    pthread_atfork(nullptr, nullptr, reset_state_in_child);
+    return true;
+  }();
+  (void)registered;
+  return *g_state_mu;
+}
 std::atomic<int> g_num_threads{0};
 
 int default_threads() {

@@ -248,6 +248,10 @@ void check_layer_chain(const Int8Layer* const* layers, size_t n) {
 
 Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, const float* bias) {
   if (N < 1 || K < 1) throw std::invalid_argument("an int8 layer needs N >= 1 and K >= 1");
+  if (K > kMaxInt8K) {
+    throw std::invalid_argument("an int8 layer takes at most " + std::to_string(kMaxInt8K) + " input features, got " +
+                                std::to_string(K) + ": beyond, a sum of 127 * 127 * K overflows the int32 accumulators");
+  }
   const int64_t Np = round_up(N, 16), Kp = round_up(K, 4);
   rowmajor_.assign(w, w + N * K);
   packed_.assign(static_cast<size_t>(Np * Kp), 0);
@@ -267,7 +271,8 @@ Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, 
       // block n/16, group k/4, lane n%16, byte k%4
       packed_[static_cast<size_t>(((n / 16) * kg + k / 4) * 64 + (n % 16) * 4 + k % 4)] = v;
     }
-    comp_[static_cast<size_t>(n)] = 128 * sum;
+    // 128 * sum can pass int32 for K near kMaxInt8K: wrap it modulo 2**32 as the kernels' sums do
+    comp_[static_cast<size_t>(n)] = static_cast<int32_t>(128u * static_cast<uint32_t>(sum));
   }
   view_.N = N;
   view_.K = K;

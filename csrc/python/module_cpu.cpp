@@ -262,7 +262,13 @@ py::array embedding_bags_py(const py::sequence& tables, py::array indices, py::a
   MultiBagArgs& a = args.a;
   const int64_t B = batch_size_of(a);
   int64_t total_dim = 0;
-  for (const TableView& v : a.tables) total_dim += v.dim;
+  for (const TableView& v : a.tables) {
+    // (0-row tables cost no memory, so their dims can add up past int64: the sum wrapped and
+    // the output was allocated too narrow for the kernel's writes)
+    if (__builtin_add_overflow(total_dim, v.dim, &total_dim)) {
+      throw py::value_error("the tables' dims add up to more than 2**63 - 1 output columns");
+    }
+  }
   py::array_t<float> out({B, total_dim});
   a.out = out.mutable_data();
   {
@@ -316,8 +322,10 @@ std::shared_ptr<Int8Layer> make_layer(py::handle w, py::handle scale, py::handle
     if (ba.shape(0) != N) throw py::value_error("bias must have one value per output channel");
     bp = static_cast<const float*>(ba.data());
   }
-  return std::make_shared<Int8Layer>(static_cast<const int8_t*>(wa.data()), N, K,
-                                     static_cast<const float*>(sa.data()), bp);
+  const int8_t* wp = static_cast<const int8_t*>(wa.data());
+  const float* sp = static_cast<const float*>(sa.data());
+  py::gil_scoped_release release;  // packing a large layer takes a while; wa, sa, ba stay alive
+  return std::make_shared<Int8Layer>(wp, N, K, sp, bp);
 }
 
 py::array check_x(py::handle x, int64_t K) {
@@ -433,7 +441,11 @@ PYBIND11_MODULE(_C, m) {
            [](py::handle self) {
              const ItemBlock& b = initialised<ItemBlock>(self, "ItemBlock");
              F32Array out({b.size(), b.dim()});
-             b.to_float(out.mutable_data());
+             float* o = out.mutable_data();
+             {
+               py::gil_scoped_release release;  // (ItemIndex merges segments with it)
+               b.to_float(o);
+             }
              return out;
            })
       .def_property_readonly("precision", [](py::handle self) {

@@ -8,6 +8,11 @@
 
 namespace fastrec {
 
+// The most input features an int8 layer takes: every dot product of K codes in [-127, 127]
+// then fits the int32 accumulators (127 * 127 * 133144 < 2**31). The kernels' u8 (q + 128)
+// partial sums may wrap before the compensation is subtracted; that is exact modulo 2**32.
+constexpr int64_t kMaxInt8K = (int64_t{1} << 31) / (127 * 127);
+
 // One int8 linear layer with its weights packed once for the kernels.
 class Int8Layer {
  public:

@@ -14,7 +14,9 @@ void set_num_threads(int n);
 // The calling thread takes part. Calls from several threads at once are safe: when the pool
 // is busy with another call, or when this call comes from inside a pool task, the work runs
 // on the calling thread alone, so there is never nested or oversubscribed parallelism.
-// fn must not throw: kernels record errors and the caller raises after the pass.
+// fn should not throw (kernels record errors and the caller raises after the pass); if it does
+// (an allocation), the first exception is rethrown on the calling thread once every thread is
+// done with fn.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 // Runs fn(t, n) once on each of the pool's n threads, t = 0 (the caller) .. n-1; when the
