@@ -378,6 +378,8 @@ class CudaModel:
         on_device = _cuda.is_device_array(dense)
         if on_device:
             name = str(dense.dtype)
+            if name == "torch.bfloat16":  # as the CPU runtime (as_numpy) and Int8Linear take it
+                dense, name = dense.float(), "torch.float32"
             if name not in ("float32", "torch.float32"):
                 raise TypeError(f"dense must be float32, got {name}")
             a, x = self._on_device(dense, "dense")

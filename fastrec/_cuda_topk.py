@@ -26,7 +26,11 @@ NaN / Inf check of the queries), like ``Int8Linear`` with ``check_finite=True``.
 
 Limits: k (after min(keep, len(index))) up to ``_C_cuda.topk_max_keep()`` kept candidates
 (16384: k up to 10,900 for int8 with rerank, 16384 for fp32 without); D up to 3200 (int8),
-1600 (fp16), 3200 (fp32).
+1600 (fp16), 3200 (fp32). Those are H100 / H200 figures: the scoring and selection kernels
+need shared memory in proportion to D and to the kept candidates, and a GPU with less a block
+(an A100 163 KiB, sm_86 / sm_89 99 KiB) takes proportionally less; beyond, a ValueError says
+how much was needed. fp16 queries are scaled per row by a power of two before the fp16
+conversion the tensor cores need (undone on the scores), so any float32 query works.
 """
 
 from __future__ import annotations

@@ -263,3 +263,20 @@ def test_int8_rows_too_small_for_127_over_amax(to_device, rng, tiny):
     ds, di = index.search(to_device(queries), 20)
     np.testing.assert_allclose(to_host(ds), cs, rtol=1e-5, atol=1e-6 * np.abs(cs).max())
     _check(index, items, queries, 20, ds, di, precision="int8", rerank=False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rerank", [True, False])
+@pytest.mark.parametrize("scale", [1e-30, 1e-9, 1e6, 1e30])
+def test_fp16_queries_of_any_magnitude(to_device, rng, rerank, scale):
+    # The fp16 index takes fp16 queries on the device: queries beyond +-65504 became inf (NaN
+    # scores, items dropped) and ones below ~6e-8 zeros (every score 0). The CPU scores float32
+    # queries; each device row is now scaled by a power of two before the conversion.
+    items, queries = _data(rng, 3000, 32, 9)
+    queries *= np.float32(scale)
+    index = ItemIndex(items, precision="fp16", rerank=rerank)
+    ds, di = index.search(to_device(queries), 20)
+    cs, ci = index.search(queries, 20)
+    assert np.isfinite(to_host(ds)).all()
+    np.testing.assert_allclose(to_host(ds), cs, rtol=3e-3 if not rerank else 1e-5)
+    _check(index, items, queries, 20, ds, di, precision="fp16", rerank=rerank)

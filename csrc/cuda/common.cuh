@@ -12,6 +12,9 @@ namespace cuda {
 // A failed CUDA call becomes a C++ exception (pybind11 turns it into RuntimeError).
 inline void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
+    // Clear the runtime's sticky last error (non-sticky errors only), so that the next launch
+    // check on this thread does not report this failure again as its own.
+    (void)cudaGetLastError();
     throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(e) + " (" +
                              cudaGetErrorString(e) + ")");
   }

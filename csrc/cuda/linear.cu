@@ -79,7 +79,7 @@ __device__ __forceinline__ void store_out(float* __restrict__ y, int32_t* __rest
   } else {
     float v = __fmul_rn(__int2float_rn(acc), __fmul_rn(row_scale, w_scale[n]));
     if (bias != nullptr) v = __fadd_rn(v, bias[n]);
-    if constexpr (EPI == kEpiRelu) v = v <= 0.f ? 0.f : v;  // NaN stays NaN (a flagged row)
+    if constexpr (EPI == kEpiRelu) v = fmaxf(v, 0.f);  // NaN -> 0 as the CPU's fmax (a NaN input row is flagged anyway)
     if constexpr (EPI == kEpiSigmoid) v = __fdiv_rn(1.f, __fadd_rn(1.f, expf(-v)));
     y[idx] = v;
   }
@@ -543,6 +543,9 @@ Int8LinearWeights::Int8LinearWeights(int device, const int8_t* w, int64_t N, int
       FASTREC_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&bias_), bp.size() * sizeof(float)));
       FASTREC_CUDA_CHECK(cudaMemcpy(bias_, bp.data(), bp.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
+    // A copy from pageable memory may return before its DMA lands; a first forward on a
+    // non-blocking stream is not ordered after the default stream, so wait here (once).
+    FASTREC_CUDA_CHECK(cudaStreamSynchronize(0));
   } catch (...) {
     cudaFree(w_);
     cudaFree(scale_);

@@ -113,8 +113,16 @@ __global__ void __launch_bounds__(256) prep_queries_kernel(const float* __restri
       c[d] = static_cast<int8_t>(v);
     }
   } else if (PREC == kTopkF16) {
+    // The CPU scores float32 queries against the fp16 items; here the mma takes fp16 queries.
+    // Each row is first scaled by a power of two that puts its amax in [2^14, 2^15): a row
+    // beyond +-65504 became inf (NaN scores: items dropped) and one below ~6e-8 became zeros.
+    // The epilogue scales the scores back by the same power (qscale holds its exponent).
+    int e = 0;
+    if (amax > 0.f && isfinite(amax)) frexpf(amax, &e);  // amax = m * 2^e, m in [0.5, 1)
+    const int shift = amax > 0.f ? 15 - e : 0;
+    if (lane == 0) qscale[r] = static_cast<float>(-shift);
     __half* h = reinterpret_cast<__half*>(codes + static_cast<int64_t>(r) * rb);
-    for (int d = lane; d < rb / 2; d += 32) h[d] = __float2half_rn(d < D ? x[d] : 0.f);
+    for (int d = lane; d < rb / 2; d += 32) h[d] = __float2half_rn(d < D ? ldexpf(x[d], shift) : 0.f);
   }
 }
 
@@ -160,7 +168,7 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(
   for (int i = 0; i < 8; ++i) {
     const int r = q0 + (i >> 1) * 16 + g + (i & 1) * 8;  // i = 2 * mt + half
     th[i] = r < Qc ? thr[r] : INFINITY;
-    qs[i] = (PREC == kTopkInt8 && r < Qc) ? qscale[r] : 0.f;
+    qs[i] = r < Qc ? qscale[r] : 0.f;  // int8: the query's scale; fp16: its exponent shift
   }
   __syncthreads();
   for (int64_t base = i0 + 16 * (4 * static_cast<int64_t>(blockIdx.y) + warp); base < i1;
@@ -205,7 +213,7 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(
             if (PREC == kTopkInt8) {
               s = __fmul_rn(static_cast<float>(acc[mt][nt][2 * h + e]), __fmul_rn(qs[2 * mt + h], isc[nt][e]));
             } else {
-              s = static_cast<float>(acc[mt][nt][2 * h + e]);
+              s = ldexpf(static_cast<float>(acc[mt][nt][2 * h + e]), static_cast<int>(qs[2 * mt + h]));
             }
             if (s >= th[2 * mt + h] && item < i1 && r < Qc) append(count, keys, cap, r, s, item);
           }
@@ -548,13 +556,26 @@ TopkStatus search(int device, const TopkIndexView& idx, const TopkRequest& req, 
   const int D4 = static_cast<int>(round_up(idx.dim, 4));
   const int64_t mma_smem = kMmaQ * idx.row_bytes;
   const int64_t f32_smem = int64_t{kF32Q} * D4 * 4;
-  if (idx.precision == kTopkInt8) set_smem(reinterpret_cast<const void*>(&score_mma_kernel<kTopkInt8>), mma_smem);
-  if (idx.precision == kTopkF16) set_smem(reinterpret_cast<const void*>(&score_mma_kernel<kTopkF16>), mma_smem);
-  if (idx.precision == kTopkF32) set_smem(reinterpret_cast<const void*>(&score_f32_kernel), f32_smem);
-
   int P = 1;
   while (P < keep) P <<= 1;
   const int64_t sel_smem = int64_t{P} * 8;
+  // kMaxSmem fits an H100 (227 KiB a block); an A100 allows 163 KiB, sm_86 / sm_89 99 KiB.
+  int smem_optin = 0;
+  FASTREC_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t score_smem = idx.precision == kTopkF32 ? f32_smem : mma_smem;
+  if (score_smem > smem_optin) {
+    throw std::invalid_argument("dimension " + std::to_string(idx.dim) + " needs " + std::to_string(score_smem / 1024) +
+                                " KiB of shared memory a block for the CUDA top-k; this GPU allows " +
+                                std::to_string(smem_optin / 1024) + " KiB");
+  }
+  if (sel_smem > smem_optin) {
+    throw std::invalid_argument("keeping " + std::to_string(keep) + " candidates a query needs " +
+                                std::to_string(sel_smem / 1024) + " KiB of shared memory a block; this GPU allows " +
+                                std::to_string(smem_optin / 1024) + " KiB: use a smaller k (or rerank=False)");
+  }
+  if (idx.precision == kTopkInt8) set_smem(reinterpret_cast<const void*>(&score_mma_kernel<kTopkInt8>), mma_smem);
+  if (idx.precision == kTopkF16) set_smem(reinterpret_cast<const void*>(&score_mma_kernel<kTopkF16>), mma_smem);
+  if (idx.precision == kTopkF32) set_smem(reinterpret_cast<const void*>(&score_f32_kernel), f32_smem);
   set_smem(reinterpret_cast<const void*>(&select_kernel), sel_smem);
   const double growth = std::max(1.0, static_cast<double>(cap - keep) / (3.0 * static_cast<double>(keep)));
 
