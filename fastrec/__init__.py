@@ -8,7 +8,14 @@ from __future__ import annotations
 
 try:
     from . import _C  # noqa: F401
-except ImportError as exc:  # pragma: no cover - only when the build is broken
+except ImportError as exc:  # pragma: no cover - only when the build is broken (or see below)
+    import os as _os
+
+    _isa = _os.environ.get("FASTREC_CPU_ISA")
+    if _isa:  # the module refuses an ISA level it cannot run, and the import fails with it
+        raise ImportError(f"fastrec could not start with FASTREC_CPU_ISA={_isa!r}: {exc}. Unset it, or "
+                          "set scalar, avx2 or avx512 as this CPU allows (`python -m fastrec.info` "
+                          "lists them).") from exc
     raise ImportError(
         "fastrec's compiled CPU module (fastrec._C) could not be imported: "
         f"{exc}. Reinstall with `pip install .` and check `python -m fastrec.info`."

@@ -25,8 +25,9 @@ def aligned_empty(shape, dtype=np.float32, *, alignment: int = 64) -> np.ndarray
     numpy's large arrays start 16 bytes past a page boundary, so a 256-byte float32 row of an
     embedding table (D=64) spans five cache lines instead of four; a gather from memory then
     moves 25% more bytes than it needs. Build tables with ``aligned_empty`` (or
-    :func:`aligned_copy`) to read four: on our 2-core Xeon this made the fp32 gathers of
-    ``benches/bench_embedding.py`` about 1.3x faster (see BENCHMARKS.md).
+    :func:`aligned_copy`) to read four: in ``benches/ab_alignment.py`` (same contents, 16 bytes off
+    against aligned) fp32 gathers were 1.13-1.21x faster on a 2-core Zen 4 VM, and fp16 D=64 ones
+    1.42x; DRAM-bound runs swing more with the machine's load (BENCHMARKS.md).
     """
     dtype = np.dtype(dtype)
     if isinstance(alignment, bool) or not isinstance(alignment, (int, np.integer)):

@@ -113,14 +113,27 @@ def _target(like, device):
         if like not in ("torch", "cupy"):
             raise ValueError(f"like must be 'torch', 'cupy' or a CUDA array, got {like!r}")
         fw = like
-        if device is None:
-            if fw == "torch":
+        if fw == "torch":
+            try:
                 import torch
-
+            except ImportError:
+                raise RuntimeError("like='torch' needs torch, which is not installed") from None
+            if not torch.cuda.is_available():  # (torch.cuda.current_device() asserts)
+                raise RuntimeError("torch sees no CUDA device here (a CPU-only torch build, or no "
+                                   "GPU or driver): to_device needs one")
+            if device is None:
                 device = torch.cuda.current_device()
-            else:
+        else:
+            try:
                 import cupy
 
+                n = cupy.cuda.runtime.getDeviceCount()
+            except Exception as exc:  # ImportError, or CuPy's CUDARuntimeError without a driver
+                raise RuntimeError(f"like='cupy' needs CuPy and a CUDA device ({type(exc).__name__}: "
+                                   f"{exc})") from None
+            if n == 0:
+                raise RuntimeError("CuPy sees no CUDA device here: to_device needs one")
+            if device is None:
                 device = cupy.cuda.Device().id
     else:
         arr = device_view(like, "like")

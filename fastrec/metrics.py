@@ -117,7 +117,9 @@ def recall_at_k(recommended_ids, relevant_sets, k: int) -> float:
     Returns NaN when no query has a relevant item.
 
     Raises:
-        ValueError: k < 1, or the two inputs hold different numbers of queries.
+        ValueError: k not an int >= 1 (also for 2.0), the two inputs hold different numbers of
+            queries, a ``recommended_ids`` array that is not 2-D, or a negative relevant id.
+        TypeError: a relevant id that is not an integer (float, str, None, bool).
     """
     total, n = 0.0, 0
     for top, rel in _per_query(recommended_ids, relevant_sets, k):

@@ -210,6 +210,8 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
     codes = _mode_codes(modes, T)
     if per_sample_weights is not None and any(c != 0 for c in codes):
         raise ValueError("per_sample_weights is only supported when every mode is 'sum'")
+    if offsets is None:  # (embedding_bag's 2-D (B, L) form has no many-table counterpart)
+        raise ValueError("offsets is required: table-major CSR offsets of length T*B + 1")
     if _on_device(indices, offsets, per_sample_weights) or _cuda_embedding.any_device_table(tables):
         return _cuda_embedding.embedding_bags(tables, indices, offsets, codes, per_sample_weights, padding_idx)
     indices = _index_array(indices, "indices")
@@ -259,7 +261,8 @@ def int8_linear(x, lin, activation=None, *, check_finite: bool = True):
 
 
 def topk(queries, items, k: int, *, exclude=None):
-    """Exact inner-product top-k of float32 ``queries (Q, D)`` against ``items (N, D)``.
+    """Exact inner-product top-k of float32 ``queries (Q, D)`` (or one query ``(D,)``, which
+    gives 1-D results) against ``items (N, D)``.
 
     The functional form of :class:`fastrec.ItemIndex` with ``precision="fp32"``: packs the items
     on every call, so build an ``ItemIndex`` once for repeated searches over one catalogue.

@@ -35,6 +35,9 @@ def test_info_reports_everything():
     r = _run(["-m", "fastrec", "info", "--json"])
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["version"] == fastrec.__version__
+    r = _run(["-m", "fastrec.info", "--help"])
+    assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stdout
+    assert _run(["-m", "fastrec.info", "--jsn"]).returncode == 2
 
 
 @pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
@@ -63,6 +66,7 @@ def test_bad_isa_value_is_a_clear_error():
     r = _run(["-c", "import fastrec"], FASTREC_CPU_ISA="sse9")
     assert r.returncode != 0
     assert "unknown CPU ISA level 'sse9'" in r.stderr
+    assert "FASTREC_CPU_ISA='sse9'" in r.stderr and "Reinstall" not in r.stderr  # (not a broken build)
 
 
 @pytest.mark.parametrize("order", ["torch_first", "fastrec_first"])

@@ -486,3 +486,21 @@ def test_info_reports_cuda():
             assert "name" in g or "error" in g
     text = info.format_info(d)
     assert "CUDA module built" in text
+
+
+def test_to_device_without_a_gpu_is_a_clear_error():
+    # torch.cuda.current_device() on a CPU-only torch raised a bare AssertionError
+    import importlib.util
+
+    table = QuantizedTable.from_float(np.ones((3, 4), np.float32))
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            with pytest.raises(RuntimeError, match="no CUDA device"):
+                table.to_device("torch")
+    if importlib.util.find_spec("cupy") is None:
+        with pytest.raises(RuntimeError, match="CuPy"):
+            table.to_device("cupy")
+    with pytest.raises(ValueError, match="like must be"):
+        table.to_device("jax")

@@ -123,6 +123,12 @@ def test_per_table_padding_idx_errors(rng):
         ops.embedding_bags(tables, indices, offsets, padding_idx=[999, None, None, None, None, None])
 
 
+def test_offsets_are_required():
+    t = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="offsets is required"):  # (was a TypeError about dtype object)
+        ops.embedding_bags([t], np.zeros((2, 1), np.int64), None)
+
+
 def test_dims_adding_up_past_int64_are_refused():
     # 0-row tables cost no memory, so their dims could sum past 2**63 and wrap to a small
     # width: the output was allocated (B, 1) and the kernel wrote past it (a segfault).
