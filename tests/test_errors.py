@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from fastrec import QuantizedTable, ops
+import fastrec
+from fastrec import QuantizedTable, _C, ops
 
 W = np.arange(40, dtype=np.float32).reshape(10, 4)
 IDX = np.array([1, 2, 3], dtype=np.int64)
@@ -206,3 +207,40 @@ def test_objects_whose_init_never_ran_raise_instead_of_crashing():
             call()
     with pytest.raises(TypeError, match="expected a Int8LayerCore"):
         _C.int8_linear(x, 5, 0)
+
+
+def test_internal_entry_points_check_their_arguments(rng):
+    # fastrec's Python layer never makes these calls; _C must still refuse them cleanly
+    t = np.ones((5, 4), np.float32)
+    with pytest.raises(ValueError, match="one mode per table"):  # (read past the modes list)
+        _C.embedding_bags([t, t], np.array([1, 2]), np.array([0, 1, 2]), [0], np.ones(2, np.float32), [-1, -1])
+    with pytest.raises(ValueError, match="emb must be"):  # (T * (T + 1) overflowed int64)
+        _C.dot_interaction(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), 2**32)
+    # an int8 block next to a float one in one search (the float scoring tile had been freed)
+    items = rng.standard_normal((40, 16)).astype(np.float32)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    blocks = [_C.ItemBlock(items[:20], 0, True), _C.ItemBlock(items[20:], 2, True)]
+    ids = [np.arange(20, dtype=np.int64), np.arange(20, 40, dtype=np.int64)]
+    s, i = _C.topk_search(blocks, ids, [None, None], q, 3, 40, True, None, None)
+    want = np.argsort(-(q.astype(np.float64) @ items.T.astype(np.float64)), axis=1, kind="stable")[:, :3]
+    assert np.array_equal(i, want)
+
+
+def test_misaligned_inputs_are_copied_not_read_in_place(rng):
+    # A C-contiguous view at an odd byte offset is misaligned: reading it as int64 / float32 in
+    # place is undefined behaviour; such inputs are copied first. Results match aligned ones.
+    def misaligned(a):
+        buf = np.zeros(a.nbytes + 1, np.uint8)
+        out = np.ndarray(a.shape, a.dtype, buffer=buf, offset=1)
+        out[...] = a
+        assert not out.flags.aligned and out.flags.c_contiguous
+        return out
+
+    W = rng.standard_normal((50, 8)).astype(np.float32)
+    idx = rng.integers(0, 50, 30)
+    off = np.array([0, 10, 30])
+    want = ops.embedding_bag(W, idx, off)
+    assert np.array_equal(ops.embedding_bag(misaligned(W), misaligned(idx), misaligned(off)), want)
+    lin = fastrec.Int8Linear.from_float(rng.standard_normal((3, 8)).astype(np.float32))
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    assert np.array_equal(lin(misaligned(x)), lin(x))

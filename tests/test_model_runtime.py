@@ -329,6 +329,26 @@ def test_dlrm_fused_forward_errors(rng, model_dir):
     assert np.array_equal(model.score(dense, sparse), _score_op_by_op(model, dense, sparse))
 
 
+@pytest.mark.parametrize("B", [10, 600])  # op by op (few rows on 2 threads) and row tasks
+def test_dlrm_overflow_inside_the_model_is_not_blamed_on_the_input(rng, model_dir, B):
+    # Finite tables whose dot products overflow float32: the op-by-op path (online batch sizes
+    # on several threads) said "input contains NaN or Inf", as if the caller's dense were bad.
+    m, tensors, ref = build_dlrm(rng, precision="int8", storages=("fp32", "fp32"))
+    for t in m["tables"]:  # the dot of the two features' bags is ~1e40
+        tensors[t["tensor"]] = np.full_like(tensors[t["tensor"]], 1e20)
+    model = fastrec.load(model_dir(m, tensors))
+    dense = np.ones((B, 5), np.float32)
+    sparse = random_sparse(rng, ref["features"], ref["rows"], B)
+    before = fastrec.get_num_threads()
+    try:
+        for threads in (1, 2):
+            fastrec.set_num_threads(threads)
+            with pytest.raises(ValueError, match="top MLP .*embedding table"):
+                model.score(dense, sparse)
+    finally:
+        fastrec.set_num_threads(before)
+
+
 def test_from_int8_round_trip(rng):
     W = rng.standard_normal((7, 5)).astype(np.float32)
     a = fastrec.Int8Linear.from_float(W)

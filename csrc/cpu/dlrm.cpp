@@ -45,9 +45,11 @@ void op_by_op(const DlrmForward& f, int64_t B, int64_t T, int64_t D) {
   MultiBagArgs a = f.emb;
   a.out = emb.data();
   embedding_bags(a);
-  int8_layers_forward(f.bottom.data(), f.bottom_acts.data(), f.bottom.size(), f.dense, B, f.dense_dim, bottom.data());
+  int8_layers_forward(f.bottom.data(), f.bottom_acts.data(), f.bottom.size(), f.dense, B, f.dense_dim, bottom.data(),
+                      "bottom");
   dot_interaction(bottom.data(), emb.data(), B, T, D, top_in.data());
-  int8_layers_forward(f.top.data(), f.top_acts.data(), f.top.size(), top_in.data(), B, D + T * (T + 1) / 2, f.out);
+  int8_layers_forward(f.top.data(), f.top_acts.data(), f.top.size(), top_in.data(), B, D + T * (T + 1) / 2, f.out,
+                      "top");
 }
 
 }  // namespace

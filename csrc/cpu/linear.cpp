@@ -31,11 +31,11 @@ std::string nonfinite_message(const NonFinite& e) {
 // u8 activations (q + 128, padded to Kp) and per-row scales for M rows of x, on this thread.
 // `layer`: which layer's input x is, for the message.
 void quantize(const KernelTable& k, const float* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp,
-              std::vector<uint8_t>* a, std::vector<float>* a_scale, int layer = 0) {
+              std::vector<uint8_t>* a, std::vector<float>* a_scale, int layer = 0, const char* mlp = "") {
   a->resize(static_cast<size_t>(M * Kp));
   a_scale->resize(static_cast<size_t>(M));
   const int64_t bad = k.quantize_rows(QuantizeJob{x, ldx, K, Kp, 0, M, a->data(), a_scale->data()});
-  if (bad >= 0) throw std::invalid_argument(nonfinite_message(NonFinite{bad, layer, ""}));
+  if (bad >= 0) throw std::invalid_argument(nonfinite_message(NonFinite{bad, layer, mlp}));
 }
 
 Epilogue epilogue_of(Activation act) { return act == Activation::kRelu ? Epilogue::kRelu : Epilogue::kNone; }
@@ -118,7 +118,7 @@ RowScratch& row_scratch() {
 // The layer-by-layer path (few rows on several threads): each layer's channels are split
 // over the threads, with a pool barrier between layers.
 void layer_by_layer(const KernelTable& k, const Int8Layer* const* layers, const Activation* acts, size_t n,
-                    const float* x, int64_t M, int64_t ldx, float* y) {
+                    const float* x, int64_t M, int64_t ldx, float* y, const char* mlp) {
   std::vector<uint8_t> a;
   std::vector<float> a_scale, bufs[2];
   const float* in = x;
@@ -131,7 +131,7 @@ void layer_by_layer(const KernelTable& k, const Int8Layer* const* layers, const 
       bufs[i % 2].resize(static_cast<size_t>(M * b.N));
       out = bufs[i % 2].data();
     }
-    quantize(k, in, M, ld, b.K, b.Kp, &a, &a_scale, static_cast<int>(i));
+    quantize(k, in, M, ld, b.K, b.Kp, &a, &a_scale, static_cast<int>(i), mlp);
     run_gemm(k, b, a.data(), b.Kp, a_scale.data(), M, epilogue_of(acts[i]), out, nullptr, b.N);
     if (acts[i] == Activation::kSigmoid) sigmoid_inplace(out, M * b.N);
     in = out;
@@ -217,10 +217,10 @@ int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* ac
 }
 
 void int8_layers_forward(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
-                         int64_t ldx, float* y) {
+                         int64_t ldx, float* y, const char* mlp) {
   if (M == 0) return;
   if (!row_tasks_pay(M)) {  // run_gemm decides per layer whether to split
-    layer_by_layer(kernels(), layers, acts, n, x, M, ldx, y);
+    layer_by_layer(kernels(), layers, acts, n, x, M, ldx, y, mlp);
     return;
   }
   int64_t macs = 0;
@@ -231,7 +231,7 @@ void int8_layers_forward(const Int8Layer* const* layers, const Activation* acts,
   rt.run([&](int64_t t, int64_t m0, int64_t m1) {
     int layer = 0;
     const int64_t r = int8_layers_on_rows(layers, acts, n, x + m0 * ldx, ldx, m1 - m0, y + m0 * ldy, &layer);
-    if (r >= 0) bad[t] = NonFinite{m0 + r, layer, ""};
+    if (r >= 0) bad[t] = NonFinite{m0 + r, layer, mlp};
   });
   throw_if_nonfinite(bad);
 }

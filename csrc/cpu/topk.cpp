@@ -297,13 +297,14 @@ void topk_search(const std::vector<SegmentRef>& segments, const TopKRequest& req
   if (k < 1) throw std::invalid_argument("k must be >= 1");
   if (req.candidates < k) throw std::invalid_argument("candidates must be >= k");
   int64_t total = 0, panels = 0;
-  bool int8 = false;
+  bool int8 = false, all_int8 = true;
   for (const SegmentRef& s : segments) {
     if (s.block->dim() != D) throw std::invalid_argument("item block dimension differs from the queries'");
     if (req.rerank && !s.block->has_f32()) throw std::invalid_argument("rerank needs the float32 rows");
     total += s.block->size();
     panels += s.block->npanels();
     int8 = int8 || s.block->precision() == ItemPrecision::kInt8;
+    all_int8 = all_int8 && s.block->precision() == ItemPrecision::kInt8;
   }
   for (int64_t i = 0; i < Q * k; ++i) {
     scores[i] = -std::numeric_limits<float>::infinity();
@@ -338,8 +339,10 @@ void topk_search(const std::vector<SegmentRef>& segments, const TopKRequest& req
     if (int8 && s.kt.topk_s8) {
       ts.thr.resize(static_cast<size_t>(kQueryBlock));
       ts.hits.resize(static_cast<size_t>(kQueryBlock * kPanelsPerChunk * 16));
-      ts.tile.clear();
-      ts.tile.shrink_to_fit();
+      if (all_int8) {  // (float blocks in the same search still score into the tile)
+        ts.tile.clear();
+        ts.tile.shrink_to_fit();
+      }
     }
     ts.bufs.resize(static_cast<size_t>(std::min(qchunk, Q)));
     for (auto& b : ts.bufs) b.v.reserve(s.cap);

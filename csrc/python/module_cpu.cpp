@@ -123,6 +123,18 @@ void init_packed(PackedTable& self, py::array data, int bits, int64_t dim, const
   }
 }
 
+// C-contiguous and aligned for its dtype: what the kernels read without a copy. (A buffer
+// viewed at an odd byte offset is contiguous but misaligned; reading it as int64 / float is UB.)
+bool is_c_aligned(const py::array& a) {
+  return (a.flags() & py::array::c_style) && (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_);
+}
+
+// A C-contiguous, aligned array of a's values (a itself when it already is), optionally as `dtype`.
+py::array c_aligned(const py::array& a, const char* dtype = nullptr) {
+  py::object dt = dtype ? py::object(py::str(dtype)) : py::object(py::none());
+  return py::module_::import("numpy").attr("require")(a, dt, "CA");
+}
+
 // NumPy type numbers (stable across NumPy 1.x and 2.x).
 constexpr int kNpyInt32 = 5, kNpyLong = 7, kNpyLongLong = 9, kNpyFloat32 = 11, kNpyFloat16 = 23;
 
@@ -131,7 +143,10 @@ constexpr int kNpyInt32 = 5, kNpyLong = 7, kNpyLongLong = 9, kNpyFloat32 = 11, k
 bool fast_float_view(py::handle obj, TableView* v) {
   if (!py::isinstance<py::array>(obj)) return false;
   const auto* a = py::detail::array_proxy(obj.ptr());
-  if (a->nd != 2 || !(a->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_)) return false;
+  if (a->nd != 2 || !(a->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) ||
+      !(a->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+    return false;
+  }
   const auto* d = py::detail::array_descriptor_proxy(a->descr);
   if (d->byteorder == '>') return false;
   int64_t itemsize;
@@ -177,8 +192,8 @@ TableView float_view(py::handle obj, size_t t, std::vector<py::object>& keep, co
   }
   if (arr.ndim() != 2) throw py::value_error("table " + std::to_string(t) + " must be 2-D (rows, dim), got " +
                                              std::to_string(arr.ndim()) + "-D");
-  // Non-contiguous or non-native byte order: one normalised copy for this call.
-  arr = py::module_::import("numpy").attr("ascontiguousarray")(arr, kind == RowKind::kF32 ? "float32" : "float16");
+  // Non-contiguous, misaligned or non-native byte order: one normalised copy for this call.
+  arr = c_aligned(arr, kind == RowKind::kF32 ? "float32" : "float16");
   if (!fast_float_view(arr, &v)) throw py::type_error("table " + std::to_string(t) + " could not be normalised");
   keep.push_back(arr);
   return v;
@@ -195,7 +210,7 @@ int64_t int_itemsize(const py::array& a) {
 
 py::array contiguous_1d(const py::array& a, const char* what) {
   if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(a.ndim()) + "-D");
-  if (!(a.flags() & py::array::c_style)) return py::module_::import("numpy").attr("ascontiguousarray")(a);
+  if (!is_c_aligned(a)) return c_aligned(a);
   return a;
 }
 
@@ -247,6 +262,7 @@ void parse_bag_args(BagArgs* out, const py::sequence& tables, py::array indices,
       throw py::value_error("per_sample_weights must have one weight per index (" + std::to_string(a.num_indices) +
                             "), got " + std::to_string(out->psw.shape(0)));
     }
+    if (a.modes.size() != T) throw py::value_error("one mode per table is required");
     for (size_t t = 0; t < T; ++t) {
       if (a.modes[t] != PoolMode::kSum) throw py::value_error("per_sample_weights is only supported with mode 'sum'");
     }
@@ -304,7 +320,7 @@ py::array require(py::handle obj, int type_num, const char* what, const char* dt
   if (arr.ndim() != ndim) {
     throw py::value_error(std::string(what) + " must be " + std::to_string(ndim) + "-D, got " + std::to_string(arr.ndim()) + "-D");
   }
-  if (!(arr.flags() & py::array::c_style)) arr = py::module_::import("numpy").attr("ascontiguousarray")(arr);
+  if (!is_c_aligned(arr)) arr = c_aligned(arr);
   return arr;
 }
 
@@ -457,7 +473,10 @@ PYBIND11_MODULE(_C, m) {
         py::array xa = require(bottom, kNpyFloat32, "bottom", "float32", 2);
         py::array ea = require(emb, kNpyFloat32, "emb", "float32", 2);
         const int64_t B = xa.shape(0), D = xa.shape(1);
-        if (T < 0 || ea.shape(0) != B || ea.shape(1) != T * D) {
+        // (T and D are the caller's: T * D and (T + 1) * T must not overflow)
+        int64_t td = 0;
+        if (T < 0 || T > (int64_t{1} << 30) || __builtin_mul_overflow(T, D, &td) || ea.shape(0) != B ||
+            ea.shape(1) != td) {
           throw py::value_error("emb must be (B, T * D) for bottom (B, D)");
         }
         F32Array out({B, D + (T + 1) * T / 2});

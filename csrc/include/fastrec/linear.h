@@ -45,9 +45,10 @@ void int8_mlp_forward(const std::vector<const Int8Layer*>& layers, const std::ve
 // n layers back to back over M rows of x (row stride ldx) into y (M x N_last): each layer's
 // channels split over the threads for a few rows, else tasks of up to 60 rows running every
 // layer (the rows' activations stay in the thread's caches; no barrier between layers).
-// Throws std::invalid_argument naming the first row that holds NaN or Inf.
+// Throws std::invalid_argument naming the first row that holds NaN or Inf; `mlp` ("", "bottom"
+// or "top") names the MLP in that message.
 void int8_layers_forward(const Int8Layer* const* layers, const Activation* acts, size_t n, const float* x, int64_t M,
-                         int64_t ldx, float* y);
+                         int64_t ldx, float* y, const char* mlp = "");
 
 // The same on the calling thread alone, for a few rows (<= 60) inside a caller's task; y has
 // row stride N_last. Returns the first row holding NaN or Inf (relative to x), or -1; *layer
