@@ -36,8 +36,15 @@ def _index_array(x, name: str) -> np.ndarray:
         x = as_numpy(x)
         if x.size == 0 and x.dtype == np.float64:  # [] -> float64 by default
             x = x.astype(np.int64)
-    _check_index_dtype(x.dtype, name)
+    if x.dtype != np.int64 and x.dtype != np.int32:
+        x = _native(x)  # byte-swapped int32 / int64 (as tables are): one native copy
+        _check_index_dtype(x.dtype, name)
     return x
+
+
+def _native(x: np.ndarray) -> np.ndarray:
+    """x in native byte order (a copy only when it is not)."""
+    return x if x.dtype.isnative else x.astype(x.dtype.type)  # (the canonical native dtype)
 
 
 def _check_bag_shapes(indices_shape, offsets_shape) -> None:
@@ -68,7 +75,7 @@ def _check_weights(dtype, shape, n: int, indices_shape=None) -> None:
 def _weights_array(x, n: int, indices_shape) -> np.ndarray:
     if isinstance(x, (list, tuple)):
         x = np.asarray(x, dtype=np.float32)
-    x = as_numpy(x)
+    x = _native(as_numpy(x))
     _check_weights(x.dtype, x.shape, n, tuple(indices_shape))
     return x.reshape(-1)
 

@@ -244,3 +244,17 @@ def test_misaligned_inputs_are_copied_not_read_in_place(rng):
     lin = fastrec.Int8Linear.from_float(rng.standard_normal((3, 8)).astype(np.float32))
     x = rng.standard_normal((4, 8)).astype(np.float32)
     assert np.array_equal(lin(misaligned(x)), lin(x))
+
+
+def test_byte_swapped_ids_offsets_and_weights_are_converted(rng):
+    # tables in non-native byte order were already converted; ids, offsets and weights were
+    # refused ("indices must be int32 or int64, got >i8") though they hold int64 values
+    idx = rng.integers(0, 10, 6)
+    off = np.array([0, 2, 6])
+    w = rng.standard_normal(6).astype(np.float32)
+    want = ops.embedding_bag(W, idx, off, per_sample_weights=w)
+    for dt in (">i8", ">i4"):
+        got = ops.embedding_bag(W, idx.astype(dt), off.astype(dt), per_sample_weights=w.astype(">f4"))
+        assert np.array_equal(got, want)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        ops.embedding_bag(W, idx.astype(">u8"), off)

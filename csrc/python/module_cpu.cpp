@@ -256,7 +256,10 @@ void parse_bag_args(BagArgs* out, const py::sequence& tables, py::array indices,
   a.padding_idx = padding_idx;
   if (!per_sample_weights.is_none()) {
     py::array psw = py::array::ensure(per_sample_weights);
-    if (!psw || !psw.dtype().is(py::dtype::of<float>())) throw py::type_error("per_sample_weights must be float32");
+    if (!psw || py::detail::array_descriptor_proxy(py::detail::array_proxy(psw.ptr())->descr)->type_num != kNpyFloat32 ||
+        py::detail::array_descriptor_proxy(py::detail::array_proxy(psw.ptr())->descr)->byteorder == '>') {
+      throw py::type_error("per_sample_weights must be float32");
+    }
     out->psw = contiguous_1d(psw, "per_sample_weights");
     if (out->psw.shape(0) != a.num_indices) {
       throw py::value_error("per_sample_weights must have one weight per index (" + std::to_string(a.num_indices) +
