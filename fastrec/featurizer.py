@@ -121,9 +121,6 @@ def _int(v, path, lo=None, hi=None) -> int:
     return v
 
 
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
 def _num(v, path) -> float:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
         _fail(path, "a number", f"{_tname(v)} {_short(v)}")
@@ -228,8 +225,10 @@ def _parse_dense(d, path) -> _Dense:
             _fail(path + ".std", "a number > 0", std)
     fill = _num(d["fill"], path + ".fill") if "fill" in d else (mean if kind == "standardize" else 0.0)
     y = (fill - mean) / std if kind == "standardize" else fill  # (log1p cannot overflow)
-    if not abs(y) <= _F32_MAX:
-        _fail(path + ".fill", "a fill whose transformed value fits float32 (|y| <= 3.4028235e38)", fill)
+    with np.errstate(over="ignore"):
+        fits = bool(np.isfinite(np.float32(y)))  # (rounding: up to FLT_MAX + half an ulp fits)
+    if not fits:
+        _fail(path + ".fill", "a fill whose transformed value fits float32 (|y| <= ~3.4028235e38)", fill)
     return _Dense(name, source, kind, fill, mean, std)
 
 

@@ -81,12 +81,14 @@ _SAFE_BOUND = 2.0**126
 
 
 def _checked_queries(q: np.ndarray, item_amax: float):
-    """Checks the queries for NaN / Inf and returns per-query power-of-two exponents that keep
-    float32 scoring finite (None when all are 0).
+    """Checks the queries for NaN / Inf; returns the indices of the queries whose float32
+    scoring could overflow (D * max|q| * max|x| >= 2**126), or None when there are none.
 
-    Scores are linear in the query, so dividing a query by 2**e ranks the items the same and
-    gives its scores divided by 2**e exactly (outside float32's subnormal range). Without this, a
-    catalogue whose scores pass ~3.4e38 scored every item inf and lost the ranking.
+    Those queries are searched exactly in float64 instead (:func:`_exact_search`): a product of
+    two float32 values can neither overflow nor underflow there. (Scores past ~3.4e38 used to
+    come back inf for every item, in no order, and a partial sum that overflowed made an item
+    score inf though its true score was small. Scaling such a query down by a power of two
+    instead flushed its small components to zero.)
 
     The common case costs one BLAS dot: sum(q**2) is finite only when every value is, and its
     root bounds max |q|."""
@@ -101,8 +103,32 @@ def _checked_queries(q: np.ndarray, item_amax: float):
     if item_amax == 0.0 or _abs_max(q) * item_amax * q.shape[1] < _SAFE_BOUND:
         return None
     bound = np.maximum(q.max(axis=1), -q.min(axis=1)).astype(np.float64) * (item_amax * q.shape[1])
-    _, e = np.frexp(bound / _SAFE_BOUND)  # bound / 2**e < SAFE_BOUND
-    return np.maximum(e, 0).astype(np.int32)
+    return np.flatnonzero(bound >= _SAFE_BOUND)
+
+
+def _exact_search(snap: _Snapshot, q: np.ndarray, rows: np.ndarray, k: int, ex_ids, ex_off):
+    """Top-k for the queries ``q[rows]`` in float64 over every live item (the stored float32
+    rows, or the dequantized codes where only those are kept): ids ranked by the float64 score,
+    ties by the smaller id, scores rounded to float32 (+-inf past its range)."""
+    parts, ids = [], []
+    for seg in snap.segments:
+        live = slice(None) if seg.removed is None else seg.removed == 0
+        parts.append(seg.block.to_float()[live])
+        ids.append(seg.ids[live])
+    items = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, q.shape[1]))
+    item_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    out_s = np.full((rows.shape[0], k), -np.inf, np.float32)
+    out_i = np.full((rows.shape[0], k), -1, np.int64)
+    for n, r in enumerate(rows):
+        score = items @ q[r].astype(np.float64)
+        keep = np.ones(item_ids.shape[0], bool)
+        if ex_ids is not None:
+            keep &= ~np.isin(item_ids, ex_ids[ex_off[r]:ex_off[r + 1]])
+        order = np.lexsort((item_ids[keep], -score[keep]))[:k]
+        with np.errstate(over="ignore"):
+            out_s[n, :order.shape[0]] = score[keep][order].astype(np.float32)
+        out_i[n, :order.shape[0]] = item_ids[keep][order]
+    return out_s, out_i
 
 
 def _check_unique(ids: np.ndarray) -> None:
@@ -283,9 +309,10 @@ class ItemIndex:
 
         Returns:
             ``(scores, ids)``: float32 and int64 ``(Q, k)``, best first, ties broken by the smaller
-            id; where fewer than k items remain the tail is id -1 with score -inf. A score beyond
-            float32's range (~3.4e38) is returned as +-inf, its item still ranked by the true
-            score (CPU; on the GPU such scores are not yet handled). Device queries
+            id; where fewer than k items remain the tail is id -1 with score -inf. A query
+            whose float32 scoring could overflow (D * max|q| * max|x| >= 2**126) is searched
+            exactly in float64 instead (on the CPU; slower); a score beyond float32's range
+            (~3.4e38) is returned as +-inf, its item still ranked by the true score. Device queries
             (torch CUDA tensor / CuPy array) give device arrays of their framework, computed on the
             caller's current stream from a device copy of the index made on first use (see
             ``fastrec/_cuda_topk.py``).
@@ -306,15 +333,12 @@ class ItemIndex:
         ex_ids, ex_off = exclude_csr(exclude, q.shape[0])
         snap = self._snap
         segs = snap.segments
-        shift = _checked_queries(q, snap.amax)
-        if shift is not None:
-            q = np.ldexp(q, -shift[:, None]).astype(np.float32)
+        exact = _checked_queries(q, snap.amax)
         scores, ids = _C.topk_search(
             [s.block for s in segs], [s.ids for s in segs], [s.removed for s in segs], q, k,
             _candidates(k, self._precision, self._rerank), self._rerank, ex_ids, ex_off)
-        if shift is not None:
-            with np.errstate(over="ignore"):  # a true score beyond float32's range is +-inf
-                scores = np.ldexp(scores, shift[:, None]).astype(np.float32)
+        if exact is not None:  # queries whose float32 scoring could overflow (rare, and slower)
+            scores[exact], ids[exact] = _exact_search(snap, q, exact, k, ex_ids, ex_off)
         if single:
             return scores[0], ids[0]
         return scores, ids

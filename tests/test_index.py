@@ -68,8 +68,8 @@ def test_int8_items_too_small_for_127_over_amax(rng, isa):
 @pytest.mark.parametrize("rerank", [True, False])
 def test_scores_near_and_beyond_float32_range(rng, isa, precision, rerank):
     # Scores past ~3.4e38 used to come back inf for every item, in no order; and a partial sum
-    # that overflowed made an item score inf though its true score was small. Queries are now
-    # scaled by a power of two inside the search, so ids rank as in float64.
+    # that overflowed made an item score inf though its true score was small. Queries whose
+    # float32 scoring could overflow are now searched exactly in float64.
     items, queries = data(rng, 400, 16, 4)
     items *= np.float32(1e19)
     queries *= np.float32(1e19)
@@ -92,6 +92,25 @@ def test_scores_near_and_beyond_float32_range(rng, isa, precision, rerank):
     if rerank or precision == "fp32":
         np.testing.assert_array_equal(got[0], [1, 2, 0])
         np.testing.assert_array_equal(scores[0], [4, 1, 0])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_huge_queries_keep_their_small_components(precision):
+    # A first fix scaled such queries down by a power of two, which flushed their small
+    # components to zero: these scores (1e18, 2e18) came back 0 and the ids in the wrong order.
+    items = np.array([[0, 1e38], [0, 2e38], [1e38, 0]], np.float32)
+    s, i = fastrec.ItemIndex(items[:2], precision=precision).search(np.array([1e38, 1e-20], np.float32), 2)
+    assert i.tolist() == [1, 0]
+    np.testing.assert_allclose(s, [2e18, 1e18], rtol=1e-6)
+    s, i = fastrec.ItemIndex(items, precision=precision).search(np.array([[1e30, 1e-38]], np.float32), 3)
+    assert i.tolist() == [[2, 1, 0]]
+    assert s[0, 0] == np.inf
+    np.testing.assert_allclose(s[0, 1:], [2, 1], rtol=1e-6)
+    # exclude lists and removed items apply on this path too
+    index = fastrec.ItemIndex(items, ids=[10, 20, 30], precision=precision)
+    index.remove([30])
+    s, i = index.search(np.array([[1e30, 1e-38]], np.float32), 3, exclude=[[10]])
+    assert i.tolist() == [[20, -1, -1]]
 
 
 def test_int8_dimension_limit():

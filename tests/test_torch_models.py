@@ -554,6 +554,14 @@ def test_training_takes_numpy_scalars_and_dict_indices_without_offsets():
     hist = train(student, [{"dense": b["dense"], "indices": per_feature, "labels": b["labels"]}],
                  progress=False)
     assert np.isfinite(hist[0]["loss"])
+    tt = small_two_tower()  # two-tower dict batches: user_offsets / item_offsets left out too
+    sides = {}
+    for side in ("user", "item"):
+        names = [f for f, _ in getattr(tt, f"{side}_features")]
+        ind, off = tower_inputs(tt, side, 6, 0)
+        sides[f"{side}_indices"] = dict(zip(names, tt._split(ind, off, names)[1]))
+    hist = train(tt, [sides], progress=False)
+    assert np.isfinite(hist[0]["loss"])
 
 
 # --------------------------------------------------------------------------- export

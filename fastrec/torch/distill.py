@@ -41,8 +41,8 @@ _TOWER_KEYS = ("user_indices", "user_offsets", "item_indices", "item_offsets")
 def _unpack(batch, keys, n_required: int, position: int):
     if isinstance(batch, Mapping):
         # a {feature: (indices, offsets)} dict of indices carries its own offsets
-        missing = [k for k in keys[:n_required]
-                   if k not in batch and not (k == "offsets" and isinstance(batch.get("indices"), Mapping))]
+        missing = [k for k in keys[:n_required] if k not in batch and not (
+            k.endswith("offsets") and isinstance(batch.get(k.replace("offsets", "indices")), Mapping))]
         if missing:
             raise ValueError(f"batch {position} lacks the keys {missing}; expected {list(keys)}")
         return [batch.get(k) for k in keys]
