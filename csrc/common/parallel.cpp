@@ -5,6 +5,9 @@
 
 #include <pthread.h>
 #include <unistd.h>
+#if defined(__GLIBCXX__)
+#include <cxxabi.h>  // abi::__forced_unwind
+#endif
 #ifdef __linux__
 #include <sched.h>
 #include <sys/syscall.h>
@@ -113,7 +116,13 @@ class Pool {
           (*job_.fn)(b, std::min(job_.n, b + job_.chunk));
         }
       }
-    } catch (...) {
+    }
+#if defined(__GLIBCXX__)
+    catch (abi::__forced_unwind&) {  // thread cancellation must run on, not be swallowed
+      throw;
+    }
+#endif
+    catch (...) {
       // Never let it leave a worker (std::terminate) or the caller's share (the workers would
       // still be running fn, whose captures live on the caller's stack): keep it, stop handing
       // out chunks, and let run() rethrow it after the wait.
