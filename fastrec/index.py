@@ -106,28 +106,39 @@ def _checked_queries(q: np.ndarray, item_amax: float):
     return np.flatnonzero(bound >= _SAFE_BOUND)
 
 
-def _exact_search(snap: _Snapshot, q: np.ndarray, rows: np.ndarray, k: int, ex_ids, ex_off):
+def _exact_search(snap: _Snapshot, q: np.ndarray, rows: np.ndarray, k: int, ex_ids, ex_off,
+                  chunk: int = 1 << 16):
     """Top-k for the queries ``q[rows]`` in float64 over every live item (the stored float32
     rows, or the dequantized codes where only those are kept): ids ranked by the float64 score,
-    ties by the smaller id, scores rounded to float32 (+-inf past its range)."""
-    parts, ids = [], []
+    ties by the smaller id, scores rounded to float32 (+-inf past its range). Items go through
+    in chunks, so the float64 copies stay small; each segment's rows are copied out once."""
+    qf = q[rows].astype(np.float64)  # (R, D)
+    R = rows.shape[0]
+    best_s = np.empty((R, 0), np.float64)
+    best_i = np.empty((R, 0), np.int64)
     for seg in snap.segments:
-        live = slice(None) if seg.removed is None else seg.removed == 0
-        parts.append(seg.block.to_float()[live])
-        ids.append(seg.ids[live])
-    items = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, q.shape[1]))
-    item_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-    out_s = np.full((rows.shape[0], k), -np.inf, np.float32)
-    out_i = np.full((rows.shape[0], k), -1, np.int64)
-    for n, r in enumerate(rows):
-        score = items @ q[r].astype(np.float64)
-        keep = np.ones(item_ids.shape[0], bool)
-        if ex_ids is not None:
-            keep &= ~np.isin(item_ids, ex_ids[ex_off[r]:ex_off[r + 1]])
-        order = np.lexsort((item_ids[keep], -score[keep]))[:k]
-        with np.errstate(over="ignore"):
-            out_s[n, :order.shape[0]] = score[keep][order].astype(np.float32)
-        out_i[n, :order.shape[0]] = item_ids[keep][order]
+        x = seg.block.to_float()
+        for c0 in range(0, x.shape[0], chunk):
+            ids = seg.ids[c0:c0 + chunk]
+            score = qf @ x[c0:c0 + chunk].astype(np.float64).T  # (R, chunk)
+            dead = np.zeros(score.shape, bool)
+            if seg.removed is not None:
+                dead |= seg.removed[c0:c0 + chunk].astype(bool)[None, :]
+            if ex_ids is not None:
+                for n, r in enumerate(rows):
+                    dead[n] |= np.isin(ids, ex_ids[ex_off[r]:ex_off[r + 1]])
+            score[dead] = -np.inf  # (a live item's float64 score is always finite)
+            cand_s = np.concatenate([best_s, score], axis=1)
+            cand_i = np.concatenate([best_i, np.broadcast_to(ids, score.shape)], axis=1)
+            order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]  # best first, ties by smaller id
+            best_s = np.take_along_axis(cand_s, order, 1)
+            best_i = np.take_along_axis(cand_i, order, 1)
+    out_s = np.full((R, k), -np.inf, np.float32)
+    out_i = np.full((R, k), -1, np.int64)
+    n = best_s.shape[1]
+    with np.errstate(over="ignore"):
+        out_s[:, :n] = best_s.astype(np.float32)
+    out_i[:, :n] = np.where(np.isneginf(best_s), -1, best_i)  # removed / excluded: padding
     return out_s, out_i
 
 
