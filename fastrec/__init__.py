@@ -12,7 +12,7 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken (
     import os as _os
 
     _isa = _os.environ.get("FASTREC_CPU_ISA")
-    if _isa:  # the module refuses an ISA level it cannot run, and the import fails with it
+    if _isa and "ISA" in str(exc):  # the module refuses an ISA level it cannot run, and the import fails with it
         raise ImportError(f"fastrec could not start with FASTREC_CPU_ISA={_isa!r}: {exc}. Unset it, or "
                           "set scalar, avx2 or avx512 as this CPU allows (`python -m fastrec.info` "
                           "lists them).") from exc

@@ -167,10 +167,14 @@ class _Torch:
     def take_cols(x, cols):
         return x.index_select(1, cols)
 
-    def first_nonfinite_row(self, x):
-        """The first row of x holding NaN or Inf, or None (waits for x)."""
-        bad = ~self.t.isfinite(x).all(dim=1)
-        return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+    def nonfinite_rows(self, x):
+        """A device mask of the rows of x holding NaN or Inf (queued, no wait)."""
+        return ~self.t.isfinite(x).all(dim=1)
+
+    @staticmethod
+    def first_true(mask):
+        """The first True index of a device mask, or None (waits for it)."""
+        return int(mask.nonzero()[0, 0]) if bool(mask.any()) else None
 
     def normalize(self, x):
         return x / self.t.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
@@ -240,9 +244,11 @@ class _Cupy:
     def take_cols(self, x, cols):
         return self.cp.take(x, cols, axis=1)
 
-    def first_nonfinite_row(self, x):
-        bad = ~self.cp.isfinite(x).all(axis=1)
-        return int(self.cp.argmax(bad)) if bool(bad.any()) else None
+    def nonfinite_rows(self, x):
+        return ~self.cp.isfinite(x).all(axis=1)
+
+    def first_true(self, mask):
+        return int(self.cp.argmax(mask)) if bool(mask.any()) else None
 
     def normalize(self, x):
         n = self.cp.linalg.norm(x, axis=1, keepdims=True)
@@ -449,15 +455,19 @@ class CudaModel:
         with fw.context():
             x = self._dense(dense, self.dense_width)
             B = x.shape[0]
-            if not isinstance(self.top, Int8MLP):  # (an int8 top MLP finds them while quantizing)
-                row = fw.first_nonfinite_row(x)
-                if row is not None:  # as the CPU runtime refuses them
-                    raise ValueError(f"input contains NaN or Inf (row {row})")
+            # A float model refuses NaN / Inf dense rows as the CPU runtime does (an int8 top MLP
+            # finds them while quantizing). The mask is queued now and read after everything
+            # else is queued, so the check adds no wait in the middle of the forward.
+            bad = None if isinstance(self.top, Int8MLP) else fw.nonfinite_rows(x)
             indices, offsets, B, starts = self._pack(g, sparse, B)  # inputs first: a host copy may wait
             bottom = self._run_mlp(self.bottom, x, check_finite=False)  # queued ahead of the embedding wait
             emb = self._embed(g, sparse, indices, offsets, starts)
             top_in = fw.interaction(bottom, emb, self.T, self.pairs)
-            return self._run_mlp(self.top, top_in).reshape(B)
+            out = self._run_mlp(self.top, top_in).reshape(B)
+            row = None if bad is None else fw.first_true(bad)
+            if row is not None:
+                raise ValueError(f"input contains NaN or Inf (row {row})")
+            return out
 
     def _tower(self, g, mlp, normalize: bool, sparse):
         with self.fw.context():

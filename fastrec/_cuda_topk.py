@@ -30,7 +30,9 @@ Limits: k (after min(keep, len(index))) up to ``_C_cuda.topk_max_keep()`` kept c
 need shared memory in proportion to D and to the kept candidates, and a GPU with less a block
 (an A100 163 KiB, sm_86 / sm_89 99 KiB) takes proportionally less; beyond, a ValueError says
 how much was needed. fp16 queries are scaled per row by a power of two before the fp16
-conversion the tensor cores need (undone on the scores), so any float32 query works.
+conversion the tensor cores need (undone on the scores), so queries of any magnitude work;
+components below ~2^-39 of their row's largest still round to zero there. The CPU's float64
+fallback for queries whose float32 scores could overflow (int8 / fp32) is not on the GPU.
 """
 
 from __future__ import annotations

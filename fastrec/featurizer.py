@@ -224,7 +224,12 @@ def _parse_dense(d, path) -> _Dense:
         if not std > 0:
             _fail(path + ".std", "a number > 0", std)
     fill = _num(d["fill"], path + ".fill") if "fill" in d else (mean if kind == "standardize" else 0.0)
-    y = (fill - mean) / std if kind == "standardize" else fill  # (log1p cannot overflow)
+    if kind == "standardize":
+        y = (fill - mean) / std
+    elif kind == "log1p":
+        y = math.log1p(max(fill, 0.0))  # (at most ~710: always fits)
+    else:
+        y = fill
     with np.errstate(over="ignore"):
         fits = bool(np.isfinite(np.float32(y)))  # (rounding: up to FLT_MAX + half an ulp fits)
     if not fits:

@@ -107,13 +107,16 @@ def _checked_queries(q: np.ndarray, item_amax: float):
 
 
 def _exact_search(snap: _Snapshot, q: np.ndarray, rows: np.ndarray, k: int, ex_ids, ex_off,
-                  chunk: int = 1 << 16):
+                  chunk: int | None = None):
     """Top-k for the queries ``q[rows]`` in float64 over every live item (the stored float32
     rows, or the dequantized codes where only those are kept): ids ranked by the float64 score,
     ties by the smaller id, scores rounded to float32 (+-inf past its range). Items go through
-    in chunks, so the float64 copies stay small; each segment's rows are copied out once."""
+    in chunks of about 2**22 / R (so each (R, chunk) array stays ~32 MB whatever R is); each
+    segment's rows are copied out once."""
     qf = q[rows].astype(np.float64)  # (R, D)
     R = rows.shape[0]
+    if chunk is None:
+        chunk = int(min(1 << 16, max(256, (1 << 22) // max(R, 1))))
     best_s = np.empty((R, 0), np.float64)
     best_i = np.empty((R, 0), np.int64)
     for seg in snap.segments:

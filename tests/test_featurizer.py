@@ -353,6 +353,7 @@ def test_transform_errors():
 def test_values_beyond_float32_count_as_missing(backend):
     # float32's max itself (and what rounds to it) is a valid fill
     Featurizer.from_spec({"version": 1, "dense": [{"name": "a", "kind": "identity", "fill": 3.4028235e38}]})
+    Featurizer.from_spec({"version": 1, "dense": [{"name": "b", "kind": "log1p", "fill": 1e300}]})  # -> 690.8
     # 1e300 is a finite float64 but inf in float32: it used to reach the model as inf, which
     # refused the whole batch; now it is missing, as NaN is, and gets the fill
     spec = {"version": 1, "dense": [{"name": "a", "kind": "identity", "fill": -1.0},

@@ -192,7 +192,7 @@ def test_fork_while_other_threads_run_kernels():
         "ts = [threading.Thread(target=busy, daemon=True) for _ in range(3)]\n"
         "[t.start() for t in ts]\n"
         "bad = 0\n"
-        "for i in range(150):\n"
+        "for i in range(300):\n"
         "    pid = os.fork()\n"
         "    if pid == 0:\n"
         "        os._exit(0 if np.array_equal(ops.embedding_bag(W, idx, off), want) else 3)\n"

@@ -90,8 +90,33 @@ class Pool {
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    work(0);
-    // Wait for the workers: spin a little (calls are short), then sleep.
+    {
+      // Waits for the workers also if work(0) unwinds (only a forced unwind can): fn's
+      // captures live on this stack.
+      const WaitForWorkers wait{this};
+      work(0);
+    }
+    if (job_.error) std::rethrow_exception(job_.error);
+  }
+
+ private:
+  struct WaitForWorkers {
+    Pool* pool;
+    ~WaitForWorkers() { pool->wait_for_workers(); }
+  };
+  // Counts a participant out when work() ends, normally or by unwinding.
+  struct CountOut {
+    Pool* pool;
+    ~CountOut() {
+      if (pool->job_.active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(pool->mu_);
+        pool->done_cv_.notify_all();
+      }
+    }
+  };
+
+  // Spin a little (calls are short), then sleep.
+  void wait_for_workers() {
     for (int spin = 0; job_.active.load(std::memory_order_acquire) != 0; ++spin) {
       if (spin < 2000) {
         std::this_thread::yield();
@@ -100,11 +125,10 @@ class Pool {
         done_cv_.wait(lk, [this] { return job_.active.load(std::memory_order_acquire) == 0; });
       }
     }
-    if (job_.error) std::rethrow_exception(job_.error);
   }
 
- private:
   void work(int index) {
+    const CountOut count_out{this};
     try {
       const InPoolTask in_task;
       if (job_.fixed) {
@@ -119,6 +143,7 @@ class Pool {
     }
 #if defined(__GLIBCXX__)
     catch (abi::__forced_unwind&) {  // thread cancellation must run on, not be swallowed
+      job_.next.store(job_.n, std::memory_order_relaxed);
       throw;
     }
 #endif
@@ -129,10 +154,6 @@ class Pool {
       job_.next.store(job_.n, std::memory_order_relaxed);
       std::lock_guard<std::mutex> lk(job_.error_mu);
       if (!job_.error) job_.error = std::current_exception();
-    }
-    if (job_.active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lk(mu_);
-      done_cv_.notify_all();
     }
   }
 

@@ -116,11 +116,13 @@ __global__ void __launch_bounds__(256) prep_queries_kernel(const float* __restri
     // The CPU scores float32 queries against the fp16 items; here the mma takes fp16 queries.
     // Each row is first scaled by a power of two that puts its amax in [2^14, 2^15): a row
     // beyond +-65504 became inf (NaN scores: items dropped) and one below ~6e-8 became zeros.
-    // The epilogue scales the scores back by the same power (qscale holds its exponent).
+    // The epilogue multiplies the scores by 2^-shift (qscale), exact as a power of two. The
+    // shift is capped at 149 so that 2^-shift stays representable (a subnormal row then lands
+    // in [1, 2^15) instead: still within fp16's range).
     int e = 0;
     if (amax > 0.f && isfinite(amax)) frexpf(amax, &e);  // amax = m * 2^e, m in [0.5, 1)
-    const int shift = amax > 0.f ? 15 - e : 0;
-    if (lane == 0) qscale[r] = static_cast<float>(-shift);
+    const int shift = amax > 0.f ? min(15 - e, 149) : 0;
+    if (lane == 0) qscale[r] = ldexpf(1.f, -shift);
     __half* h = reinterpret_cast<__half*>(codes + static_cast<int64_t>(r) * rb);
     for (int d = lane; d < rb / 2; d += 32) h[d] = __float2half_rn(d < D ? ldexpf(x[d], shift) : 0.f);
   }
@@ -168,7 +170,7 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(
   for (int i = 0; i < 8; ++i) {
     const int r = q0 + (i >> 1) * 16 + g + (i & 1) * 8;  // i = 2 * mt + half
     th[i] = r < Qc ? thr[r] : INFINITY;
-    qs[i] = r < Qc ? qscale[r] : 0.f;  // int8: the query's scale; fp16: its exponent shift
+    qs[i] = r < Qc ? qscale[r] : 0.f;  // int8: the query's scale; fp16: 2^-shift
   }
   __syncthreads();
   for (int64_t base = i0 + 16 * (4 * static_cast<int64_t>(blockIdx.y) + warp); base < i1;
@@ -213,7 +215,7 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(
             if (PREC == kTopkInt8) {
               s = __fmul_rn(static_cast<float>(acc[mt][nt][2 * h + e]), __fmul_rn(qs[2 * mt + h], isc[nt][e]));
             } else {
-              s = ldexpf(static_cast<float>(acc[mt][nt][2 * h + e]), static_cast<int>(qs[2 * mt + h]));
+              s = __fmul_rn(static_cast<float>(acc[mt][nt][2 * h + e]), qs[2 * mt + h]);
             }
             if (s >= th[2 * mt + h] && item < i1 && r < Qc) append(count, keys, cap, r, s, item);
           }
