@@ -61,9 +61,19 @@ struct InPoolTask {
 class Pool {
  public:
   explicit Pool(int nthreads) : nthreads_(std::max(1, nthreads)), tids_(static_cast<size_t>(nthreads_)) {
-    for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+    try {
+      for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+    } catch (...) {  // (a thread that could not start: stop and join the others, then report it)
+      stop_workers();
+      throw;
+    }
   }
-  ~Pool() {
+  ~Pool() { stop_workers(); }
+  int size() const { return nthreads_; }
+  std::mutex& call_mutex() { return call_mu_; }
+
+ private:
+  void stop_workers() {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
@@ -72,9 +82,8 @@ class Pool {
     cv_.notify_all();
     for (auto& t : workers_) t.join();
   }
-  int size() const { return nthreads_; }
-  std::mutex& call_mutex() { return call_mu_; }
 
+ public:
   // Caller holds call_mutex().
   void run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn, bool fixed = false) {
     job_.fn = &fn;
@@ -270,6 +279,7 @@ Pool* lock_pool(int want, std::unique_lock<std::mutex>* call) {
     if (g_pool != nullptr) {
       { std::lock_guard<std::mutex> wait_idle(g_pool->call_mutex()); }
       delete g_pool;
+      g_pool = nullptr;  // (not left dangling if the new pool cannot start its threads)
     }
     g_pool = new Pool(want);
     g_pool_pid = pid;
