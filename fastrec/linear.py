@@ -82,8 +82,14 @@ def quantize_weight(weight) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("weight contains NaN or Inf")
     amax = np.abs(w).max(axis=1)
     scale = (amax / np.float32(127.0)).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(w * inv[:, None]), -127, 127).astype(np.int8)
+    # Rows with max |w| < ~3.7e-37, where 127 / amax overflows float32, are scaled by 2^100
+    # first (exact), as the activation quantizer does (csrc/cpu/ref/gemm_ref.cpp): before, their
+    # codes saturated and 0 * inf made NaN. Other rows: up = 1, the same arithmetic as before.
+    with np.errstate(divide="ignore", over="ignore"):
+        tiny = np.isinf(np.float32(127.0) / amax) & (amax > 0)
+    up = np.where(tiny, np.float32(2.0**100), np.float32(1.0)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax * up, 1), 0).astype(np.float32)
+    q = np.clip(np.rint((w * up[:, None]) * inv[:, None]), -127, 127).astype(np.int8)
     return q, scale
 
 

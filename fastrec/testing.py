@@ -145,13 +145,15 @@ def topk_ref(queries, items, k: int, *, ids=None, exclude=None):
 
 
 def assert_topk_matches(scores, ids, items, queries, ref_scores, ref_ids, *, item_ids=None, rtol=1e-5,
-                        atol=1e-5, min_recall=1.0, exact_scores=True) -> None:
+                        atol=1e-5, min_recall=1.0, exact_scores=True, exclude=None) -> None:
     """Checks a top-k result against :func:`topk_ref`'s, "equal up to ties".
 
-    Every returned id is a real, distinct item; scores are sorted; where ``exact_scores`` they
-    equal the float64 inner products of the returned ids within tolerance; the padding matches;
-    recall against the reference is at least ``min_recall``, counting as found any reference
-    item whose score ties (within tolerance) with the last returned score.
+    Every returned id is a real, distinct item, not in ``exclude`` (topk_ref's form: a list of
+    Q id lists); scores are sorted; where ``exact_scores`` they equal the float64 inner
+    products of the returned ids within tolerance; the padding matches; recall against the
+    reference is at least ``min_recall``, counting as found any reference item whose score ties
+    (within tolerance) with the lowest true score returned. With ``min_recall=1.0`` the returned
+    items' true scores, sorted, must also equal the reference's position by position.
     """
     scores = np.asarray(scores)
     ids = np.asarray(ids)
@@ -170,11 +172,18 @@ def assert_topk_matches(scores, ids, items, queries, ref_scores, ref_ids, *, ite
         assert np.all(s[:-1] >= s[1:]), f"query {r}: scores not sorted"
         if n_ref == 0:
             continue
+        assert all(int(i) in row_of for i in got), f"query {r}: unknown ids returned"
+        if exclude is not None and exclude[r] is not None and len(exclude[r]):
+            hit = np.intersect1d(got, np.asarray(exclude[r], dtype=np.int64))
+            assert hit.size == 0, f"query {r}: excluded ids returned: {hit[:5].tolist()}"
         true = np.array([x[row_of[int(i)]] @ q[r] for i in got])
         tol = atol + rtol * np.abs(ref_scores[r][:n_ref]).max()
         if exact_scores:
             np.testing.assert_allclose(s, true, rtol=0, atol=tol, err_msg=f"query {r}: scores")
-        last = ref_scores[r][n_ref - 1]
+        if min_recall >= 1.0:  # the same scores as the reference, up to which of tied items
+            np.testing.assert_allclose(np.sort(true)[::-1], ref_scores[r][:n_ref], rtol=0, atol=tol,
+                                       err_msg=f"query {r}: not the top {n_ref}")
+        last = true.min()  # (the reference's own last score would count its k-th item as found always)
         found = sum(1 for i, rs in zip(ref_ids[r][:n_ref], ref_scores[r][:n_ref])
                     if int(i) in set(got.tolist()) or abs(rs - last) <= tol)
         recall = found / n_ref

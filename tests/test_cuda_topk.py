@@ -32,7 +32,7 @@ def _check(index, items, queries, k, scores, ids, *, item_ids=None, exclude=None
     rtol = 1e-5 if exact else (3e-2 if precision == "int8" else 3e-3)
     min_recall = 1.0 if exact else 0.8
     assert_topk_matches(scores, ids, items, queries, rs, ri, item_ids=item_ids, rtol=rtol, atol=rtol,
-                        min_recall=min_recall, exact_scores=True)
+                        min_recall=min_recall, exact_scores=True, exclude=exclude)
     if exact:  # the device index equals the CPU index up to ties
         cs, ci = index.search(queries, k, exclude=exclude)
         np.testing.assert_allclose(scores, cs, rtol=1e-5, atol=1e-5)

@@ -25,11 +25,11 @@ def check(index, items, queries, k, *, ids=None, exclude=None, precision=None, s
     assert scores.shape == got.shape == (queries.shape[0], k)
     if index.rerank or precision == "fp32":
         # exact scores for the returned ids; int8/fp16 candidates may (rarely) miss an item
-        assert_topk_matches(scores, got, items, queries, ref_s, ref_i, item_ids=ids,
+        assert_topk_matches(scores, got, items, queries, ref_s, ref_i, item_ids=ids, exclude=exclude,
                             min_recall=1.0 if precision == "fp32" else 0.98)
     else:
         assert_topk_matches(scores, got, items, queries, ref_s, ref_i, item_ids=ids, exact_scores=False,
-                            min_recall=0.8)
+                            min_recall=0.8, exclude=exclude)
     return scores, got
 
 
@@ -111,6 +111,25 @@ def test_huge_queries_keep_their_small_components(precision):
     index.remove([30])
     s, i = index.search(np.array([[1e30, 1e-38]], np.float32), 3, exclude=[[10]])
     assert i.tolist() == [[20, -1, -1]]
+
+
+def test_topk_assertion_helper_rejects_wrong_results(rng):
+    # assert_topk_matches counted the reference's k-th item as found whatever came back (it
+    # compared with the reference's own last score), so the worst item passed as a top-1
+    items, q = data(rng, 100, 8, 1)
+    rs, ri = topk_ref(q, items, 1)
+    worst = int(np.argmin(items @ q[0]))
+    with pytest.raises(AssertionError):
+        assert_topk_matches([[items[worst] @ q[0]]], [[worst]], items, q, rs, ri)
+    rs, ri = topk_ref(q, items, 5)
+    wrong = ri.copy()
+    wrong[0, 4] = worst
+    wrong_s = (items[wrong[0]] @ q[0])[None, :]
+    with pytest.raises(AssertionError):
+        assert_topk_matches(wrong_s, wrong, items, q, rs, ri)
+    with pytest.raises(AssertionError, match="excluded"):  # an excluded id came back
+        assert_topk_matches(rs.astype(np.float32), ri, items, q, rs, ri, exclude=[[int(ri[0, 2])]])
+    assert_topk_matches(rs.astype(np.float32), ri, items, q, rs, ri)  # the right answer passes
 
 
 def test_int8_dimension_limit():

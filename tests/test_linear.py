@@ -43,6 +43,23 @@ def test_int32_accumulation_is_exact(isa, rng, K, N, B):
     assert np.array_equal(out, ref)
 
 
+def test_weight_quantization_matches_the_activation_quantizer(rng):
+    # Weight rows are quantized as activation rows are, tiny rows (127 / amax overflows) included:
+    # before, a weight row of max |w| ~1e-38 saturated its codes and 0 * inf gave NaN.
+    from fastrec.linear import quantize_weight
+
+    W = rng.standard_normal((6, 19)).astype(np.float32)
+    W[rng.random(W.shape) < 0.3] = 0
+    W[1] *= np.float32(1e-38)
+    W[2] *= np.float32(1e-43)
+    W[3] = 0
+    W[4] *= np.float32(1e30)
+    q, s = quantize_weight(W)
+    q_ref, s_ref = _C.quantize_rows_int8(W)
+    assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
+    assert q[1].tolist() != [127 * int(np.sign(v)) for v in W[1]]
+
+
 def test_largest_k_is_exact_and_larger_is_refused(isa):
     # 127 * 127 * K must fit the int32 accumulators: up to K = 133144 every sum is exact; beyond,
     # all-127 inputs wrapped to negative outputs on every ISA, silently. Now a ValueError.

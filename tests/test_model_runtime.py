@@ -483,7 +483,7 @@ def test_matrix_factorisation(rng, model_dir, normalize, index_precision):
     scores, ids = model.recommend(sparse, k=20, exclude=seen)
     ref_s, ref_i = testing.topk_ref(u, tensors["index.items"], 20, ids=tensors["index.ids"], exclude=seen)
     testing.assert_topk_matches(scores, ids, tensors["index.items"], u, ref_s, ref_i,
-                                item_ids=tensors["index.ids"])
+                                item_ids=tensors["index.ids"], exclude=seen)
     for r in range(B):
         assert not set(ids[r]) & set(seen[r])
 
