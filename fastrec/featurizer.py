@@ -224,15 +224,9 @@ def _parse_dense(d, path) -> _Dense:
         if not std > 0:
             _fail(path + ".std", "a number > 0", std)
     fill = _num(d["fill"], path + ".fill") if "fill" in d else (mean if kind == "standardize" else 0.0)
-    if kind == "standardize":
-        y = (fill - mean) / std
-    elif kind == "log1p":
-        y = math.log1p(max(fill, 0.0))  # (at most ~710: always fits)
-    else:
-        y = fill
-    with np.errstate(over="ignore"):
-        fits = bool(np.isfinite(np.float32(y)))  # (rounding: up to FLT_MAX + half an ulp fits)
-    if not fits:
+    # The fill's own result, by the transform kernel itself (non-finite only past float32's range)
+    y = _fk.dense_transform(np.array([[fill]]), [_OPS[kind]], [fill], [mean], [std], backend="numpy")
+    if not np.isfinite(y).all():
         _fail(path + ".fill", "a fill whose transformed value fits float32 (|y| <= ~3.4028235e38)", fill)
     return _Dense(name, source, kind, fill, mean, std)
 

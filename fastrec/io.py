@@ -526,10 +526,11 @@ def _validate_two_tower(c: _Checker, m, precision, feature_dim) -> None:
     items = c.tensor(items_name, "$.two_tower.index.items", "F32", (n, du), finite=True)
     ids = c.tensor(idx["ids"], "$.two_tower.index.ids", "I64", (n,))
     # What ItemIndex refuses at load, so that a writer cannot produce a model load refuses.
-    if idx["precision"] == "fp16" and n and max(float(items.max()), -float(items.min())) > 65504.0:
+    amax = max(float(items.max()), -float(items.min())) if n and idx["precision"] == "fp16" else 0.0
+    if amax > 65504.0:
         raise ModelFormatError(c.tfile, f"tensor {items_name!r} (referenced by $.two_tower.index.items)",
                                "item vectors within float16's range (+-65504) for an fp16 index",
-                               _Text(f"values up to {max(float(items.max()), -float(items.min())):.6g}"))
+                               _Text(f"values up to {amax:.6g}"))
     ids_at = f"tensor {idx['ids']!r} (referenced by $.two_tower.index.ids)"
     if n and int(ids.min()) < 0:
         raise ModelFormatError(c.tfile, ids_at, "item ids >= 0 (search results pad with id -1)", int(ids.min()))

@@ -80,17 +80,9 @@ def quantize_weight(weight) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"weight must have at least one row and one column, got shape {w.shape}")
     if not np.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf")
-    amax = np.abs(w).max(axis=1)
-    scale = (amax / np.float32(127.0)).astype(np.float32)
-    # Rows with max |w| < ~3.7e-37, where 127 / amax overflows float32, are scaled by 2^100
-    # first (exact), as the activation quantizer does (csrc/cpu/ref/gemm_ref.cpp): before, their
-    # codes saturated and 0 * inf made NaN. Other rows: up = 1, the same arithmetic as before.
-    with np.errstate(divide="ignore", over="ignore"):
-        tiny = np.isinf(np.float32(127.0) / amax) & (amax > 0)
-    up = np.where(tiny, np.float32(2.0**100), np.float32(1.0)).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax * up, 1), 0).astype(np.float32)
-    q = np.clip(np.rint((w * up[:, None]) * inv[:, None]), -127, 127).astype(np.int8)
-    return q, scale
+    # The activation quantizer itself (csrc/cpu/ref/gemm_ref.cpp and its SIMD twins, bit-identical):
+    # round half to even of x * (127 / amax), rows whose 127 / amax overflows scaled by 2^100 first.
+    return _C.quantize_rows_int8(w)
 
 
 def _checked_int8(weight_int8, weight_scale, bias):

@@ -93,13 +93,13 @@ def _quantize_nbit(w: np.ndarray, bits: int) -> np.ndarray:
     if R == 0:
         return out
     qmax = (1 << bits) - 1
-    mx = w.max(axis=1)
+    wmin, mx = w.min(axis=1), w.max(axis=1)
     with np.errstate(over="ignore"):
-        mn = w.min(axis=1).astype(np.float16).astype(np.float32)  # bias is stored as fp16
+        mn = wmin.astype(np.float16).astype(np.float32)  # bias is stored as fp16
         rng = mx - mn
         scale = np.where(rng == 0, np.float32(1.0), rng / np.float32(qmax)).astype(np.float32)
         scale = scale.astype(np.float16).astype(np.float32)
-    _check_row_range(np.isfinite(mn) & np.isfinite(scale), w.min(axis=1), mx,
+    _check_row_range(np.isfinite(mn) & np.isfinite(scale), wmin, mx,
                      f"its min or (max - min) / {qmax} is beyond float16's +-65504 (the {bits}-bit bias and scale)")
     with np.errstate(divide="ignore"):
         inv = np.float32(1.0) / scale

@@ -184,7 +184,8 @@ def assert_topk_matches(scores, ids, items, queries, ref_scores, ref_ids, *, ite
             np.testing.assert_allclose(np.sort(true)[::-1], ref_scores[r][:n_ref], rtol=0, atol=tol,
                                        err_msg=f"query {r}: not the top {n_ref}")
         last = true.min()  # (the reference's own last score would count its k-th item as found always)
+        returned = set(got.tolist())
         found = sum(1 for i, rs in zip(ref_ids[r][:n_ref], ref_scores[r][:n_ref])
-                    if int(i) in set(got.tolist()) or abs(rs - last) <= tol)
+                    if int(i) in returned or abs(rs - last) <= tol)
         recall = found / n_ref
         assert recall >= min_recall, f"query {r}: recall {recall:.4f} < {min_recall}"

@@ -72,18 +72,6 @@ class Pool {
   int size() const { return nthreads_; }
   std::mutex& call_mutex() { return call_mu_; }
 
- private:
-  void stop_workers() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
- public:
   // Caller holds call_mutex().
   void run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn, bool fixed = false) {
     job_.fn = &fn;
@@ -109,6 +97,16 @@ class Pool {
   }
 
  private:
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
   struct WaitForWorkers {
     Pool* pool;
     ~WaitForWorkers() { pool->wait_for_workers(); }

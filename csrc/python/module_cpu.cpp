@@ -138,6 +138,12 @@ py::array c_aligned(const py::array& a, const char* dtype = nullptr) {
 // NumPy type numbers (stable across NumPy 1.x and 2.x).
 constexpr int kNpyInt32 = 5, kNpyLong = 7, kNpyLongLong = 9, kNpyFloat32 = 11, kNpyFloat16 = 23;
 
+// Whether `a` holds NumPy type `type_num` in native byte order.
+bool has_native_type(const py::array& a, int type_num) {
+  const auto* d = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr);
+  return d->type_num == type_num && d->byteorder != '>';
+}
+
 // Fast path for the common case (a C-contiguous, native-order float32/float16 2-D ndarray):
 // reads the array header directly, no temporary dtype objects. Returns false to fall back.
 bool fast_float_view(py::handle obj, TableView* v) {
@@ -256,10 +262,7 @@ void parse_bag_args(BagArgs* out, const py::sequence& tables, py::array indices,
   a.padding_idx = padding_idx;
   if (!per_sample_weights.is_none()) {
     py::array psw = py::array::ensure(per_sample_weights);
-    if (!psw || py::detail::array_descriptor_proxy(py::detail::array_proxy(psw.ptr())->descr)->type_num != kNpyFloat32 ||
-        py::detail::array_descriptor_proxy(py::detail::array_proxy(psw.ptr())->descr)->byteorder == '>') {
-      throw py::type_error("per_sample_weights must be float32");
-    }
+    if (!psw || !has_native_type(psw, kNpyFloat32)) throw py::type_error("per_sample_weights must be float32");
     out->psw = contiguous_1d(psw, "per_sample_weights");
     if (out->psw.shape(0) != a.num_indices) {
       throw py::value_error("per_sample_weights must have one weight per index (" + std::to_string(a.num_indices) +
@@ -316,8 +319,7 @@ using F32Array = py::array_t<float, py::array::c_style>;
 py::array require(py::handle obj, int type_num, const char* what, const char* dtype_name, int ndim) {
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(what) + " must be a numpy array");
   py::array arr = py::reinterpret_borrow<py::array>(obj);
-  const auto* d = py::detail::array_descriptor_proxy(py::detail::array_proxy(arr.ptr())->descr);
-  if (d->type_num != type_num || d->byteorder == '>') {
+  if (!has_native_type(arr, type_num)) {
     throw py::type_error(std::string(what) + " must be " + dtype_name + ", got " + std::string(py::str(arr.dtype())));
   }
   if (arr.ndim() != ndim) {
