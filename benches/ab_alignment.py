@@ -21,9 +21,8 @@ import time
 import numpy as np
 
 import fastrec
+from benchutils import DLRM_V2_MULTI_HOT as DLRMV2_BAGS
 from fastrec import ops
-
-DLRMV2_BAGS = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 
 
 def _offset_table(rng, rows: int, dim: int, dtype: np.dtype, shift: int) -> np.ndarray:

@@ -45,9 +45,10 @@ import time
 
 import numpy as np
 
+from benchutils import DLRM_V2_MULTI_HOT as MULTI_HOT
+
 NUM_DENSE = 13
 ROWS, DIM = 100_000, 64
-MULTI_HOT = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 BOTTOM = (512, 256, 64)
 TOP = (1024, 1024, 512, 256, 1)
 BATCHES = (2048, 270)

@@ -29,6 +29,7 @@ import pytest
 
 import fastrec
 from benchutils import (
+    DLRM_V2_MULTI_HOT,
     THREADS,
     ZipfSampler,
     assert_same,
@@ -52,7 +53,6 @@ LARGE_ROUNDS = 64
 
 SMALL_T = 26
 SMALL_ROWS = 100_000
-DLRM_V2_MULTI_HOT = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 SMALL_POOL = 8
 SMALL_ROUNDS = {1: 3000, 270: 400}
 SMALL_WARMUP = {1: 200, 270: 20}

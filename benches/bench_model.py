@@ -36,14 +36,13 @@ import numpy as np
 import pytest
 
 import fastrec
-from benchutils import THREADS, record_latency
+from benchutils import DLRM_V2_MULTI_HOT as BAG_SIZES, THREADS, record_latency
 
 torch = pytest.importorskip("torch")
 ftorch = pytest.importorskip("fastrec.torch")
 
 ROWS = int(os.environ.get("FASTREC_BENCH_MODEL_ROWS", "100000"))
 D = 64
-BAG_SIZES = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 BOTTOM = (512, 256, 64)
 TOP = (1024, 1024, 512, 256, 1)
 IMPLS = ("fastrec", "fastrec-fp32", "torch-fp32", "torch-dynq")

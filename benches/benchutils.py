@@ -12,6 +12,8 @@ THREADS = int(os.environ.get("FASTREC_BENCH_THREADS", "2"))
 # --------------------------------------------------------------------------------------------
 # Inputs
 
+# MLPerf DLRMv2's multi-hot sizes: ids per bag of each of its 26 sparse features
+DLRM_V2_MULTI_HOT = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 
 # FASTREC_BENCH_ALIGN=64: tables start on a 64-byte boundary (fastrec.aligned_empty) instead of
 # where numpy puts them (16 bytes past a page boundary); every library reads the same memory.
