@@ -402,18 +402,35 @@ class ItemIndex:
             self._snap = _snapshot(tuple(segments))
 
     def _merged(self, segments) -> _Segment | None:
-        """One segment holding the live items of ``segments`` (None if there are none). Lossless:
-        re-packing the kept float32 rows, or the dequantized codes, gives the same codes."""
-        rows, ids = [], []
-        for s in segments:
-            x = s.block.to_float()
-            live = slice(None) if s.removed is None else s.removed == 0
-            rows.append(x[live])
-            ids.append(s.ids[live])
-        items = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
+        """One segment holding the live items of ``segments`` (None if there are none)."""
+        items, ids = _live_rows(segments, self._dim)
         if items.shape[0] == 0:
             return None
-        return self._segment(items, np.concatenate(ids), _abs_max(items))
+        return self._segment(items, ids, _abs_max(items))
+
+    def __reduce__(self):
+        """Pickling (``copy.deepcopy``, multiprocessing, Ray) carries the live items as float32
+        rows (the kept originals, or the dequantized codes when ``rerank=False``, which pack back
+        to the same codes) and their ids: the copy returns the same results. Updates made to
+        the copy do not reach the original, nor the other way round."""
+        items, ids = _live_rows(self._snap.segments, self._dim)
+        return (_restore_index, (items, ids, self._precision, self._rerank))
+
+
+def _restore_index(items, ids, precision: str, rerank: bool) -> "ItemIndex":
+    return ItemIndex(items, ids=ids, precision=precision, rerank=rerank)
+
+
+def _live_rows(segments, dim: int):
+    """The live rows of ``segments`` as float32 ``(n, dim)`` and their ids. Lossless: re-packing
+    the kept float32 rows, or the dequantized codes, gives the same codes."""
+    rows, ids = [np.empty((0, dim), np.float32)], [np.empty(0, np.int64)]
+    for s in segments:
+        x = s.block.to_float()
+        live = slice(None) if s.removed is None else s.removed == 0
+        rows.append(x[live])
+        ids.append(s.ids[live])
+    return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32), np.concatenate(ids)
 
 
 def _check_k(k) -> int:

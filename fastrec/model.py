@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _C, ops
-from ._arrays import as_numpy
+from ._arrays import aligned_copy, as_numpy
 from .index import ItemIndex
 from .io import ModelFormatError, featurizer_from_manifest, read_model
 from .linear import Int8Linear, Int8MLP
@@ -52,6 +52,14 @@ def load(path, *, num_threads=None, device="cpu", framework=None) -> "Model":
         set_num_threads(num_threads)
     manifest, tensors = read_model(path)
     return Model(manifest, tensors, path=os.fspath(path), device=device, framework=framework, _validated=True)
+
+
+def _restore_model(manifest: dict, tensors: dict, path, device, framework) -> "Model":
+    # Unpickled arrays start wherever the allocator put them; tables read from model files
+    # start on 64-byte boundaries (docs/FORMAT.md), which the fp32 / fp16 gathers rely on for speed.
+    tensors = {name: aligned_copy(a) if isinstance(a, np.ndarray) and a.ctypes.data % 64 else a
+               for name, a in tensors.items()}
+    return Model(manifest, tensors, path=path, device=device, framework=framework, _validated=True)
 
 
 @dataclass(frozen=True)
@@ -312,6 +320,7 @@ class Model:
 
             validate_manifest(manifest, tensors)
         self._manifest = manifest
+        self._tensors = tensors  # for pickling; the arrays are the ones the model reads anyway
         self._path = path
         self._kind = manifest["kind"]
         self._precision = manifest["precision"]
@@ -369,6 +378,12 @@ class Model:
                                        str(exc)) from None
         self._featurizer = featurizer_from_manifest(manifest, manifest_file=mfile)
         self._cuda = None if cuda is None else _cuda_model.CudaModel(self, *cuda)
+
+    def __reduce__(self):
+        """Pickling (``copy.deepcopy``, multiprocessing, Ray's object store) carries the manifest
+        and every tensor by value: a copy of all the weights, where :func:`load` in each process
+        shares one memory-mapped copy. The copy is rebuilt on the same device."""
+        return (_restore_model, (self._manifest, dict(self._tensors), self._path, self.device, self.framework))
 
     # ---- properties ------------------------------------------------------------------------
     @property

@@ -190,6 +190,11 @@ class QuantizedTable(_C.PackedTable):
             return DeviceQuantizedTable(packed.obj, bits, int(dim), layout)
         return cls(packed, bits, int(dim), layout)
 
+    def __reduce__(self):
+        # Pickling (copy.deepcopy, multiprocessing, Ray) carries the packed rows as they are (a
+        # device table's rows stay a device array of its framework).
+        return (type(self), (self.data, self.bits, self.dim, self.layout))
+
     def to_device(self, like="torch", device=None) -> "QuantizedTable":
         """A copy of this table with its rows in GPU memory, for the CUDA embedding ops.
 
