@@ -19,6 +19,11 @@ def as_numpy(x):
     return np.asarray(x)
 
 
+def native(x: np.ndarray) -> np.ndarray:
+    """x in native byte order (a copy only when it is not)."""
+    return x if x.dtype.isnative else x.astype(x.dtype.type)  # (the canonical native dtype)
+
+
 def aligned_empty(shape, dtype=np.float32, *, alignment: int = 64) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on an ``alignment``-byte boundary.
 

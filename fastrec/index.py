@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _C, _cuda
-from ._arrays import as_numpy
+from ._arrays import as_numpy, native
 
 __all__ = ["ItemIndex"]
 
@@ -21,7 +21,7 @@ _MAX_SEGMENTS = 16  # more than this after an add: the catalogue is merged into 
 def float_matrix(x, name: str, dim: int | None = None, *, check_finite: bool = True) -> np.ndarray:
     """A C-contiguous float32 2-D array with finite values (TypeError / ValueError otherwise;
     ``check_finite=False`` leaves the NaN / Inf check to the caller, see ``_check_finite``)."""
-    x = as_numpy(x)
+    x = native(as_numpy(x))
     if x.dtype != np.float32:
         raise TypeError(f"{name} must be float32, got {x.dtype}")
     if x.ndim != 2:

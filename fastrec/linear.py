@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _C
-from ._arrays import as_numpy
+from ._arrays import as_numpy, native
 from ._cuda import is_device_array
 
 __all__ = ["Int8Linear", "Int8MLP"]
@@ -61,7 +61,7 @@ def _float_matrix(a, name: str) -> np.ndarray:
 
 def _f32_vector(a, name: str, n: int) -> np.ndarray:
     """A finite float32 array of shape (n,) (TypeError / ValueError otherwise)."""
-    a = as_numpy(a)
+    a = native(as_numpy(a))
     if a.dtype != np.float32:
         raise TypeError(f"{name} must be float32, got {a.dtype}")
     if a.shape != (n,):

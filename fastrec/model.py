@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _C, ops
-from ._arrays import aligned_copy, as_numpy
+from ._arrays import aligned_copy, as_numpy, native
 from .index import ItemIndex
 from .io import ModelFormatError, featurizer_from_manifest, read_model
 from .linear import Int8Linear, Int8MLP
@@ -152,12 +152,7 @@ def _mlp_nbytes(mlp) -> int:
 # ---- sparse input -------------------------------------------------------------------------
 
 def _int_1d(x, what: str) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        x = as_numpy(x)
-        if x.size == 0 and x.dtype == np.float64:
-            x = x.astype(np.int64)
-    if x.dtype != np.int64 and x.dtype != np.int32:
-        raise TypeError(f"{what} must be int32 or int64, got {x.dtype}")
+    x = ops._index_array(x, what)  # int32 / int64 (byte-swapped ones converted), else TypeError
     if x.ndim != 1:
         raise ValueError(f"{what} must be 1-D, got shape {x.shape}")
     return x
@@ -512,7 +507,7 @@ class Model:
         self._need("dlrm", "score()")
         if self._cuda is not None:
             return self._cuda.score(dense, sparse)
-        x = as_numpy(dense)
+        x = native(as_numpy(dense))
         if x.dtype != np.float32:
             raise TypeError(f"dense must be float32, got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self._dense:

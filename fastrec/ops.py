@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C, _cuda, _cuda_embedding
-from ._arrays import as_numpy
+from ._arrays import as_numpy, native
 from .tables import QuantizedTable
 
 __all__ = ["embedding_bag", "embedding_bags", "int8_linear", "topk"]
@@ -37,14 +37,9 @@ def _index_array(x, name: str) -> np.ndarray:
         if x.size == 0 and x.dtype == np.float64:  # [] -> float64 by default
             x = x.astype(np.int64)
     if x.dtype != np.int64 and x.dtype != np.int32:
-        x = _native(x)  # byte-swapped int32 / int64 (as tables are): one native copy
+        x = native(x)  # byte-swapped int32 / int64 (as tables are): one native copy
         _check_index_dtype(x.dtype, name)
     return x
-
-
-def _native(x: np.ndarray) -> np.ndarray:
-    """x in native byte order (a copy only when it is not)."""
-    return x if x.dtype.isnative else x.astype(x.dtype.type)  # (the canonical native dtype)
 
 
 def _check_bag_shapes(indices_shape, offsets_shape) -> None:
@@ -75,7 +70,7 @@ def _check_weights(dtype, shape, n: int, indices_shape=None) -> None:
 def _weights_array(x, n: int, indices_shape) -> np.ndarray:
     if isinstance(x, (list, tuple)):
         x = np.asarray(x, dtype=np.float32)
-    x = _native(as_numpy(x))
+    x = native(as_numpy(x))
     _check_weights(x.dtype, x.shape, n, tuple(indices_shape))
     return x.reshape(-1)
 
@@ -234,7 +229,7 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
 
 
 def _linear_input(x, in_features: int) -> np.ndarray:
-    x = as_numpy(x)
+    x = native(as_numpy(x))
     if x.dtype != np.float32:
         raise TypeError(f"x must be float32, got {x.dtype}")
     if x.ndim != 2:

@@ -382,6 +382,17 @@ def test_against_faiss(rng):
 
 # ---- errors --------------------------------------------------------------------------------
 
+def test_byte_swapped_float32(rng):
+    """Big-endian float32 items and queries are converted, as the embedding ops convert tables."""
+    items, queries = data(rng, 300, 8, 5)
+    want = fastrec.ItemIndex(items).search(queries, 7)
+    got = fastrec.ItemIndex(items.astype(">f4")).search(queries.astype(">f4"), 7)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(fastrec.ops.topk(queries.astype(">f4"), items.astype(">f4"), 7)[1],
+                                  fastrec.ops.topk(queries, items, 7)[1])
+
+
 def test_errors(rng):
     items, queries = data(rng, 50, 8, 2)
     index = fastrec.ItemIndex(items)

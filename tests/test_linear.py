@@ -306,9 +306,12 @@ def test_direct_call_path_matches_the_general_path(rng):
             np.testing.assert_array_equal(lin(plain, activation=act), ref, err_msg=f"{name} {act}")
         h = ops.int8_linear(plain, mlp.layers[0], activation="relu")
         np.testing.assert_array_equal(mlp(v), ops.int8_linear(h, mlp.layers[1], activation="sigmoid"), err_msg=name)
+    swapped = views["contiguous"].astype(">f4")  # byte-swapped float32: converted, as the embedding ops do
+    np.testing.assert_array_equal(lin(swapped, "relu"), lin(views["contiguous"], "relu"))
+    np.testing.assert_array_equal(mlp(swapped), mlp(views["contiguous"]))
     for fn in (lin, mlp):
         with pytest.raises(TypeError, match="float32"):
-            fn(views["contiguous"].astype(">f4"))
+            fn(views["contiguous"].astype(">f8"))
     for bad in ("gelu", ["relu"], 1):
         with pytest.raises(ValueError, match="activation"):
             lin(views["contiguous"], activation=bad)

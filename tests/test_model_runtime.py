@@ -385,6 +385,8 @@ def test_dlrm_shared_table_and_int32_inputs(rng, model_dir):
     np.testing.assert_allclose(p, dlrm_ref(ref, dense, sparse), rtol=1e-5, atol=1e-6)
     s32 = {f: (i.astype(np.int32), o.astype(np.int32)) for f, (i, o) in sparse.items()}
     assert np.array_equal(model.score(dense, s32), p)
+    swapped = {f: (i.astype(">i8"), o.astype(">i4")) for f, (i, o) in sparse.items()}  # big-endian
+    assert np.array_equal(model.score(dense.astype(">f4"), swapped), p)
 
 
 def test_dlrm_errors(rng, model_dir):
