@@ -541,6 +541,16 @@ def test_training_errors():
         train(student, [empty], progress=False)
     with pytest.raises(ValueError, match="lr"):
         train(student, batches, lr=float("inf"), progress=False)
+    b = batches[0]
+    with pytest.raises(ValueError, match="labels are missing"):
+        train(student, [(b["dense"], b["indices"], b["offsets"], None)], progress=False)
+    for labels in (b["labels"] * 5, b["labels"] - 1, torch.full_like(b["labels"], float("nan"))):
+        with pytest.raises(ValueError, match="labels must be in \\[0, 1\\]"):
+            train(student, [dict(b, labels=labels)], progress=False)
+    with pytest.raises(TypeError, match="labels must be numbers"):
+        train(student, [dict(b, labels=np.array(["1"] * len(b["labels"])))], progress=False)
+    with pytest.raises(ValueError, match="temperature"):  # T^2 past float32 made the loss inf
+        distill(teacher, student, batches, temperature=2e19, progress=False)
 
 
 def test_training_takes_numpy_scalars_and_dict_indices_without_offsets():
@@ -652,8 +662,9 @@ def test_export_errors(tmp_path):
         export(m, tmp_path / "a", precision="int4")
     with pytest.raises(ValueError, match="embedding_bits"):
         export(m, tmp_path / "a", embedding_bits=2)
-    with pytest.raises(ValueError, match="embedding_bits"):
-        export(m, tmp_path / "a", embedding_bits=True)
+    for bad in (True, 8.0, "8"):
+        with pytest.raises(TypeError, match="embedding_bits"):
+            export(m, tmp_path / "a", embedding_bits=bad)
     with pytest.raises(ValueError, match="items="):
         export(m, tmp_path / "a", items=(torch.arange(2), torch.arange(3)))
     with pytest.raises(TypeError, match="DLRM or fastrec.torch.TwoTower"):
@@ -757,3 +768,89 @@ def test_round_trip_two_tower_fp32_matches_torch(tmp_path):
     np.testing.assert_allclose(scores, np.sort(expect, axis=1)[:, ::-1][:, :3], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.sort(expect, axis=1)[:, ::-1][:, :3],
                                   np.take_along_axis(expect, got_ids - 100, axis=1))
+
+
+# --------------------------------------------------------------------------- bag settings, names
+
+@needs_load
+@pytest.mark.parametrize("modes", [("mean", "sum"), ("max", "mean")])
+def test_export_keeps_each_bags_pooling_mode(tmp_path, modes):
+    """A bag switched to mean or max pooling is exported as such (export wrote "sum" for every
+    table, and the loaded model silently scored differently from torch)."""
+    m = small_dlrm(top=(6, 3, 1))
+    for (name, _, _), mode in zip(m.tables, modes):
+        m._ebc.embedding_bags[name].mode = mode
+    dense, idx, off = dlrm_inputs(m, B=9)
+    p = m.predict(dense, idx, off).numpy()
+    model = fastrec.load(export(m, tmp_path / "m", precision="fp32", embedding_bits=None))
+    assert [t.pooling for t in model.tables] == list(modes)
+    np.testing.assert_allclose(model.score(dense.numpy(), (idx.numpy(), off.numpy())), p, rtol=1e-5)
+    tt = small_two_tower()
+    tt._ebc.embedding_bags["countries"].mode = "mean"
+    ii, io = tower_inputs(tt, "item", 10, 5)
+    model = fastrec.load(export(tt, tmp_path / "tt", precision="fp32", embedding_bits=None, items=(ii, io)))
+    ui, uo = tower_inputs(tt, "user", 4, 6)
+    with torch.no_grad():
+        u = tt.user_vectors(ui, uo).numpy()
+    np.testing.assert_allclose(model.user_vectors((ui.numpy(), uo.numpy())), u, rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_bag_settings_the_format_lacks(tmp_path):
+    for attr, value, match in (("padding_idx", 0, "padding_idx"), ("max_norm", 1.0, "max_norm"),
+                               ("include_last_offset", False, "include_last_offset")):
+        m = small_dlrm()
+        setattr(m._ebc.embedding_bags["t_b"], attr, value)
+        with pytest.raises(ValueError, match=f"'t_b'.*{match}"):
+            export(m, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_export_refuses_a_model_on_the_meta_device(tmp_path):
+    with torch.device("meta"):
+        m = DLRM(2, [("a", 5, 4)], ["a"], [4], [3, 1])
+    with pytest.raises(ValueError, match="meta"):
+        export(m, tmp_path / "a")
+
+
+def test_export_takes_numpy_embedding_bits(tmp_path):
+    m = small_dlrm()
+    model = fastrec.load(export(m, tmp_path / "a", embedding_bits=np.int64(4)))
+    assert [t.storage for t in model.tables] == ["q4", "q4"]
+
+
+def test_a_table_named_training():
+    """nn.Module.train() sets ``self.training`` on every submodule, also on the bag container
+    whose table was called "training" (TypeError: cannot assign 'bool' as child module)."""
+    m = DLRM(2, [("training", 5, 4)], ["training"], [4], [3, 1])
+    m.eval()
+    assert not m.training and not m._ebc.embedding_bags.training
+    m.train()
+    assert m._ebc.embedding_bags["training"].weight.shape == (5, 4)
+    assert "sparse_arch.embedding_bag_collection.embedding_bags.training.weight" in m.state_dict()
+    tt = TwoTower(["users"], ["training"], [("users", 5, 4), ("training", 6, 4)])
+    batch = (torch.arange(4), torch.arange(5), torch.arange(4), torch.arange(5))
+    train(tt, [batch], progress=False)
+    assert tt.training
+
+
+def test_a_wrapped_two_tower_model_trains_and_distils():
+    """Any module with ``kind = "two_tower"`` is trained as one (it was taken for a ranking model)."""
+    class Wrapped(torch.nn.Module):
+        kind = "two_tower"
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ui, uo, ii, io):
+            return self.inner(ui, uo, ii, io)
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return TwoTower(["users"], ["items"], [("users", 10, 4), ("items", 10, 4)])
+
+    batch = (torch.arange(4), torch.arange(5), torch.arange(4), torch.arange(5))
+    h = train(Wrapped(make(0)), [batch], progress=False)
+    assert math.isfinite(h[0]["loss"])
+    h = distill(Wrapped(make(0)), make(1), [batch], progress=False)
+    assert math.isfinite(h[0]["soft_loss"])

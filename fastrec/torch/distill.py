@@ -9,7 +9,8 @@
   or a tuple ``(dense, indices, offsets, labels)``; ``indices``/``offsets`` are the table-major
   CSR pair of :mod:`fastrec.torch.models` (``indices`` may be a ``{feature: (indices, offsets)}``
   dict, ``offsets`` then None). ``labels`` may be left out only when ``alpha == 1``.
-* two-tower models (:class:`~fastrec.torch.TwoTower`, or any module called as
+* two-tower models (:class:`~fastrec.torch.TwoTower`, or any module with a class attribute
+  ``kind = "two_tower"`` called as
   ``model(user_indices, user_offsets, item_indices, item_offsets) -> scores (B, B)``): a dict
   ``{"user_indices", "user_offsets", "item_indices", "item_offsets"}`` or a tuple in that order;
   sample b's user interacted with sample b's item (the positives lie on the diagonal, every other
@@ -62,17 +63,28 @@ def _nonempty(out: torch.Tensor, position: int) -> torch.Tensor:
 
 
 def _labels(labels, like: torch.Tensor, position: int) -> torch.Tensor:
+    if labels is None:
+        raise ValueError(f"batch {position}: labels are missing (None); they may be left out only "
+                         "when distilling with alpha == 1")
     if not isinstance(labels, torch.Tensor):
-        labels = torch.as_tensor(np.asarray(labels))
+        a = np.asarray(labels)
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"batch {position}: labels must be numbers in [0, 1], got dtype {a.dtype}")
+        labels = torch.as_tensor(a)
     labels = labels.reshape(-1) if labels.dim() == 2 and labels.shape[1] == 1 else labels
     if tuple(labels.shape) != tuple(like.shape):
         raise ValueError(f"batch {position}: labels must have shape {tuple(like.shape)}, got "
                          f"{tuple(labels.shape)}")
-    return labels.to(device=like.device, dtype=like.dtype)
+    labels = labels.to(device=like.device, dtype=like.dtype)
+    if labels.numel() and not bool(((labels >= 0) & (labels <= 1)).all()):  # (False for NaN too)
+        raise ValueError(f"batch {position}: labels must be in [0, 1] (click / no click, or a "
+                         "probability)")
+    return labels
 
 
 def _is_two_tower(model) -> bool:
-    return isinstance(model, TwoTower)
+    """TwoTower, or any module that says ``kind = "two_tower"`` (e.g. a wrapper around one)."""
+    return isinstance(model, TwoTower) or getattr(model, "kind", None) == "two_tower"
 
 
 # --------------------------------------------------------------------------- the loop
@@ -231,8 +243,9 @@ def distill(teacher, student, batches, *, epochs=1, temperature=2.0, alpha=0.5, 
                         f"or both ranking models); got {type(teacher).__name__} and "
                         f"{type(student).__name__}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+            or not temperature > 0 or not math.isfinite(temperature * temperature) \
+            or not temperature * temperature < 3.0e38:  # T^2 scales the loss, in float32
+        raise ValueError(f"temperature must be a positive number whose square fits float32, got {temperature!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     teacher_params = {id(p) for p in teacher.parameters()}

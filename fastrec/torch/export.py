@@ -30,6 +30,9 @@ _STORAGE = {8: "q8", 4: "q4"}
 
 
 def _float_array(t: torch.Tensor, what: str) -> np.ndarray:
+    if t.is_meta:
+        raise ValueError(f"{what} is on the 'meta' device and holds no values: load or initialise "
+                         "the model's weights before exporting it")
     a = t.detach().to("cpu", torch.float32).contiguous().numpy()
     if not np.isfinite(a).all():
         raise ValueError(f"{what} contains NaN or Inf")
@@ -72,6 +75,20 @@ def _mlp_activations(n: int, last: str, between: str = "relu") -> list:
     return [between] * (n - 1) + [last] if n else []
 
 
+def _pooling(bag, name: str) -> str:
+    """The bag's mode (the models build sum bags; a user may have switched one to mean or max),
+    refusing the settings the format cannot express."""
+    if bag.mode not in ("sum", "mean", "max"):
+        raise ValueError(f"table {name!r}: pooling mode {bag.mode!r} is not one of sum, mean, max")
+    for attr in ("padding_idx", "max_norm"):
+        if getattr(bag, attr, None) is not None:
+            raise ValueError(f"table {name!r}: nn.EmbeddingBag {attr}={getattr(bag, attr)!r} cannot be "
+                             "exported (the model format has no such setting); set it to None")
+    if not bag.include_last_offset:
+        raise ValueError(f"table {name!r}: the model's bags take CSR offsets (include_last_offset=True)")
+    return bag.mode
+
+
 def _tables(model, bits, precision: str, tensors: dict) -> list:
     from ..tables import QuantizedTable
 
@@ -81,7 +98,9 @@ def _tables(model, bits, precision: str, tensors: dict) -> list:
         storage = _STORAGE[bits]
     out = []
     for name, rows, dim in model.tables:
-        w = _float_array(model._ebc.embedding_bags[name].weight, f"table {name!r}")
+        bag = model._ebc.embedding_bags[name]
+        pooling = _pooling(bag, name)
+        w = _float_array(bag.weight, f"table {name!r}")
         if storage == "fp32":
             data = w
         elif storage == "fp16":
@@ -91,7 +110,7 @@ def _tables(model, bits, precision: str, tensors: dict) -> list:
         else:
             data = np.ascontiguousarray(QuantizedTable.from_float(w, bits=bits).data)
         tensors[f"tables.{name}"] = data
-        out.append({"name": name, "rows": rows, "dim": dim, "pooling": "sum",
+        out.append({"name": name, "rows": rows, "dim": dim, "pooling": pooling,
                     "storage": storage, "tensor": f"tables.{name}"})
     return out
 
@@ -244,9 +263,12 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
                         f"{type(model).__name__}")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {list(_PRECISIONS)}, got {precision!r}")
-    if embedding_bits is not None and (isinstance(embedding_bits, bool)
-                                       or embedding_bits not in _STORAGE):
-        raise ValueError(f"embedding_bits must be 8, 4 or None, got {embedding_bits!r}")
+    if embedding_bits is not None:
+        if isinstance(embedding_bits, bool) or not isinstance(embedding_bits, (int, np.integer)):
+            raise TypeError(f"embedding_bits must be 8, 4 or None, got {embedding_bits!r}")
+        if embedding_bits not in _STORAGE:
+            raise ValueError(f"embedding_bits must be 8, 4 or None, got {embedding_bits!r}")
+        embedding_bits = int(embedding_bits)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     batch_size = int(batch_size)

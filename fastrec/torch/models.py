@@ -266,6 +266,14 @@ class _Bags(nn.Module):
         for name, bag in bags:
             self._modules[name] = bag
 
+    def __setattr__(self, name, value):
+        # nn.Module refuses a plain value under a name in _modules, and train() / eval() set
+        # self.training, which may also be a table's name here.
+        if name == "training":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __getitem__(self, name: str) -> nn.EmbeddingBag:
         return self._modules[name]
 
@@ -277,7 +285,8 @@ class _Bags(nn.Module):
 
 
 class _EmbeddingBagCollection(nn.Module):
-    """TorchRec's ``EmbeddingBagCollection`` layout: ``embedding_bags.<table>`` (sum pooling)."""
+    """TorchRec's ``EmbeddingBagCollection`` layout: ``embedding_bags.<table>`` (sum pooling; a
+    bag switched to ``mode = "mean"`` or ``"max"`` is exported with that pooling)."""
 
     def __init__(self, tables):
         super().__init__()
