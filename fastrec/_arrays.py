@@ -19,6 +19,16 @@ def as_numpy(x):
     return np.asarray(x)
 
 
+def float_input(x) -> np.ndarray:
+    """A float input (dense features, queries, activations) as a numpy array in native byte
+    order; Python lists and tuples (which have no dtype) become float32. Other dtypes are left
+    for the caller to refuse."""
+    if isinstance(x, (list, tuple)):
+        with np.errstate(over="ignore"):  # (beyond float32: inf, refused by the finite checks)
+            return np.asarray(x, dtype=np.float32)
+    return native(as_numpy(x))
+
+
 def native(x: np.ndarray) -> np.ndarray:
     """x in native byte order (a copy only when it is not)."""
     return x if x.dtype.isnative else x.astype(x.dtype.type)  # (the canonical native dtype)

@@ -4,6 +4,7 @@ CPUs this process may use (affinity mask and cgroup CPU quota), never more than 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 
@@ -74,8 +75,9 @@ def set_num_threads(n: int) -> None:
     Values above the CPUs this process may use are clamped to that number, with a warning:
     more threads than CPUs only adds contention.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):  # (numpy ints are fine)
         raise TypeError(f"number of threads must be an int, got {type(n).__name__}")
+    n = int(n)
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
     cpus = available_cpus()

@@ -138,8 +138,9 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _positive(kind):
-    """argparse type: a number of `kind` > 0 (argparse prints the error and exits 2)."""
+def _positive(kind, minimum=None):
+    """argparse type: a number of `kind` > 0, or >= `minimum` (argparse prints the error and
+    exits 2)."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -147,6 +148,8 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not 0 < value < float("inf"):
             raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
         return value
     return parse
 
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_cmd_example)
     p = sub.add_parser("demo", help="recommend and rank with the two embedded demo models; latency vs numpy")
     p.add_argument("--users", type=_positive(int), default=4, help="users to recommend for (default 4; the last is a new user)")
-    p.add_argument("--candidates", type=_positive(int), default=270, help="raw candidates per ranking request (default 270)")
+    p.add_argument("--candidates", type=_positive(int, 10), default=270,
+                   help="raw candidates per ranking request, at least 10 (default 270)")
     p.add_argument("--repeat", type=_positive(int), default=200, help="requests timed per task and engine (default 200)")
     p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("inspect", help="what a model directory holds (kind, tables, layers, index, sizes)")

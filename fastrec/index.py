@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _C, _cuda
-from ._arrays import as_numpy, native
+from ._arrays import as_numpy, float_input
 
 __all__ = ["ItemIndex"]
 
@@ -21,7 +22,7 @@ _MAX_SEGMENTS = 16  # more than this after an add: the catalogue is merged into 
 def float_matrix(x, name: str, dim: int | None = None, *, check_finite: bool = True) -> np.ndarray:
     """A C-contiguous float32 2-D array with finite values (TypeError / ValueError otherwise;
     ``check_finite=False`` leaves the NaN / Inf check to the caller, see ``_check_finite``)."""
-    x = native(as_numpy(x))
+    x = float_input(x)
     if x.dtype != np.float32:
         raise TypeError(f"{name} must be float32, got {x.dtype}")
     if x.ndim != 2:
@@ -230,6 +231,16 @@ def exclude_csr(exclude, Q: int):
             raise ValueError("exclude offsets must start at 0, be non-decreasing and end at len(exclude_ids)")
         return ids, off
     if hasattr(exclude, "__len__"):  # a list (or array) of Q id arrays
+        if isinstance(exclude, np.ndarray) and exclude.dtype != object:
+            flat = exclude.ndim < 2  # (a 2-D array: one row of ids per query)
+        else:
+            flat = any(isinstance(e, (numbers.Number, np.generic)) or (isinstance(e, np.ndarray) and e.ndim == 0)
+                       for e in exclude)
+        if flat:
+            # A flat list of ids of length Q was read as one id per query: already-seen items
+            # of every other query came back.
+            raise TypeError("exclude must hold one id array per query (a list of Q arrays) or be an "
+                            "(ids, offsets) tuple, got a flat sequence of ids (for one query: [ids])")
         if len(exclude) != Q:
             raise ValueError(f"exclude must have one id list per query ({Q}), got {len(exclude)}")
         parts = [_id_array(e, np.size(e)) if e is not None else np.empty(0, np.int64) for e in exclude]
@@ -339,7 +350,7 @@ class ItemIndex:
             return _cuda_topk.search(self, self._snap, queries, k, exclude)
         # ---- CPU
         single = False
-        q = as_numpy(queries)
+        q = float_input(queries)
         if q.ndim == 1:
             single, q = True, q.reshape(1, -1)
         q = float_matrix(q, "queries", self._dim, check_finite=False)
@@ -413,8 +424,11 @@ class ItemIndex:
         rows (the kept originals, or the dequantized codes when ``rerank=False``, which pack back
         to the same codes) and their ids: the copy returns the same results. Updates made to
         the copy do not reach the original, nor the other way round."""
-        items, ids = _live_rows(self._snap.segments, self._dim)
-        return (_restore_index, (items, ids, self._precision, self._rerank))
+        return (_restore_index, (*self._live_rows(), self._precision, self._rerank))
+
+    def _live_rows(self):
+        """The live items as float32 ``(n, dim)`` rows and their ids (see :func:`_live_rows`)."""
+        return _live_rows(self._snap.segments, self._dim)
 
 
 def _restore_index(items, ids, precision: str, rerank: bool) -> "ItemIndex":

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _C, ops
-from ._arrays import aligned_copy, as_numpy, native
+from ._arrays import aligned_copy, float_input
 from .index import ItemIndex
 from .io import ModelFormatError, featurizer_from_manifest, read_model
 from .linear import Int8Linear, Int8MLP
@@ -86,21 +86,33 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 class _FloatMLP:
     """float32 numpy layers: ``x @ W.T + b`` then the activation (W a view of the file for
-    fp32, an upcast copy for fp16)."""
+    fp32, an upcast copy for fp16). A layer whose output overflows float32 raises ValueError
+    naming it, as the int8 MLPs do (it used to become NaN, or a probability of exactly 1)."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, name: str):
         self.layers = tuple(layers)  # (W float32 (out, in), b float32 (out,) or None, activation)
+        self.name = name             # "bottom", "top", "user tower", "item tower"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        for W, b, act in self.layers:
-            x = x @ W.T
-            if b is not None:
-                x += b
-            if act == "relu":
-                np.maximum(x, 0, out=x)
-            elif act == "sigmoid":
-                x = _sigmoid(x)
+        with np.errstate(over="ignore", invalid="ignore"):  # (overflow raises ValueError below)
+            for i, (W, b, act) in enumerate(self.layers):
+                x = x @ W.T
+                if b is not None:
+                    x += b
+                if not np.isfinite(x.sum()):  # (a finite sum means every value is finite)
+                    self._check(x, i)
+                if act == "relu":
+                    np.maximum(x, 0, out=x)
+                elif act == "sigmoid":
+                    x = _sigmoid(x)
         return x
+
+    def _check(self, x: np.ndarray, layer: int) -> None:
+        bad = ~np.isfinite(x)
+        if bad.any():
+            raise ValueError(f"the output of layer {layer} of the {self.name} MLP holds NaN or Inf (row "
+                             f"{int(np.argwhere(bad)[0, 0])}): float32 overflowed in it or before it (the dense "
+                             "input is finite; its values, the weights or the tables are too large)")
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +136,7 @@ def _identity(x):
     return x
 
 
-def _build_mlp(layers, precision: str, tensors: dict):
+def _build_mlp(layers, precision: str, tensors: dict, name: str):
     if not layers:
         return _identity
     acts = [layer["activation"] for layer in layers]
@@ -141,7 +153,7 @@ def _build_mlp(layers, precision: str, tensors: dict):
             W = W.astype(np.float32)  # fp16: upcast once
         b = tensors[layer["bias"]] if layer.get("bias") is not None else None
         out.append((W, b, act))
-    return _FloatMLP(out)
+    return _FloatMLP(out, name)
 
 
 def _mlp_nbytes(mlp) -> int:
@@ -347,8 +359,8 @@ class Model:
             d = manifest["dlrm"]
             self._dense = int(manifest["dense_features"])
             self._group = group(self._features)
-            self._bottom = _build_mlp(d["bottom_mlp"], self._precision, tensors)
-            self._top = _build_mlp(d["top_mlp"], self._precision, tensors)
+            self._bottom = _build_mlp(d["bottom_mlp"], self._precision, tensors, "bottom")
+            self._top = _build_mlp(d["top_mlp"], self._precision, tensors, "top")
             # The interaction (C++ dot_interaction; the GPU path in _cuda_model.py) takes the pairs
             # (i, j), i > j, row-major over the strictly lower triangle, as docs/FORMAT.md states
             # (the original DLRM's order; TorchRec's InteractionArch uses the upper triangle).
@@ -360,8 +372,8 @@ class Model:
             self._dense = None
             self._user = group(tt["user"]["features"], tt["user"]["features"])
             self._item = group(tt["item"]["features"], tt["item"]["features"])
-            self._user_mlp = _build_mlp(tt["user"]["mlp"], self._precision, tensors)
-            self._item_mlp = _build_mlp(tt["item"]["mlp"], self._precision, tensors)
+            self._user_mlp = _build_mlp(tt["user"]["mlp"], self._precision, tensors, "user tower")
+            self._item_mlp = _build_mlp(tt["item"]["mlp"], self._precision, tensors, "item tower")
             self._user_norm = bool(tt["user"]["normalize"])
             self._item_norm = bool(tt["item"]["normalize"])
             idx = tt["index"]
@@ -377,8 +389,13 @@ class Model:
     def __reduce__(self):
         """Pickling (``copy.deepcopy``, multiprocessing, Ray's object store) carries the manifest
         and every tensor by value: a copy of all the weights, where :func:`load` in each process
-        shares one memory-mapped copy. The copy is rebuilt on the same device."""
-        return (_restore_model, (self._manifest, dict(self._tensors), self._path, self.device, self.framework))
+        shares one memory-mapped copy. The copy is rebuilt on the same device; a two-tower
+        model's catalogue is carried as it is now (after any ``model.index.add`` / ``remove``)."""
+        tensors = dict(self._tensors)
+        if self._index is not None:  # the catalogue as it is now, after any add / remove
+            idx = self._manifest["two_tower"]["index"]
+            tensors[idx["items"]], tensors[idx["ids"]] = self._index._live_rows()
+        return (_restore_model, (self._manifest, tensors, self._path, self.device, self.framework))
 
     # ---- properties ------------------------------------------------------------------------
     @property
@@ -507,7 +524,7 @@ class Model:
         self._need("dlrm", "score()")
         if self._cuda is not None:
             return self._cuda.score(dense, sparse)
-        x = native(as_numpy(dense))
+        x = float_input(dense)
         if x.dtype != np.float32:
             raise TypeError(f"dense must be float32, got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self._dense:

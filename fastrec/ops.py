@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C, _cuda, _cuda_embedding
-from ._arrays import as_numpy, native
+from ._arrays import as_numpy, float_input, native
 from .tables import QuantizedTable
 
 __all__ = ["embedding_bag", "embedding_bags", "int8_linear", "topk"]
@@ -229,7 +229,7 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
 
 
 def _linear_input(x, in_features: int) -> np.ndarray:
-    x = native(as_numpy(x))
+    x = float_input(x)
     if x.dtype != np.float32:
         raise TypeError(f"x must be float32, got {x.dtype}")
     if x.ndim != 2:

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import fastrec
 from fastrec.demo import demo_model_path
 
@@ -35,3 +37,13 @@ def test_fastrec_demo_cli(tmp_path):
         assert line in out, out
     assert out.rstrip().endswith("OK"), out
     assert "new user" in out
+
+
+def test_demo_cli_refuses_too_few_candidates(capsys):
+    """--candidates below the demo's minimum is an argparse error (exit 2), not a traceback."""
+    from fastrec.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--candidates", "5"])
+    assert exc.value.code == 2
+    assert "--candidates: must be at least 10" in capsys.readouterr().err

@@ -393,6 +393,19 @@ def test_byte_swapped_float32(rng):
                                   fastrec.ops.topk(queries, items, 7)[1])
 
 
+def test_python_lists_are_float32(rng):
+    """Lists (no dtype) are taken as float32; arrays of other dtypes stay a TypeError."""
+    items, queries = data(rng, 60, 4, 3)
+    index = fastrec.ItemIndex(items.tolist(), precision="fp32")
+    want = fastrec.ItemIndex(items, precision="fp32").search(queries, 5)
+    for q in (queries.tolist(), tuple(map(tuple, queries.tolist()))):
+        got = index.search(q, 5)
+        np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(index.search(queries[0].tolist(), 5)[1], want[1][0])
+    with pytest.raises(ValueError, match="NaN or Inf"):  # beyond float32: inf, refused
+        index.search([[1e300, 0, 0, 0]], 5)
+
+
 def test_errors(rng):
     items, queries = data(rng, 50, 8, 2)
     index = fastrec.ItemIndex(items)
@@ -428,6 +441,11 @@ def test_errors(rng):
         index.add(np.ones((1, 3), np.float32), [100])
     with pytest.raises(ValueError, match="one id list per query"):
         index.search(queries, 3, exclude=[[1]])
+    for flat in ([3, 5], np.array([3, 5]), [np.int64(3), [5]]):  # Q = 2 ids: not one per query
+        with pytest.raises(TypeError, match="flat sequence"):
+            index.search(queries, 3, exclude=flat)
+    np.testing.assert_array_equal(index.search(queries, 3, exclude=np.array([[3], [5]]))[1],
+                                  index.search(queries, 3, exclude=[[3], [5]])[1])
     with pytest.raises(ValueError, match="offsets"):
         index.search(queries, 3, exclude=(np.array([1, 2]), np.array([0, 3, 2])))
     with pytest.raises(TypeError):

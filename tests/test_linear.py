@@ -309,6 +309,8 @@ def test_direct_call_path_matches_the_general_path(rng):
     swapped = views["contiguous"].astype(">f4")  # byte-swapped float32: converted, as the embedding ops do
     np.testing.assert_array_equal(lin(swapped, "relu"), lin(views["contiguous"], "relu"))
     np.testing.assert_array_equal(mlp(swapped), mlp(views["contiguous"]))
+    np.testing.assert_array_equal(lin(views["contiguous"].tolist()), lin(views["contiguous"]))  # lists: float32
+    np.testing.assert_array_equal(mlp(views["contiguous"].tolist()), mlp(views["contiguous"]))
     for fn in (lin, mlp):
         with pytest.raises(TypeError, match="float32"):
             fn(views["contiguous"].astype(">f8"))

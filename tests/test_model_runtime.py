@@ -349,6 +349,25 @@ def test_dlrm_overflow_inside_the_model_is_not_blamed_on_the_input(rng, model_di
         fastrec.set_num_threads(before)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_float_dlrm_overflow_raises_as_int8_does(rng, model_dir, precision):
+    """A float MLP layer whose output overflows float32 raised nothing: the score came back NaN
+    (or exactly 1.0 past the sigmoid). It now raises ValueError naming the layer, as int8 does."""
+    m, tensors, ref = build_dlrm(rng, precision=precision, storages=("fp32", "fp32"))
+    model = fastrec.load(model_dir(m, tensors))
+    sparse = random_sparse(rng, ref["features"], ref["rows"], 4)
+    dense = np.ones((4, 5), np.float32)
+    assert np.isfinite(model.score(dense, sparse)).all()
+    dense[2] = 3e38  # finite, but the bottom MLP's first layer overflows on row 2
+    with pytest.raises(ValueError, match="layer 0 of the bottom MLP .*row 2"):
+        model.score(dense, sparse)
+    for t in m["tables"]:  # interaction dots of ~1e40: the top MLP's first layer sees inf
+        tensors[t["tensor"]] = np.full_like(tensors[t["tensor"]], 1e20)
+    model = fastrec.load(model_dir(m, tensors))
+    with pytest.raises(ValueError, match="of the top MLP"):
+        model.score(np.ones((4, 5), np.float32), sparse)
+
+
 def test_from_int8_round_trip(rng):
     W = rng.standard_normal((7, 5)).astype(np.float32)
     a = fastrec.Int8Linear.from_float(W)
@@ -387,6 +406,9 @@ def test_dlrm_shared_table_and_int32_inputs(rng, model_dir):
     assert np.array_equal(model.score(dense, s32), p)
     swapped = {f: (i.astype(">i8"), o.astype(">i4")) for f, (i, o) in sparse.items()}  # big-endian
     assert np.array_equal(model.score(dense.astype(">f4"), swapped), p)
+    assert np.array_equal(model.score(dense.tolist(), sparse), p)  # lists are float32
+    with pytest.raises(TypeError, match="float32"):
+        model.score(dense.astype(np.float64), sparse)
 
 
 def test_dlrm_errors(rng, model_dir):

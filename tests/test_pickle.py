@@ -122,6 +122,13 @@ def test_two_tower_model(rng, tmp_path):
         got = c.recommend(sparse, k=7)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
+    # The catalogue travels as it is now: items removed from / added to model.index stay so.
+    model.index.remove(np.unique(want[1][:, 0]))
+    model.index.add(rng.standard_normal((3, model.index.dim)).astype(np.float32), [7, 8, 9])
+    want = model.recommend(sparse, k=7)
+    for c in _round_trips(model):
+        assert len(c.index) == len(model.index)
+        np.testing.assert_array_equal(c.recommend(sparse, k=7)[1], want[1])
 
 
 def _score_in_child(model, dense, sparse):

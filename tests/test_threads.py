@@ -113,6 +113,10 @@ def test_set_get_num_threads():
             fastrec.set_num_threads(0)
         with pytest.raises(TypeError):
             fastrec.set_num_threads(2.0)
+        with pytest.raises(TypeError):
+            fastrec.set_num_threads(True)
+        fastrec.set_num_threads(np.int64(1))  # numpy ints, e.g. from a config array
+        assert fastrec.get_num_threads() == 1 and type(fastrec.get_num_threads()) is int
     finally:
         fastrec.set_num_threads(before)
 
