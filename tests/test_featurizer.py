@@ -171,6 +171,32 @@ def test_numpy_columns(backend):
     np.testing.assert_array_equal(got3[1][0][2:], [1, 3])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalar_ids_with_ids_beyond_int64(backend):
+    # NumPy integer scalars next to an id beyond int64 raised OverflowError (NumPy 2 scalar
+    # arithmetic) instead of taking every id's value mod 2**64, as plain ints do
+    spec = {"version": 1, "sparse": [{"name": "c", "kind": "hash", "num_rows": 1000},
+                                     {"name": "m", "source": "c", "kind": "lookup", "vocab": [-1, 5]}]}
+    fz = Featurizer.from_spec(spec, backend=backend)
+    want = fz.transform({"c": [2**64 - 1, 5]})[1][0].tolist()
+    assert want[:2] == fz.transform({"c": [-1, 5]})[1][0].tolist()[:2] and want[2:] == [2, 1]
+    for col in ([np.uint64(2**64 - 1), np.int64(5)], [2**64 - 1, np.int8(5)]):
+        assert fz.transform({"c": col})[1][0].tolist() == want
+    assert (fz.transform([{"c": np.int64(5)}, {"c": 2**63}])[1][0].tolist()
+            == fz.transform({"c": [5, 2**63]})[1][0].tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [">u8", "<u8", ">i8", ">u4"])
+def test_byte_swapped_ids_lookup_by_value(backend, dtype):
+    # a big-endian uint64 2**64 - 1 was read as int64 -1 and matched the vocabulary's -1
+    fz = Featurizer.from_spec({"version": 1, "sparse": [{"name": "c", "kind": "lookup", "vocab": [-1, 7]}]},
+                              backend=backend)
+    top = np.iinfo(dtype).max
+    got = fz.transform({"c": np.array([top, 7], dtype=dtype)})[1][0].tolist()
+    assert got == fz.transform({"c": [int(top), 7]})[1][0].tolist() == [2, 1]
+
+
 def test_multi_valued_input_forms():
     spec = {"version": 1, "sparse": [{"name": "t", "kind": "hash", "multi": True, "num_rows": 50},
                                      {"name": "g", "kind": "lookup", "multi": True, "vocab": [1, 2, 3]}]}
@@ -241,6 +267,8 @@ BAD_SPECS = [
     (_set(["dense", 0, "fill"], math.nan), "$.dense[0].fill"),
     (_set(["dense", 0, "fill"], "0"), "$.dense[0].fill"),
     (_set(["dense", 0, "fill"], True), "$.dense[0].fill"),
+    (_set(["dense", 0, "fill"], 10**400), "$.dense[0].fill"),  # an int beyond float64
+    (_set(["dense", 0, "name"], "I\udc80"), "$.dense[0].name"),  # a lone surrogate
     (_set(["dense", 0, "mean"], 1.0), "$.dense[0].mean"),
     (_set(["dense", 3, "fill"], 1e39), "$.dense[3].fill"),  # finite, but not in float32
     (lambda spec: spec["dense"][2].update(std=1e-300, fill=0.0), "$.dense[2].fill"),  # (fill - mean) / std
@@ -255,6 +283,9 @@ BAD_SPECS = [
     (_set(["sparse", 0, "num_rows"], KeyError), "$.sparse[0].num_rows"),
     (_set(["sparse", 0, "salt"], 1.5), "$.sparse[0].salt"),
     (_set(["sparse", 0, "salt"], 2**64), "$.sparse[0].salt"),
+    (_set(["sparse", 0, "salt"], "\ud800"), "$.sparse[0].salt"),
+    (_set(["sparse", 4, "name"], "tags\ud800"), "$.sparse[4].name"),  # the default salt
+    (_set(["sparse", 3, "vocab"], ["M", "\udc80"]), "$.sparse[3].vocab[1]"),
     (_set(["sparse", 0, "multi"], "yes"), "$.sparse[0].multi"),
     (_set(["sparse", 0, "vocab"], [1]), "$.sparse[0].vocab"),
     (_set(["sparse", 2, "vocab"], []), "$.sparse[2].vocab"),
@@ -268,6 +299,7 @@ BAD_SPECS = [
     (_set(["sparse", 6, "boundaries"], [1, 1]), "$.sparse[6].boundaries[1]"),
     (_set(["sparse", 6, "boundaries"], [2, 1]), "$.sparse[6].boundaries[1]"),
     (_set(["sparse", 6, "boundaries"], [1, math.inf]), "$.sparse[6].boundaries[1]"),
+    (_set(["sparse", 6, "boundaries"], [1, 2**1024]), "$.sparse[6].boundaries[1]"),
     (_set(["sparse", 6, "boundaries"], []), "$.sparse[6].boundaries"),
     (_set(["sparse", 6, "num_rows"], 4), "$.sparse[6].num_rows"),
     (_set(["sparse", 6, "multi"], True), "$.sparse[6].multi"),
@@ -286,6 +318,23 @@ def test_bad_specs(mutate, where):
     assert isinstance(e.value, ValueError)
     assert where.replace("$", "$.featurizer", 1) in str(
         pytest.raises(ValueError, Featurizer.from_spec, spec, path="$.featurizer").value)
+
+
+def test_untrusted_json_numbers_and_strings():
+    # from JSON text (a manifest): an integer literal too large for float64 raised OverflowError
+    # and a lone surrogate salt UnicodeEncodeError, neither naming the field
+    for text, where in (
+            ('{"version": 1, "dense": [{"name": "x", "kind": "identity", "fill": 1%s}]}' % ("0" * 400),
+             r"\$\.dense\[0\]\.fill"),
+            ('{"version": 1, "sparse": [{"name": "x", "kind": "hash", "num_rows": 5, "salt": "\\ud800"}]}',
+             r"\$\.sparse\[0\]\.salt"),
+            ('{"version": 1, "sparse": [{"name": "\\ud800", "kind": "hash", "num_rows": 5}]}',
+             r"\$\.sparse\[0\]\.name")):
+        with pytest.raises(FeaturizerSpecError, match=where):
+            Featurizer.from_json(text)
+    # an int too long for str() is still reported, not a ValueError from repr
+    with pytest.raises(FeaturizerSpecError, match=r"num_rows.*int of \d+ bits"):
+        Featurizer.from_spec({"version": 1, "sparse": [{"name": "x", "kind": "hash", "num_rows": 10**5000}]})
 
 
 @pytest.mark.parametrize("bad", [None, [], "{}", 1])
@@ -347,6 +396,70 @@ def test_transform_errors():
         fz.transform("x")
     with pytest.raises(TypeError, match=r"records\[1\]"):
         fz.transform([{"x": 1, "c": 1, "v": 1, "m": []}, 5])
+
+
+def test_column_that_is_not_a_sequence_of_records():
+    # a str column was read as one record per character, bytes as integer ids, a dict as its
+    # keys and a set in an order that depends on PYTHONHASHSEED
+    fz = Featurizer.from_spec({"version": 1, "dense": [{"name": "x", "kind": "identity"}],
+                               "sparse": [{"name": "city", "kind": "hash", "num_rows": 1000}]})
+    for bad in ("Paris", b"Paris", bytearray(b"\x05\x07"), {"Paris": 1}, {5, 7}, frozenset([5, 7])):
+        for col in ("x", "city"):
+            with pytest.raises(TypeError, match=f"column '{col}' is a {type(bad).__name__}.*array or a list"):
+                fz.transform({"x": [1.0, 2.0], "city": ["a", "b"], col: bad})
+    with pytest.raises(TypeError, match="column 'city'"):
+        Featurizer.fit({"city": "Paris"}, sparse={"city": "lookup"})
+    with pytest.raises(TypeError, match="column 'a'"):  # no features: the column gives the size
+        Featurizer().transform({"a": "xyz"})
+    # sequences of records still are columns: lists, tuples, ranges, arrays
+    want = fz.transform({"x": [5, 7], "city": [5, 7]})
+    for col in ((5, 7), range(5, 8, 2), np.array([5, 7])):
+        check_same(fz.transform({"x": col, "city": col}), (want[0], *want[1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ints_beyond_float64_count_as_missing(backend):
+    # a Python int beyond float64's range (2**1024) raised OverflowError; like a finite value
+    # beyond float32's range it is missing, in every input form
+    fz = Featurizer.from_spec({"version": 1, "dense": [{"name": "x", "kind": "identity", "fill": -1.0}],
+                               "sparse": [{"name": "b", "source": "x", "kind": "bucketize",
+                                           "boundaries": [0, 10]}]}, backend=backend)
+    values = [2**1024, -(2**1024), 3, None, True]
+    obj = np.empty(len(values), dtype=object)
+    obj[:] = values
+    for records in ({"x": values}, {"x": obj}, [{"x": v} for v in values]):
+        dense, (idx, off) = fz.transform(records)
+        np.testing.assert_array_equal(dense[:, 0], [-1, -1, 3, -1, 1])
+        np.testing.assert_array_equal(idx, [3, 3, 1, 3, 1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strings_are_unicode_text(backend):
+    # string lookup decoded bytes with "replace": b"\xff", b"\x80" and "\ufffd" were one value;
+    # a lone surrogate was a bare UnicodeEncodeError for hash and out of vocabulary for lookup
+    fz = Featurizer.from_spec({"version": 1, "sparse": [
+        {"name": "h", "kind": "hash", "num_rows": 1000},
+        {"name": "s", "kind": "lookup", "vocab": ["\ufffd", "café"]},
+        {"name": "z", "kind": "lookup", "vocab": ["a", "b"], "oov_row": 0}]}, backend=backend)
+    ok = {"h": ["a", "b"], "s": ["\ufffd", "café"], "z": ["b", "c"]}
+    _, (idx, _) = fz.transform({"h": [b"a", b"\xff"], "s": [b"\xef\xbf\xbd", b"caf\xc3\xa9"],
+                                "z": [b"b", b"c"]})
+    assert idx[2:].tolist() == [0, 1, 1, 0]  # bytes compare as their UTF-8 text
+    assert idx[:2].tolist() == hashing.hash_strings_ref([b"a", b"\xff"], 1000, "h").tolist()  # raw bytes
+    for col, bad in (("s", b"\xff"), ("s", b"\x80"), ("z", b"caf\xe9"), ("s", "\ud800"), ("h", "x\udc80")):
+        with pytest.raises(ValueError, match=f"sparse feature '{col}': value .* \\(position 1\\) is not "
+                                             "valid UTF-8"):
+            fz.transform({**ok, col: [ok[col][0], bad]})
+    multi = Featurizer.from_spec({"version": 1, "sparse": [{"name": "t", "kind": "hash", "multi": True,
+                                                            "num_rows": 10}]}, backend=backend)
+    with pytest.raises(ValueError, match=r"'t': value '\\ud800' \(position 2\)"):
+        multi.transform({"t": [["a"], [b"\xff", "\ud800"]]})
+    # fit reads values the same way: a vocabulary of text, invalid text refused
+    fit = Featurizer.fit({"s": [b"caf\xc3\xa9", "café", "a"]}, sparse={"s": "lookup"})
+    assert fit.to_spec()["sparse"][0]["vocab"] == ["café", "a"]
+    for bad in (b"\xff", "\ud800"):
+        with pytest.raises(ValueError, match="sparse feature 's': value .* is not valid UTF-8"):
+            Featurizer.fit({"s": ["a", bad]}, sparse={"s": "lookup"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -419,6 +532,21 @@ def test_fit():
         Featurizer.fit(cols, sparse={"city": "hash"})
     with pytest.raises(ValueError, match="no column"):
         Featurizer.fit(cols, dense={"nope": "standardize"})
+
+
+def test_fit_vocab_limits_are_checked():
+    # max_vocab=-1 silently dropped the last entry, True kept one, 2.5 and min_count="2" were a
+    # bare TypeError from deep inside
+    cols = {"m": [5, 5, 7, 9]}
+    for arg in ("max_vocab", "min_count"):
+        for bad in (-1, 0, True, 2.5, "2"):
+            with pytest.raises(FeaturizerSpecError, match=f"{arg} of 'm': expected an integer"):
+                Featurizer.fit(cols, sparse={"m": "lookup"}, **{arg: bad})
+            with pytest.raises(FeaturizerSpecError, match=f"{arg} of 'm'"):
+                Featurizer.fit(cols, sparse={"m": {"kind": "lookup", arg: bad}})
+    vocab = lambda **kw: Featurizer.fit(cols, sparse={"m": "lookup"}, **kw).to_spec()["sparse"][0]["vocab"]  # noqa: E731
+    assert vocab(max_vocab=None) == vocab() == [5, 7, 9]
+    assert vocab(max_vocab=np.int64(2)) == [5, 7] and vocab(min_count=2) == [5]
 
 
 # ---- backends ----------------------------------------------------------------------------------

@@ -275,6 +275,17 @@ def test_bad_strings_and_salts():
             hashing.hash_ids(np.arange(3), 10, salt)
 
 
+@pytest.mark.parametrize("fn", [hashing.hash_strings, hashing.hash_strings_ref]
+                         + ([hashing.hash_strings_numba] if HAS_NUMBA else []))
+def test_strings_without_utf8_encoding(fn):
+    # a lone surrogate has no UTF-8 encoding: a ValueError saying which string (it was a bare
+    # UnicodeEncodeError); bytes, any bytes, are hashed as they are (test_strings_match_pure_python)
+    with pytest.raises(ValueError, match=r"strings\[2\] is a str with no UTF-8 encoding"):
+        fn(["a", b"\xff", "b\ud800"], 10)
+    with pytest.raises(ValueError, match="salt is a str with no UTF-8 encoding"):
+        fn(["a"], 10, "\udc80")
+
+
 @pytest.mark.parametrize("dtype", [">i8", ">u8", ">i4", "<i8"])
 def test_byte_swapped_ids_hash_by_value(dtype):
     # 8-byte ids were hashed through a raw uint64 view: byte-swapped ones hashed their swapped bytes.

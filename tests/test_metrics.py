@@ -53,6 +53,14 @@ def test_auc_matches_sklearn():
     assert auc(y, s) == pytest.approx(metrics.roc_auc_score(y, s), abs=1e-12)
 
 
+def test_auc_integer_scores_ranked_exactly():
+    # int64 scores above 2**53 went through float64, where 2**62 and 2**62 + 1 are one value (a tie)
+    for scores in (np.array([2**62, 2**62 + 1], np.int64), np.array([2**64 - 2, 2**64 - 1], np.uint64),
+                   [2**62 + 1, 2**62 + 2]):
+        assert auc([0, 1], scores) == 1.0 and auc([1, 0], scores) == 0.0
+    assert auc([0, 1, 0, 1], np.array([2**62, 2**62, 2**62 + 1, 2**62 + 1])) == 0.5  # real ties
+
+
 def test_auc_refuses_complex_scores():
     with pytest.raises(ValueError, match="real numbers"):
         auc([0, 1], np.array([0.1, 0.9]) + 1j)
