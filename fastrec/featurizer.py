@@ -515,16 +515,19 @@ def _classify(values, what):
     if not values:
         return "empty", None
     first = values[0]
+    mixed = "; one batch holds either integer ids or strings, not both"
     if isinstance(first, (str, bytes)):
         for i, v in enumerate(values):
             if not isinstance(v, (str, bytes)):
-                raise TypeError(f"{what}: value {i} is {type(v).__name__} {_short(v)}; the other "
-                                "values are strings")
+                raise TypeError(f"{what}: value {i} (counting the batch's values in record order) is "
+                                f"{type(v).__name__} {_short(v)}, the first is a string{mixed}")
         return "str", values
     for i, v in enumerate(values):
         if not _is_int(v):
-            raise TypeError(f"{what}: value {i} is {type(v).__name__} {_short(v)}, expected an "
-                            "integer id or a string")
+            why = f", the first is an integer id{mixed}" if isinstance(v, (str, bytes)) else \
+                ", expected an integer id or a string"
+            raise TypeError(f"{what}: value {i} (counting the batch's values in record order) is "
+                            f"{type(v).__name__} {_short(v)}{why}")
     return "int", values  # a Python list of ints (converted by the caller: ranges differ)
 
 
@@ -694,6 +697,30 @@ class Featurizer:
         return self._sources
 
     # ---- transform ---------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Runs small batches through :meth:`transform` so that the first real request does not
+        pay for compiling or loading the Numba kernels (0.2-1 s in a fresh process, more without
+        a writable cache): integer and string ids for hash features, each lookup vocabulary's
+        type, numbers for dense and bucketize features. :meth:`fastrec.Model.warmup` calls it."""
+        def value(f, str_ids: bool):
+            if isinstance(f, _Dense) or f.kind == "bucketize":
+                return 1.0
+            if f.kind == "hash":
+                v = "a" if str_ids else 1
+            else:
+                v = f.vocab[0] if f.vocab else 0
+            return [v, v] if f.multi else v
+
+        passes = (False, True) if any(f.kind == "hash" for f in self._sparse) else (False,)
+        for str_ids in passes:
+            columns = {}
+            for f in self._dense + self._sparse:
+                columns.setdefault(f.source, [value(f, str_ids)] * 2)
+            try:
+                self.transform(columns)
+            except (TypeError, ValueError):  # (a source shared by features of different kinds)
+                pass
 
     def transform(self, records, *, backend: str | None = None):
         """Featurize a batch.

@@ -618,8 +618,11 @@ class Model:
     # ---- warm-up ---------------------------------------------------------------------------
     def warmup(self, *, tables: bool = False) -> None:
         """Runs one small request through the whole path (first-call costs: page faults on the
-        weights, thread pool start). ``tables=True`` also reads one byte of every page of every
-        table, so the first requests do not wait on the disk."""
+        weights, thread pool start, and the featurizer's Numba kernels, which a first
+        ``score_raw`` / ``recommend_raw`` paid for: 0.2-1 s). ``tables=True`` also reads one
+        byte of every page of every table, so the first requests do not wait on the disk."""
+        if self._featurizer is not None:
+            self._featurizer.warmup()
         if tables:
             for data in self._table_data:
                 flat = data.reshape(-1).view(np.uint8)

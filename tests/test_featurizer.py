@@ -605,3 +605,56 @@ def test_transform_from_threads(backend):
             got = list(ex.map(fz.transform, batches))
             for g, w in zip(got, want):
                 check_same(g, w)
+
+
+
+_WARMUP_CHILD = r"""
+import json, sys, fastrec
+from fastrec import demo
+from fastrec.kernels import featurize as fk, hashing
+
+def compiled():
+    ks = [fk._numba(n) for n in ("dense", "lookup", "bucketize")] + [hashing._numba(n) for n in ("ids", "fnv")]
+    return [len(k.signatures) for k in ks]
+
+with demo.demo_model_path(sys.argv[1]) as path:
+    model = fastrec.load(path)
+before = compiled()
+model.warmup()
+after = compiled()
+if model.kind == "dlrm":  # the demo's own requests: raw Criteo-like records
+    bodies, _ = demo._ranking_requests(model.manifest["metadata"], 20, 1)
+    model.score_raw(demo._parse_request(bodies[0])[0])
+else:
+    model.recommend_raw([{"user_id": 1001, "age": 26, "country": "ES"},
+                         {"user_id": 99999999, "age": 29, "country": "JP"}], k=5)
+print(json.dumps([before, after, compiled()]))
+"""
+
+
+@pytest.mark.skipif(not fk.numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("model", ["ranking", "retrieval"])
+def test_model_warmup_compiles_the_featurizer_kernels(tmp_path, model):
+    """Model.warmup() left the featurizer's Numba kernels to the first score_raw /
+    recommend_raw (0.2-1 s in a fresh process). After it, a real request compiles nothing."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))  # a fresh process with a cold cache
+    r = subprocess.run([sys.executable, "-c", _WARMUP_CHILD, model], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before, after, later = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sum(before) == 0 and sum(after) > 0, r.stdout
+    assert later == after, r.stdout  # nothing compiled after the warmup
+
+
+def test_mixed_int_and_string_ids_name_the_rule():
+    fz = Featurizer(sparse=[{"name": "c", "kind": "hash", "num_rows": 100}])
+    for records, got in (([{"c": 1}, {"c": "a"}], "str 'a', the first is an integer id"),
+                         ([{"c": "a"}, {"c": None}, {"c": 1}], "int 1, the first is a string")):
+        with pytest.raises(TypeError, match=f"value 1 .*is {got}; one batch holds either"):
+            fz.transform(records)
+    with pytest.raises(TypeError, match="expected an integer id or a string"):
+        fz.transform([{"c": 1}, {"c": 2.5}])
