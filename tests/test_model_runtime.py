@@ -349,6 +349,65 @@ def test_dlrm_overflow_inside_the_model_is_not_blamed_on_the_input(rng, model_di
         fastrec.set_num_threads(before)
 
 
+def _misaligned(a):
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    out = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1)
+    out[...] = a
+    return out
+
+
+class _Dict(dict):
+    """A dict subclass: Model's requests then take the Python packing path."""
+
+
+def test_dict_requests_packed_in_cpp_equal_the_python_path(rng, model_dir):
+    """_Group.pack sends dicts of numpy int arrays to _C.pack_bags; anything else (other
+    containers, byte-swapped or non-array ids, inconsistent offsets) to the Python path. Both
+    must give the same pair, and the same errors."""
+    m, tensors, ref = build_dlrm(rng, storages=("fp32", "q8", "fp16"))
+    model = fastrec.load(model_dir(m, tensors))
+    g = model._group
+    forms = [lambda a: a, lambda a: a.astype(np.int32), lambda a: np.repeat(a, 2)[::2], _misaligned,
+             lambda a: a.astype(">i8"), lambda a: a.tolist()]
+    for B in (0, 1, 2, 37):
+        sparse = random_sparse(rng, ref["features"], ref["rows"], B)
+        for trial in range(12):
+            req = {f: (forms[rng.integers(len(forms))](i), forms[rng.integers(len(forms))](o))
+                   for f, (i, o) in sparse.items()}
+            fast, slow = g.pack(req, None), g.pack(_Dict(req), None)
+            for a, b in zip(fast[:2], slow[:2]):
+                np.testing.assert_array_equal(a, b)
+            assert fast[2:] == slow[2:] == (B, fast[3])
+            np.testing.assert_array_equal(model.score(np.ones((B, 5), np.float32), req),
+                                          model.score(np.ones((B, 5), np.float32), _Dict(req)))
+    sparse = random_sparse(rng, ref["features"], ref["rows"], 3)
+    assert fastrec._C.pack_bags([sparse[f] for f in g.features], -1) is not None  # the fast path runs
+    f0 = ref["features"][0]
+    n0 = len(sparse[f0][0])
+    sparse[f0] = (np.concatenate([sparse[f0][0], [0, 0]]).astype(np.int64), sparse[f0][1])
+    sparse[f0][1][1:] = [n0 + 2, n0 + 2, n0 + 2]  # bag 0 holds every id of f0 ...
+    bad_cases = [  # (request change, error type, message) - the Python path's words in both
+        (lambda r: r.update({f0: (r[f0][0], r[f0][1][:-1])}), ValueError, "bags, expected 3"),
+        (lambda r: r.update({f0: (r[f0][0][:-1], r[f0][1])}), ValueError, "end at len\\(indices\\)"),
+        (lambda r: r.update({f0: (r[f0][0], r[f0][1] + 1)}), ValueError, "start at 0"),
+        (lambda r: r.update({f0: (r[f0][0].astype(np.float64), r[f0][1])}), TypeError, "int32 or int64"),
+        (lambda r: r.update({f0: (r[f0][0].reshape(1, -1), r[f0][1])}), ValueError, "1-D"),
+        (lambda r: r.update({f0: [r[f0][0], r[f0][1]]}), None, None),  # a list pair is fine
+        (lambda r: r.update({f0: (r[f0][0] + 10**6, r[f0][1])}), IndexError, f"sparse feature {f0!r}"),
+        (lambda r: r.update({f0: (r[f0][0], np.array([0, 2, 1, n0 + 2]))}), ValueError,  # ... decreasing
+         f"sparse\\[{f0!r}\\] offsets"),
+    ]
+    for change, exc, match in bad_cases:
+        req = dict(sparse)
+        change(req)
+        for r in (req, _Dict(req)):
+            if exc is None:
+                model.score(np.ones((3, 5), np.float32), r)
+            else:
+                with pytest.raises(exc, match=match):
+                    model.score(np.ones((3, 5), np.float32), r)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_float_dlrm_overflow_raises_as_int8_does(rng, model_dir, precision):
     """A float MLP layer whose output overflows float32 raised nothing: the score came back NaN

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -298,6 +299,83 @@ py::array embedding_bags_py(const py::sequence& tables, py::array indices, py::a
     embedding_bags(a);
   }
   return out;
+}
+
+// ---- Model requests: a dict of per-feature bags as one table-major CSR pair ----------------
+
+// One element of a 1-D int32 / int64 array at any stride and alignment.
+int64_t int_at(const char* base, int64_t stride, int64_t itemsize, int64_t i) {
+  const char* p = base + i * stride;
+  if (itemsize == 4) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  int64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+struct BagPart {
+  py::array indices, offsets;
+  int64_t n = 0, start = 0;
+};
+
+// The common case of fastrec.Model's dict requests: pairs[t] = (indices, offsets), each a 1-D
+// native int32 / int64 ndarray, offsets of B + 1 entries (B = -1: take the first pair's),
+// offsets[0] == 0 and offsets[B] == len(indices). Returns (indices int64, offsets int64 of
+// T*B + 1, B, starts) in table-major order, or None when any pair is not of that form: the
+// Python path then finds the problem and words the error. (Non-decreasing offsets are checked
+// by the embedding kernels on the combined offsets, as on the Python path.)
+py::object pack_bags(const py::list& pairs, int64_t B) {
+  const size_t T = pairs.size();
+  if (T == 0) return py::none();
+  std::vector<BagPart> parts(T);
+  int64_t total = 0;
+  for (size_t t = 0; t < T; ++t) {
+    PyObject* p = PyList_GET_ITEM(pairs.ptr(), static_cast<Py_ssize_t>(t));
+    if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 2) return py::none();
+    py::handle ih(PyTuple_GET_ITEM(p, 0)), oh(PyTuple_GET_ITEM(p, 1));
+    if (!py::isinstance<py::array>(ih) || !py::isinstance<py::array>(oh)) return py::none();
+    BagPart& part = parts[t];
+    part.indices = py::reinterpret_borrow<py::array>(ih);
+    part.offsets = py::reinterpret_borrow<py::array>(oh);
+    const py::array &ind = part.indices, &off = part.offsets;
+    if (ind.ndim() != 1 || off.ndim() != 1 || int_itemsize(ind) == 0 || int_itemsize(off) == 0) return py::none();
+    const int64_t nb = off.shape(0) - 1;
+    if (nb < 0 || (B >= 0 && nb != B)) return py::none();
+    B = nb;
+    part.n = ind.shape(0);
+    const char* o = static_cast<const char*>(off.data());
+    if (int_at(o, off.strides(0), off.itemsize(), 0) != 0 || int_at(o, off.strides(0), off.itemsize(), B) != part.n) {
+      return py::none();
+    }
+    part.start = total;
+    total += part.n;  // (each array's length fits in memory: no overflow)
+  }
+  py::array_t<int64_t> indices(total), offsets(static_cast<int64_t>(T) * B + 1);
+  int64_t* ip = indices.mutable_data();
+  int64_t* op = offsets.mutable_data();
+  {
+    py::gil_scoped_release release;  // (parts holds references to every array)
+    for (size_t t = 0; t < T; ++t) {
+      const BagPart& part = parts[t];
+      const char* src = static_cast<const char*>(part.indices.data());
+      const int64_t is = part.indices.strides(0), isz = part.indices.itemsize();
+      if (isz == 8 && is == 8) {
+        std::memcpy(ip + part.start, src, static_cast<size_t>(part.n) * 8);
+      } else {
+        for (int64_t i = 0; i < part.n; ++i) ip[part.start + i] = int_at(src, is, isz, i);
+      }
+      const char* o = static_cast<const char*>(part.offsets.data());
+      const int64_t os = part.offsets.strides(0), osz = part.offsets.itemsize();
+      for (int64_t b = 0; b < B; ++b) op[static_cast<int64_t>(t) * B + b] = int_at(o, os, osz, b) + part.start;
+    }
+    op[static_cast<int64_t>(T) * B] = total;
+  }
+  py::list starts;
+  for (const BagPart& part : parts) starts.append(part.start);
+  return py::make_tuple(indices, offsets, B, starts);
 }
 
 void advise_hugepages(py::array arr) {
@@ -602,6 +680,8 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"));
   m.def("gemm_variant", [] { return std::string(kernels().gemm_name); });
   m.def("advise_hugepages", &advise_hugepages, py::arg("array"));
+  m.def("pack_bags", &pack_bags, py::arg("pairs"), py::arg("batch_size"),
+        "fastrec.Model's dict requests: T (indices, offsets) pairs as one table-major CSR pair, or None.");
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("current_isa", [] { return std::string(isa_name(current_isa())); });
