@@ -26,7 +26,7 @@ from ._config import get_num_threads, set_num_threads
 from .tables import QuantizedTable
 from .linear import Int8Linear, Int8MLP
 from .index import ItemIndex
-from .io import ModelFormatError
+from .io import ModelFormatError, ModelNotFoundError
 from .model import Model, load
 from .featurizer import Featurizer, FeaturizerSpecError
 from . import datasets, ops, testing
@@ -42,6 +42,7 @@ __all__ = [
     "Model",
     "datasets",
     "ModelFormatError",
+    "ModelNotFoundError",
     "QuantizedTable",
     "aligned_copy",
     "aligned_empty",

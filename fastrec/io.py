@@ -96,6 +96,12 @@ class ModelFormatError(ValueError):
         super().__init__(msg)
 
 
+class ModelNotFoundError(ModelFormatError, FileNotFoundError):
+    """A model directory, or one of its two files, that does not exist: a
+    :class:`ModelFormatError` (so a ValueError) that is also a FileNotFoundError, which
+    health checks and retry loops usually catch."""
+
+
 def _show(value) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
@@ -624,17 +630,19 @@ def read_model(path) -> tuple[dict, dict]:
 
     Raises:
         ModelFormatError: anything missing, unreadable, malformed or inconsistent, naming the
-            file, the JSON path of the bad field and what was expected.
+            file, the JSON path of the bad field and what was expected. A directory or file that
+            does not exist raises its subclass ModelNotFoundError, also a FileNotFoundError.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ModelFormatError(path, "directory", f"a model directory holding {MANIFEST_FILE} and {TENSORS_FILE}",
+        raise (ModelFormatError if os.path.exists(path) else ModelNotFoundError)(path, "directory", f"a model directory holding {MANIFEST_FILE} and {TENSORS_FILE}",
                                _Text("no such directory" if not os.path.exists(path) else "not a directory"))
     mfile = os.path.join(path, MANIFEST_FILE)
     tfile = os.path.join(path, TENSORS_FILE)
     for f in (mfile, tfile):
         if not os.path.isfile(f):
-            raise ModelFormatError(f, "file", "a regular file (part of the model directory)", _Text("missing"))
+            raise (ModelFormatError if os.path.exists(f) else ModelNotFoundError)(
+                f, "file", "a regular file (part of the model directory)", _Text("not a regular file" if os.path.exists(f) else "missing"))
     manifest = _read_manifest(mfile)
     infos, _ = _read_safetensors(tfile)
     _validate(_Checker(mfile, tfile, infos), manifest)

@@ -243,12 +243,16 @@ def test_read_safetensors_views(dlrm_dir):
 
 
 def test_missing_files_and_not_a_directory(dlrm_dir, tmp_path):
-    _fails(tmp_path / "nowhere", "no such directory")
+    # What does not exist is also a FileNotFoundError (health checks catch that); the rest not.
+    assert isinstance(_fails(tmp_path / "nowhere", "no such directory"), FileNotFoundError)
     f = tmp_path / "file"
     f.write_text("x")
-    _fails(f, "not a directory")
+    assert not isinstance(_fails(f, "not a directory"), OSError)
     os.remove(dlrm_dir / TENSORS)
-    _fails(dlrm_dir, TENSORS, "missing")
+    err = _fails(dlrm_dir, TENSORS, "missing")
+    assert isinstance(err, fastrec.ModelNotFoundError) and isinstance(err, FileNotFoundError)
+    os.mkdir(dlrm_dir / TENSORS)
+    assert not isinstance(_fails(dlrm_dir, TENSORS, "not a regular file"), OSError)
 
 
 # ---- the manifest -------------------------------------------------------------------------
