@@ -24,8 +24,11 @@ def float_input(x) -> np.ndarray:
     order; Python lists and tuples (which have no dtype) become float32. Other dtypes are left
     for the caller to refuse."""
     if isinstance(x, (list, tuple)):
+        a = np.asarray(x)
+        if a.dtype.kind not in "fiu":  # strings, bools, None (object), complex: refused as arrays are
+            raise TypeError(f"expected a list of numbers, got one numpy reads as {a.dtype}")
         with np.errstate(over="ignore"):  # (beyond float32: inf, refused by the finite checks)
-            return np.asarray(x, dtype=np.float32)
+            return a.astype(np.float32)
     return native(as_numpy(x))
 
 

@@ -24,6 +24,7 @@ import io
 import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,7 +252,7 @@ def movielens_100k(path=None) -> MovieLens100k:
                 member = _PARQUET.format(name)
                 return _read_parquet(zf.read(member), f"{where}!{member}")
             return _finish(*_from_parquet(get), source=str(where))
-    except zipfile.BadZipFile as e:  # not a zip, or a member that fails its CRC check
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # not a zip, a bad CRC or deflate stream
         raise ValueError(f"{where} is not a readable wheel (a corrupt zip file: {e})") from None
 
 

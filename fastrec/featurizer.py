@@ -580,9 +580,17 @@ def _lookup_strs(values, f: _Sparse, what: str) -> np.ndarray:
     """Rows of str / bytes values in a string vocabulary (-1 when not in it and oov_row is null)."""
     table = f.str_rows
     rows = np.fromiter((table.get(v, -1) for v in values), dtype=np.int64, count=len(values))
-    oov = -1 if f.oov_row is None else f.oov_row
-    for i in np.flatnonzero(rows < 0).tolist():  # bytes, unknown values and invalid text
-        rows[i] = table.get(_as_text(values[i], what, i), oov)
+    miss = np.flatnonzero(rows < 0)
+    if miss.size:  # bytes, unknown values and invalid text
+        oov = -1 if f.oov_row is None else f.oov_row
+        fixed = []
+        for i in miss.tolist():
+            v = values[i]
+            if type(v) is str and v.isascii():  # unknown text (ASCII has a UTF-8 encoding)
+                fixed.append(oov)
+            else:
+                fixed.append(table.get(_as_text(v, what, i), oov))
+        rows[miss] = fixed
     return rows
 
 
@@ -703,24 +711,18 @@ class Featurizer:
         pay for compiling or loading the Numba kernels (0.2-1 s in a fresh process, more without
         a writable cache): integer and string ids for hash features, each lookup vocabulary's
         type, numbers for dense and bucketize features. :meth:`fastrec.Model.warmup` calls it."""
-        def value(f, str_ids: bool):
-            if isinstance(f, _Dense) or f.kind == "bucketize":
-                return 1.0
-            if f.kind == "hash":
-                v = "a" if str_ids else 1
+        numba = _fk.use_numba(self.backend)
+        _fk.dense_transform(np.ones((2, len(self._dense))), self._ops, self._fill, self._mean, self._std,
+                            backend="numba" if numba else "numpy")  # (as transform: also with no dense features)
+        for f in self._sparse:  # one feature at a time: a source may feed features of other kinds
+            if f.kind == "bucketize":
+                values = [1.0]
+            elif f.kind == "hash":
+                values = [1, "a"]
             else:
-                v = f.vocab[0] if f.vocab else 0
-            return [v, v] if f.multi else v
-
-        passes = (False, True) if any(f.kind == "hash" for f in self._sparse) else (False,)
-        for str_ids in passes:
-            columns = {}
-            for f in self._dense + self._sparse:
-                columns.setdefault(f.source, [value(f, str_ids)] * 2)
-            try:
-                self.transform(columns)
-            except (TypeError, ValueError):  # (a source shared by features of different kinds)
-                pass
+                values = [f.vocab[0] if f.vocab else 0]
+            for v in values:
+                self._sparse_rows(f, [[v, v] if f.multi else v] * 2, 2, numba, {})
 
     def transform(self, records, *, backend: str | None = None):
         """Featurize a batch.

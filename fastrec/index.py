@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 from dataclasses import dataclass
 
@@ -233,9 +232,9 @@ def exclude_csr(exclude, Q: int):
     if hasattr(exclude, "__len__"):  # a list (or array) of Q id arrays
         if isinstance(exclude, np.ndarray) and exclude.dtype != object:
             flat = exclude.ndim < 2  # (a 2-D array: one row of ids per query)
-        else:
-            flat = any(isinstance(e, (numbers.Number, np.generic)) or (isinstance(e, np.ndarray) and e.ndim == 0)
-                       for e in exclude)
+        else:  # a list of ids, not of id lists, has a number first (one check, not one per query)
+            first = next((e for e in exclude if e is not None), None)
+            flat = isinstance(first, (int, float, np.generic)) or (isinstance(first, np.ndarray) and first.ndim == 0)
         if flat:
             # A flat list of ids of length Q was read as one id per query: already-seen items
             # of every other query came back.
@@ -243,7 +242,8 @@ def exclude_csr(exclude, Q: int):
                             "(ids, offsets) tuple, got a flat sequence of ids (for one query: [ids])")
         if len(exclude) != Q:
             raise ValueError(f"exclude must have one id list per query ({Q}), got {len(exclude)}")
-        parts = [_id_array(e, np.size(e)) if e is not None else np.empty(0, np.int64) for e in exclude]
+        arrays = [np.empty(0, np.int64) if e is None else as_numpy(e) for e in exclude]  # (torch tensors too)
+        parts = [_id_array(a, a.size) for a in arrays]
         off = np.zeros(Q + 1, dtype=np.int64)
         off[1:] = np.cumsum([p.shape[0] for p in parts])
         ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
@@ -424,15 +424,21 @@ class ItemIndex:
         rows (the kept originals, or the dequantized codes when ``rerank=False``, which pack back
         to the same codes) and their ids: the copy returns the same results. Updates made to
         the copy do not reach the original, nor the other way round."""
-        return (_restore_index, (*self._live_rows(), self._precision, self._rerank))
+        items, ids = self._live_rows()
+        return (_restore_index, (type(self), items, ids, self._precision, self._rerank, self._snap.amax))
 
     def _live_rows(self):
         """The live items as float32 ``(n, dim)`` rows and their ids (see :func:`_live_rows`)."""
         return _live_rows(self._snap.segments, self._dim)
 
 
-def _restore_index(items, ids, precision: str, rerank: bool) -> "ItemIndex":
-    return ItemIndex(items, ids=ids, precision=precision, rerank=rerank)
+def _restore_index(cls, items, ids, precision: str, rerank: bool, amax: float) -> "ItemIndex":
+    index = cls(items, ids=ids, precision=precision, rerank=rerank)
+    # max |x| still counts removed rows in the original (it decides which queries are searched
+    # exactly in float64): the copy keeps it, so that it returns the same results.
+    segments = tuple(_Segment(s.block, s.ids, s.removed, max(s.amax, amax)) for s in index._snap.segments)
+    index._snap = _snapshot(segments)
+    return index
 
 
 def _live_rows(segments, dim: int):

@@ -166,7 +166,7 @@ class Int8Linear:
     def __reduce__(self):
         # Pickling (copy.deepcopy, multiprocessing, Ray) carries the int8 codes, scales and bias;
         # the copy packs them again, so it returns bit-identical results.
-        return (Int8Linear, (self.weight_int8, self.weight_scale, self.bias))
+        return (type(self), (self.weight_int8, self.weight_scale, self.bias))
 
     def dequantized_weight(self) -> np.ndarray:
         """The float32 weights these int8 codes stand for."""
@@ -231,7 +231,7 @@ class Int8MLP:
         return _C.int8_mlp(x, self._cores, self._codes)
 
     def __reduce__(self):
-        return (Int8MLP, (self.layers, self.activations))
+        return (type(self), (self.layers, self.activations))
 
     def __repr__(self) -> str:
         dims = [self.in_features] + [lin.out_features for lin in self.layers]

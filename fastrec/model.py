@@ -54,12 +54,12 @@ def load(path, *, num_threads=None, device="cpu", framework=None) -> "Model":
     return Model(manifest, tensors, path=os.fspath(path), device=device, framework=framework, _validated=True)
 
 
-def _restore_model(manifest: dict, tensors: dict, path, device, framework) -> "Model":
+def _restore_model(cls, manifest: dict, tensors: dict, path, device, framework) -> "Model":
     # Unpickled arrays start wherever the allocator put them; tables read from model files
     # start on 64-byte boundaries (docs/FORMAT.md), which the fp32 / fp16 gathers rely on for speed.
     tensors = {name: aligned_copy(a) if isinstance(a, np.ndarray) and a.ctypes.data % 64 else a
                for name, a in tensors.items()}
-    return Model(manifest, tensors, path=path, device=device, framework=framework, _validated=True)
+    return cls(manifest, tensors, path=path, device=device, framework=framework, _validated=True)
 
 
 @dataclass(frozen=True)
@@ -94,25 +94,36 @@ class _FloatMLP:
         self.name = name             # "bottom", "top", "user tower", "item tower"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore", invalid="ignore"):  # (overflow raises ValueError below)
+        x0, last = x, len(self.layers) - 1
+        for i, (W, b, act) in enumerate(self.layers):
+            x = x @ W.T
+            if b is not None:
+                x += b
+            # One check per call, before the last activation: +inf or NaN from an overflow in any
+            # layer reaches the last one (ReLU keeps both; -inf becomes 0, as the true value would).
+            if i == last and not np.isfinite(x.sum()):  # (a finite sum: every value is finite)
+                self._raise(x0)
+            if act == "relu":
+                np.maximum(x, 0, out=x)
+            elif act == "sigmoid":
+                x = _sigmoid(x)
+        return x
+
+    def _raise(self, x: np.ndarray) -> None:
+        """Runs the layers again to name the first whose output holds NaN / Inf."""
+        with np.errstate(over="ignore", invalid="ignore"):
             for i, (W, b, act) in enumerate(self.layers):
                 x = x @ W.T
                 if b is not None:
                     x += b
-                if not np.isfinite(x.sum()):  # (a finite sum means every value is finite)
-                    self._check(x, i)
+                bad = ~np.isfinite(x)
+                if bad.any():
+                    raise ValueError(f"the output of layer {i} of the {self.name} MLP holds NaN or Inf (row "
+                                     f"{int(np.argwhere(bad)[0, 0])}): float32 overflowed in this layer or before "
+                                     "it (the model's inputs, weights or tables are too large for float32)")
                 if act == "relu":
                     np.maximum(x, 0, out=x)
-                elif act == "sigmoid":
-                    x = _sigmoid(x)
-        return x
-
-    def _check(self, x: np.ndarray, layer: int) -> None:
-        bad = ~np.isfinite(x)
-        if bad.any():
-            raise ValueError(f"the output of layer {layer} of the {self.name} MLP holds NaN or Inf (row "
-                             f"{int(np.argwhere(bad)[0, 0])}): float32 overflowed in it or before it (the dense "
-                             "input is finite; its values, the weights or the tables are too large)")
+        # (a sum that overflowed though every value is finite: nothing to report)
 
     @property
     def nbytes(self) -> int:
@@ -328,6 +339,7 @@ class Model:
                  _validated: bool = False):
         """Builds a model from a manifest and its tensors (normally through :func:`load`, which
         reads them memory-mapped); the manifest is validated unless it came from ``read_model``.
+        The arrays are used as given, without a copy: do not modify them afterwards.
         ``device`` / ``framework``: as for :func:`load`."""
         cuda = None
         if not (isinstance(device, str) and device == "cpu" and framework is None):
@@ -339,7 +351,7 @@ class Model:
 
             validate_manifest(manifest, tensors)
         self._manifest = manifest
-        self._tensors = tensors  # for pickling; the arrays are the ones the model reads anyway
+        self._tensors = dict(tensors)  # for pickling (the arrays themselves are used as given: no copy)
         self._path = path
         self._kind = manifest["kind"]
         self._precision = manifest["precision"]
@@ -407,7 +419,7 @@ class Model:
         if self._index is not None:  # the catalogue as it is now, after any add / remove
             idx = self._manifest["two_tower"]["index"]
             tensors[idx["items"]], tensors[idx["ids"]] = self._index._live_rows()
-        return (_restore_model, (self._manifest, tensors, self._path, self.device, self.framework))
+        return (_restore_model, (type(self), self._manifest, tensors, self._path, self.device, self.framework))
 
     # ---- properties ------------------------------------------------------------------------
     @property

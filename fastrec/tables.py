@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C, _cuda
-from ._arrays import as_numpy
+from ._arrays import aligned_copy, as_numpy
 
 __all__ = ["QuantizedTable"]
 
@@ -191,9 +191,9 @@ class QuantizedTable(_C.PackedTable):
         return cls(packed, bits, int(dim), layout)
 
     def __reduce__(self):
-        # Pickling (copy.deepcopy, multiprocessing, Ray) carries the packed rows as they are (a
-        # device table's rows stay a device array of its framework).
-        return (type(self), (self.data, self.bits, self.dim, self.layout))
+        # Pickling (copy.deepcopy, multiprocessing, Ray) carries the packed rows (a device table's
+        # rows stay a device array of its framework); host rows are re-aligned on arrival.
+        return (_restore_table, (type(self), self.data, self.bits, self.dim, self.layout))
 
     def to_device(self, like="torch", device=None) -> "QuantizedTable":
         """A copy of this table with its rows in GPU memory, for the CUDA embedding ops.
@@ -263,3 +263,11 @@ class QuantizedTable(_C.PackedTable):
     def __repr__(self) -> str:
         return (f"QuantizedTable(num_rows={self.num_rows}, dim={self.dim}, bits={self.bits}, "
                 f"layout={self.layout!r}, nbytes={self.nbytes})")
+
+
+def _restore_table(cls, data, bits: int, dim: int, layout: str) -> QuantizedTable:
+    # Unpickled rows start wherever the allocator put them; tables start on cache lines
+    # (from_float and model files), which the gathers rely on for speed.
+    if isinstance(data, np.ndarray) and data.ctypes.data % 64:
+        data = aligned_copy(data)
+    return cls(data, bits, dim, layout)

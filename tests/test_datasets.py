@@ -224,6 +224,18 @@ def test_movielens_corrupt_wheel(tmp_path):
     for path in (whl, tmp_path):
         with pytest.raises(ValueError, match=f"{whl}.*not a readable wheel"):
             movielens_100k(path)
+    # a well-formed zip whose deflated member is corrupt: zlib.error escaped
+    import zipfile
+
+    with zipfile.ZipFile(whl, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ("data", "users", "items"):
+            zf.writestr(datasets._PARQUET.format(name), bytes(range(256)) * 64)
+    raw = bytearray(whl.read_bytes())
+    start = raw.index(b"data.parquet.brotli") + len(b"data.parquet.brotli")  # the first member's stream
+    raw[start:start + 8] = b"\xff" * 8
+    whl.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{whl}.*not a readable wheel"):
+        movielens_100k(whl)
 
 
 def test_movielens_not_found(tmp_path, monkeypatch):

@@ -617,6 +617,15 @@ def compiled():
     ks = [fk._numba(n) for n in ("dense", "lookup", "bucketize")] + [hashing._numba(n) for n in ("ids", "fnv")]
     return [len(k.signatures) for k in ks]
 
+if sys.argv[1] == "shared":  # one source feeding a dense and a hash feature
+    fz = fastrec.Featurizer(dense=[{"name": "hour_f", "source": "hour", "kind": "log1p"}],
+                            sparse=[{"name": "hour", "kind": "hash", "num_rows": 24}])
+    before = compiled()
+    fz.warmup()
+    after = compiled()
+    fz.transform({"hour": [3, 4]})
+    print(json.dumps([before, after, compiled()]))
+    sys.exit(0)
 with demo.demo_model_path(sys.argv[1]) as path:
     model = fastrec.load(path)
 before = compiled()
@@ -633,7 +642,7 @@ print(json.dumps([before, after, compiled()]))
 
 
 @pytest.mark.skipif(not fk.numba_available(), reason="numba is not installed")
-@pytest.mark.parametrize("model", ["ranking", "retrieval"])
+@pytest.mark.parametrize("model", ["ranking", "retrieval", "shared"])
 def test_model_warmup_compiles_the_featurizer_kernels(tmp_path, model):
     """Model.warmup() left the featurizer's Numba kernels to the first score_raw /
     recommend_raw (0.2-1 s in a fresh process). After it, a real request compiles nothing."""

@@ -393,6 +393,15 @@ def test_byte_swapped_float32(rng):
                                   fastrec.ops.topk(queries, items, 7)[1])
 
 
+def test_exclude_lists_of_torch_tensors(rng):
+    torch = pytest.importorskip("torch")
+    items, queries = data(rng, 60, 4, 2)
+    index = fastrec.ItemIndex(items, precision="fp32")
+    want = index.search(queries, 5, exclude=[np.array([1, 2]), np.array([3])])
+    got = index.search(queries, 5, exclude=[torch.tensor([1, 2]), torch.tensor([3])])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_python_lists_are_float32(rng):
     """Lists (no dtype) are taken as float32; arrays of other dtypes stay a TypeError."""
     items, queries = data(rng, 60, 4, 3)
@@ -404,6 +413,9 @@ def test_python_lists_are_float32(rng):
     np.testing.assert_array_equal(index.search(queries[0].tolist(), 5)[1], want[1][0])
     with pytest.raises(ValueError, match="NaN or Inf"):  # beyond float32: inf, refused
         index.search([[1e300, 0, 0, 0]], 5)
+    for bad in ([["1", "2", "3", "4"]], [[True, False, True, False]], [[None, 1, 1, 1]], [[1j, 0, 0, 0]]):
+        with pytest.raises(TypeError, match="list of numbers"):  # not numbers: as arrays of them
+            index.search(bad, 5)
 
 
 def test_errors(rng):
@@ -441,7 +453,7 @@ def test_errors(rng):
         index.add(np.ones((1, 3), np.float32), [100])
     with pytest.raises(ValueError, match="one id list per query"):
         index.search(queries, 3, exclude=[[1]])
-    for flat in ([3, 5], np.array([3, 5]), [np.int64(3), [5]]):  # Q = 2 ids: not one per query
+    for flat in ([3, 5], np.array([3, 5]), [np.int64(3), [5]], [None, 5]):  # Q = 2 ids, not 2 lists
         with pytest.raises(TypeError, match="flat sequence"):
             index.search(queries, 3, exclude=flat)
     np.testing.assert_array_equal(index.search(queries, 3, exclude=np.array([[3], [5]]))[1],

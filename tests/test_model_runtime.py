@@ -408,6 +408,8 @@ def test_dict_requests_packed_in_cpp_equal_the_python_path(rng, model_dir):
                     model.score(np.ones((3, 5), np.float32), r)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_float_dlrm_overflow_raises_as_int8_does(rng, model_dir, precision):
     """A float MLP layer whose output overflows float32 raised nothing: the score came back NaN
@@ -425,6 +427,12 @@ def test_float_dlrm_overflow_raises_as_int8_does(rng, model_dir, precision):
     model = fastrec.load(model_dir(m, tensors))
     with pytest.raises(ValueError, match="of the top MLP"):
         model.score(np.ones((4, 5), np.float32), sparse)
+    m, tensors, ref = build_two_tower(rng, precision=precision)
+    tensors["tables.user_id"] = np.full_like(tensors["tables.user_id"], 3e38)
+    model = fastrec.load(model_dir(m, tensors))
+    user = random_sparse(rng, ["user_id", "age"], [ref["rows"]["user_id"], ref["rows"]["age"]], 3)
+    with pytest.raises(ValueError, match="layer 0 of the user tower MLP"):
+        model.user_vectors(user)
 
 
 def test_from_int8_round_trip(rng):

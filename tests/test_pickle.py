@@ -86,6 +86,37 @@ def test_item_index_after_updates(rng, precision, rerank):
     np.testing.assert_array_equal(index.search(q, 25, exclude=exclude)[1], want[1])
 
 
+def test_item_index_copy_keeps_the_exact_search_bound(rng):
+    """max |x| of the original still counts a removed huge item, which sends large queries to
+    the exact float64 search; the copy must decide the same way (it returned other items)."""
+    items = rng.standard_normal((200, 8)).astype(np.float32)
+    items[0] = 1e30
+    index = ItemIndex(items, precision="int8", rerank=False)
+    index.remove([0])
+    q = (rng.standard_normal((5, 8)) * 1e7).astype(np.float32)
+    want = index.search(q, 10)
+    for c in _round_trips(index):
+        got = c.search(q, 10)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_subclasses_and_alignment(rng):
+    class MyLinear(Int8Linear):
+        pass
+
+    class MyIndex(ItemIndex):
+        pass
+
+    lin = MyLinear.from_float(rng.standard_normal((4, 6)).astype(np.float32))
+    assert type(copy.deepcopy(lin)) is MyLinear
+    assert type(copy.deepcopy(Int8MLP([lin], [None]))) is Int8MLP
+    assert type(copy.deepcopy(MyIndex(np.ones((2, 3), np.float32)))) is MyIndex
+    t = QuantizedTable.from_float(rng.standard_normal((1000, 64)).astype(np.float32), bits=8)
+    for c in _round_trips(t):  # rows on cache lines, as from_float makes them
+        assert np.asarray(c.data).ctypes.data % 64 == 0
+
+
 def test_empty_item_index():
     index = ItemIndex(np.ones((3, 4), np.float32), precision="fp16")
     index.remove([0, 1, 2])

@@ -549,8 +549,11 @@ def test_training_errors():
             train(student, [dict(b, labels=labels)], progress=False)
     with pytest.raises(TypeError, match="labels must be numbers"):
         train(student, [dict(b, labels=np.array(["1"] * len(b["labels"])))], progress=False)
-    with pytest.raises(ValueError, match="temperature"):  # T^2 past float32 made the loss inf
-        distill(teacher, student, batches, temperature=2e19, progress=False)
+    for t in (2e19, 10**200, float("nan")):  # T^2 past float32 made the loss inf
+        with pytest.raises(ValueError, match="temperature"):
+            distill(teacher, student, batches, temperature=t, progress=False)
+    with pytest.raises(TypeError, match="labels must be numbers"):
+        train(student, [dict(b, labels=b["labels"].to(torch.complex64))], progress=False)
 
 
 def test_training_takes_numpy_scalars_and_dict_indices_without_offsets():

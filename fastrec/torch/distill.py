@@ -71,6 +71,8 @@ def _labels(labels, like: torch.Tensor, position: int) -> torch.Tensor:
         if a.dtype.kind not in "biuf":
             raise TypeError(f"batch {position}: labels must be numbers in [0, 1], got dtype {a.dtype}")
         labels = torch.as_tensor(a)
+    if labels.is_complex():
+        raise TypeError(f"batch {position}: labels must be numbers in [0, 1], got dtype {labels.dtype}")
     labels = labels.reshape(-1) if labels.dim() == 2 and labels.shape[1] == 1 else labels
     if tuple(labels.shape) != tuple(like.shape):
         raise ValueError(f"batch {position}: labels must have shape {tuple(like.shape)}, got "
@@ -243,8 +245,7 @@ def distill(teacher, student, batches, *, epochs=1, temperature=2.0, alpha=0.5, 
                         f"or both ranking models); got {type(teacher).__name__} and "
                         f"{type(student).__name__}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not temperature > 0 or not math.isfinite(temperature * temperature) \
-            or not temperature * temperature < 3.0e38:  # T^2 scales the loss, in float32
+            or not 0 < temperature < 1.8e19:  # T^2 scales the loss, in float32 (max ~3.4e38)
         raise ValueError(f"temperature must be a positive number whose square fits float32, got {temperature!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
