@@ -36,13 +36,12 @@ scale inversely with the op count (about half a second per bench). extra_info: G
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import pytest
 
 import fastrec
-from benchutils import THREADS, assert_rel_error, record_gops, record_latency
+from benchutils import THREADS, assert_rel_error, record_gops, record_latency, torch_dynamic_int8
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -92,7 +91,7 @@ class _Case:
             # output of the top MLP spans (0, 1) and the checks can see a wrong answer
             bound = np.sqrt(6.0 / k)
             w = rng.uniform(-bound, bound, (n, k)).astype(np.float32)
-            b = rng.uniform(-0.1, 0.1, n).astype(np.float32)
+            b = rng.uniform(-1.0, 1.0, n).astype(np.float32)  # (large enough that a dropped bias fails the check)
             self.layers.append((w, b))
         self.macs = sum(k * n for k, n in zip(self.dims[:-1], self.dims[1:]))
         self.check_x = rng.standard_normal((CHECK_ROWS, self.dims[0]), dtype=np.float32)
@@ -136,30 +135,7 @@ class _Case:
 
     def torch_dynq(self):
         if "torch-dynq" not in self._impls:
-            import copy
-
-            import torch.ao.nn.intrinsic as nni
-            from torch.ao.quantization import fuse_modules, per_channel_dynamic_qconfig, quantize_dynamic
-
-            engines = torch.backends.quantized.supported_engines
-            torch.backends.quantized.engine = "fbgemm" if "fbgemm" in engines else "x86"
-            model = copy.deepcopy(self.torch_fp32())
-            if not isinstance(model, nn.Sequential):
-                model = nn.Sequential(model)  # quantize_dynamic swaps children, never the root
-            names = list(model._modules)
-            pairs = [[a, b] for a, b in zip(names, names[1:])
-                     if isinstance(model._modules[a], nn.Linear)
-                     and isinstance(model._modules[b], nn.ReLU)]
-            if pairs:
-                model = fuse_modules(model, pairs)
-            spec = {nn.Linear: per_channel_dynamic_qconfig, nni.LinearReLU: per_channel_dynamic_qconfig}
-            with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
-                warnings.simplefilter("ignore")
-                model = quantize_dynamic(model, spec, dtype=torch.qint8).eval()
-            left = [type(m).__name__ for m in model.modules()
-                    if isinstance(m, (nn.Linear, nni.LinearReLU))]
-            assert not left, f"torch-dynq: modules left in fp32: {left}"
-            self._impls["torch-dynq"] = model
+            self._impls["torch-dynq"] = torch_dynamic_int8(self.torch_fp32())
         return self._impls["torch-dynq"]
 
     def onnx_model(self):

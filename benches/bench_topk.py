@@ -111,7 +111,7 @@ def test_topk(benchmark, impl, Q):
     q = _queries(Q)
     scores, ids = fn(q)  # warm-up, and the answer whose recall we report
     rec = recall(ids, Q)
-    if impl in ("fastrec-fp32", "faiss-flat", "torch"):
+    if impl in ("fastrec-int8", "fastrec-fp16", "fastrec-fp32", "faiss-flat", "torch"):  # exact or reranked
         assert rec >= 0.999, f"{impl}: recall {rec}"
     benchmark.group = f"topk-N{N}-D{D}-Q{Q}-k{K}"
     benchmark.extra_info.update(impl=impl, threads=THREADS, recall=rec)
@@ -120,5 +120,5 @@ def test_topk(benchmark, impl, Q):
     t0 = time.perf_counter()
     fn(q)
     once = time.perf_counter() - t0
-    rounds = max(2, min(50, int(1.0 / max(once, 1e-6))))
+    rounds = max(5, min(50, int(1.0 / max(once, 1e-6))))  # (at least 5: a median of 2 is noise)
     benchmark.pedantic(fn, args=(q,), rounds=rounds, iterations=1, warmup_rounds=0)

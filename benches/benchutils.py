@@ -9,6 +9,19 @@ import numpy as np
 # threads for fastrec and every peer (fastrec.set_num_threads / torch.set_num_threads)
 THREADS = int(os.environ.get("FASTREC_BENCH_THREADS", "2"))
 
+
+def _check_threads() -> None:
+    # fastrec clamps its threads to the CPUs this process may use, torch and onnxruntime do not:
+    # above that count the libraries would not run at the thread count the reports print.
+    from fastrec._config import available_cpus
+
+    if not 1 <= THREADS <= available_cpus():
+        raise SystemExit(f"FASTREC_BENCH_THREADS={THREADS}: must be between 1 and the {available_cpus()} CPUs "
+                         "this process may use (fastrec would clamp to that, its peers would not)")
+
+
+_check_threads()
+
 # --------------------------------------------------------------------------------------------
 # Inputs
 
@@ -132,3 +145,39 @@ def record_gops(benchmark, ops: int) -> None:
     benchmark.extra_info["ops_per_call"] = int(ops)
     if median:
         benchmark.extra_info["GOPS"] = round(ops / median / 1e9, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# torch's best int8 path for MLPs
+
+
+def torch_dynamic_int8(model):
+    """A copy of ``model`` (nn.Linear / nn.ReLU modules, or an nn.Sequential of them) with torch's
+    dynamic int8 quantization at its best: per-channel qint8 weights (FBGEMM / x86 engine) and
+    every Linear followed by a ReLU fused into one quantized LinearReLU. Asserts that no Linear
+    is left in fp32."""
+    import copy
+    import warnings
+
+    import torch
+    import torch.ao.nn.intrinsic as nni
+    from torch import nn
+    from torch.ao.quantization import fuse_modules, per_channel_dynamic_qconfig, quantize_dynamic
+
+    engines = torch.backends.quantized.supported_engines
+    torch.backends.quantized.engine = "fbgemm" if "fbgemm" in engines else "x86"
+    model = copy.deepcopy(model)
+    if not isinstance(model, nn.Sequential):
+        model = nn.Sequential(model)  # quantize_dynamic swaps children, never the root
+    names = list(model._modules)
+    pairs = [[a, b] for a, b in zip(names, names[1:])
+             if isinstance(model._modules[a], nn.Linear) and isinstance(model._modules[b], nn.ReLU)]
+    if pairs:
+        model = fuse_modules(model, pairs)
+    spec = {nn.Linear: per_channel_dynamic_qconfig, nni.LinearReLU: per_channel_dynamic_qconfig}
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+        warnings.simplefilter("ignore")
+        model = quantize_dynamic(model, spec, dtype=torch.qint8).eval()
+    left = [type(m).__name__ for m in model.modules() if isinstance(m, (nn.Linear, nni.LinearReLU))]
+    assert not left, f"torch-dynq: modules left in fp32: {left}"
+    return model

@@ -1,9 +1,11 @@
 """``fastrec bench``: a quick same-run comparison of fastrec's ops against the peers installed here.
 
 Each case builds one set of inputs, checks that fastrec and every peer agree on them, then times
-them alternately (median of many calls, after a warm-up) at the same thread count. Peers are used
-only when importable: numpy always, torch (eager fp32 and dynamic int8), faiss. The numbers are a
-quick look at this machine, not the benchmark suite: for that, see ``benches/`` and BENCHMARKS.md.
+them in alternating blocks of a few calls (median of each library's calls, after a warm-up) at
+the same thread count: fastrec's and torch's threads are set; numpy's BLAS keeps its own count
+unless threadpoolctl is installed. Peers are used only when importable: numpy always, torch
+(eager fp32 and dynamic int8 with per-channel weights), faiss. The numbers are a quick look at this
+machine, not the benchmark suite: for that, see ``benches/`` and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ from . import ItemIndex, Int8Linear, ops
 from ._config import get_num_threads
 
 
-def _median_time(fn, *, seconds: float, min_calls: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    t_end = time.perf_counter() + seconds
-    while len(times) < min_calls or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
+def _interleaved_medians(impls: dict, *, seconds: float, block: int = 3, min_calls: int = 6) -> dict:
+    """Median seconds per call of each implementation, timed in alternating blocks of ``block``
+    calls (so a change in the machine's load reaches every library alike) for about ``seconds``
+    per implementation, after one warm-up call each."""
+    for fn in impls.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times = {name: [] for name in impls}
+    t_end = time.perf_counter() + seconds * len(impls)
+    while min(len(t) for t in times.values()) < min_calls or time.perf_counter() < t_end:
+        for name, fn in impls.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _try_import(name):
@@ -60,9 +68,15 @@ def _linear_case(rng, torch, seconds):
     W = rng.standard_normal((N, K), dtype=np.float32) / np.sqrt(K)
     x = rng.standard_normal((B, K), dtype=np.float32)
     lin = Int8Linear.from_float(W)
-    ref = x @ W.T
-    assert np.abs(lin(x) - ref).max() <= 0.05 * np.abs(ref).max()
+    ref = x.astype(np.float64) @ W.T.astype(np.float64)
+
+    def check(name, got, tol):
+        err = np.abs(np.asarray(got, dtype=np.float64) - ref).max() / np.abs(ref).max()
+        assert err <= tol, f"{name}: max error {err:.3g} of max |reference| (tolerance {tol})"
+
+    check("fastrec int8", lin(x), 0.02)
     impls = {"fastrec int8": lambda: lin(x), "numpy fp32": lambda: x @ W.T}
+    check("numpy fp32", x @ W.T, 1e-5)
     if torch is not None:
         layer = torch.nn.Linear(K, N, bias=False)
         with torch.no_grad():
@@ -76,14 +90,20 @@ def _linear_case(rng, torch, seconds):
             return f
 
         impls["torch fp32"] = run(layer)
+        check("torch fp32", impls["torch fp32"](), 1e-5)
         try:
+            engines = torch.backends.quantized.supported_engines
+            torch.backends.quantized.engine = "fbgemm" if "fbgemm" in engines else "x86"
+            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # (as fastrec: per channel)
             with warnings.catch_warnings():  # torch 2.13 deprecates the quantized tensor types
                 warnings.simplefilter("ignore")
-                dq = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear},
+                dq = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear: qconfig},
                                                             dtype=torch.qint8)
             impls["torch dynamic int8"] = run(dq)
         except Exception:  # pragma: no cover - quantized engines missing in some builds
             pass
+        else:
+            check("torch dynamic int8", impls["torch dynamic int8"](), 0.05)
     return f"int8 linear {K}x{N}, B={B}", impls, seconds
 
 
@@ -107,12 +127,17 @@ def _topk_case(rng, torch, faiss, seconds):
         impls["torch topk(q @ X.T)"] = torch_topk
     else:
         impls["numpy argpartition"] = lambda: np.argpartition(-(q @ X.T), k, axis=1)[:, :k]
-    # agreement: the int8 index (with rerank) against the exact float64 answer
+    # agreement: every implementation's ids against the exact float64 answer
     exact = np.argsort(-(q.astype(np.float64) @ X.T.astype(np.float64)), axis=1)[:, :k]
-    got = index.search(q, k)[1]
-    recall = np.mean([len(set(got[r]) & set(exact[r])) / k for r in range(Q)])
-    assert recall >= 0.99, recall
-    return f"top-{k} of {N} items (D={D}), {Q} queries; fastrec recall@{k} {recall:.3f}", impls, seconds
+    ids_of = {"fastrec int8+rerank": lambda r: r[1], "faiss IndexFlatIP": lambda r: r[1],
+              "torch topk(q @ X.T)": lambda r: r[1].numpy(), "numpy argpartition": lambda r: r}
+    recall = {}
+    for name, fn in impls.items():
+        got = np.asarray(ids_of[name](fn()))
+        recall[name] = np.mean([len(set(got[r].tolist()) & set(exact[r].tolist())) / k for r in range(Q)])
+        assert recall[name] >= 0.99, f"{name}: recall@{k} {recall[name]}"
+    return (f"top-{k} of {N} items (D={D}), {Q} queries; fastrec recall@{k} {recall['fastrec int8+rerank']:.3f}",
+            impls, seconds)
 
 
 def run(seconds: float = 0.5, out=print) -> int:
@@ -123,16 +148,21 @@ def run(seconds: float = 0.5, out=print) -> int:
     if torch is not None:
         torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    out(f"fastrec bench: {threads} threads for every library; peers found: numpy"
-        f"{', torch ' + torch.__version__ if torch else ''}{', faiss' if faiss else ''}")
+    blas = _try_import("threadpoolctl")
+    limits = blas.threadpool_limits(limits=threads) if blas is not None else None
+    out(f"fastrec bench: {threads} threads for fastrec{', torch' if torch else ''}{', faiss' if faiss else ''}"
+        f"{' and numpy BLAS' if limits is not None else ' (numpy BLAS: its own thread count)'}; peers "
+        f"found: numpy{', torch ' + torch.__version__ if torch else ''}{', faiss' if faiss else ''}")
     cases = [_embedding_case(rng, torch, seconds), _linear_case(rng, torch, seconds),
              _topk_case(rng, torch, faiss, seconds)]
     for title, impls, secs in cases:
-        times = {name: _median_time(fn, seconds=secs) for name, fn in impls.items()}
+        times = _interleaved_medians(impls, seconds=secs)
         base = next(iter(times.values()))
         out(f"\n{title}")
         out(f"  {'implementation':<24}{'median':>12}{'time / fastrec':>16}")
         for name, t in times.items():
             out(f"  {name:<24}{t * 1e3:>10.3f}ms{t / base:>15.2f}x")
     out("\n(time / fastrec > 1: fastrec is faster. Full benchmarks: benches/ and BENCHMARKS.md.)")
+    if limits is not None:
+        limits.restore_original_limits()
     return 0
