@@ -8,7 +8,7 @@ import fastrec
 from fastrec import Int8Linear, Int8MLP, _C, ops
 from conftest import needs_torch
 
-SHAPES = [(1, 1), (3, 3), (97, 97), (3, 97), (97, 3), (512, 256), (64, 1)]
+SHAPES = [(1, 1), (3, 3), (97, 97), (3, 97), (97, 3), (1, 3), (3, 1), (1, 97), (97, 1), (512, 256), (64, 1)]
 
 
 def _layer(rng, K, N, bias=True):
