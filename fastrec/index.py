@@ -230,6 +230,8 @@ def exclude_csr(exclude, Q: int):
             raise ValueError("exclude offsets must start at 0, be non-decreasing and end at len(exclude_ids)")
         return ids, off
     if hasattr(exclude, "__len__"):  # a list (or array) of Q id arrays
+        if not isinstance(exclude, (list, tuple, np.ndarray)):
+            exclude = as_numpy(exclude)  # a torch tensor (its items would be 0-d tensors)
         if isinstance(exclude, np.ndarray) and exclude.dtype != object:
             flat = exclude.ndim < 2  # (a 2-D array: one row of ids per query)
         else:  # a list of ids, not of id lists, has a number first (one check, not one per query)

@@ -266,8 +266,8 @@ class QuantizedTable(_C.PackedTable):
 
 
 def _restore_table(cls, data, bits: int, dim: int, layout: str) -> QuantizedTable:
-    # Unpickled rows start wherever the allocator put them; tables start on cache lines
-    # (from_float and model files), which the gathers rely on for speed.
+    # Unpickled rows start wherever the allocator put them: start them on a cache line, as
+    # model files do, which the gathers rely on for speed.
     if isinstance(data, np.ndarray) and data.ctypes.data % 64:
         data = aligned_copy(data)
     return cls(data, bits, dim, layout)

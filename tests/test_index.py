@@ -400,6 +400,10 @@ def test_exclude_lists_of_torch_tensors(rng):
     want = index.search(queries, 5, exclude=[np.array([1, 2]), np.array([3])])
     got = index.search(queries, 5, exclude=[torch.tensor([1, 2]), torch.tensor([3])])
     np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(TypeError, match="flat sequence"):  # Q = 2 ids in one tensor: not one per query
+        index.search(queries, 5, exclude=torch.tensor([1, 2]))
+    np.testing.assert_array_equal(index.search(queries, 5, exclude=torch.tensor([[1], [3]]))[1],
+                                  index.search(queries, 5, exclude=[[1], [3]])[1])
 
 
 def test_python_lists_are_float32(rng):
