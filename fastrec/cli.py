@@ -176,7 +176,20 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=_positive(float), default=0.5, help="time per implementation and case (default 0.5)")
     p.set_defaults(fn=_cmd_bench)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except BrokenPipeError:  # `fastrec info | head`: the reader left; no traceback
+        quiet_stdout()
+        return 1
+
+
+def quiet_stdout() -> None:
+    """After a BrokenPipeError on stdout: point it at /dev/null, so that the interpreter's final
+    flush does not raise again (Python's documented recipe)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

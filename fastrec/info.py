@@ -122,7 +122,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     d = info()
-    print(json.dumps(d, indent=2) if "--json" in argv else format_info(d))
+    try:
+        print(json.dumps(d, indent=2) if "--json" in argv else format_info(d), flush=True)
+    except BrokenPipeError:  # `python -m fastrec.info | head`: the reader left; no traceback
+        from .cli import quiet_stdout
+
+        quiet_stdout()
+        return 1
     return 0
 
 

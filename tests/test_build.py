@@ -121,3 +121,15 @@ def test_embedding_kernels_keep_their_prefetches():
     # ~1600 per x86 ISA level in this build, almost all in the per-row loops (the bursts at the
     # start of each job are a few hundred): a build that lost the loops' prefetches falls far short.
     assert out.count("prefetcht2") >= 1000, "the embedding kernels' row prefetches are missing from the build"
+
+
+def test_info_into_a_closed_pipe_prints_no_traceback():
+    """`python -m fastrec.info | head -1` ended with a BrokenPipeError traceback."""
+    for args in (["-m", "fastrec.info"], ["-m", "fastrec", "info"]):
+        p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=tempfile.gettempdir())
+        p.stdout.close()  # the reader is gone before the first write
+        err = p.stderr.read().decode()
+        p.wait(timeout=120)
+        p.stderr.close()
+        assert "Traceback" not in err, err
