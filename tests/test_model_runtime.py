@@ -408,6 +408,43 @@ def test_dict_requests_packed_in_cpp_equal_the_python_path(rng, model_dir):
                     model.score(np.ones((3, 5), np.float32), r)
 
 
+def test_pack_bags_edge_cases():
+    """_C.pack_bags (ASan/UBSan fuzz): hands unusual input to the Python path (None), refuses
+    sizes no memory can hold, and keeps numpy's reference counts right from many threads."""
+    import sys
+    import threading
+
+    pack = fastrec._C.pack_bags
+    a, b = np.array([1, 2], np.int64), np.array([3], np.int64)
+    # an offset near 2**63, moved by the earlier feature's ids, wrapped (signed overflow)
+    assert pack([(a, np.array([0, 1, 2])), (b, np.array([0, 2**63 - 1, 1]))], -1) is None
+
+    class Pair(tuple):  # a subclass may override item access: not the fast path
+        def __getitem__(self, i):
+            return (a, np.array([0, 2]))[i]
+
+    assert pack([Pair((b, np.array([0, 1])))], -1) is None
+    huge = np.broadcast_to(np.int32(0), (2**61 - 1,))  # stride 0: ids no memory could hold
+    with pytest.raises(MemoryError):
+        pack([(huge, np.array([0, huge.shape[0]], np.int64))] * 5, -1)
+    # pybind11's itemsize() increments the dtype's reference count: it was called without the GIL
+    dt = np.dtype(np.int64, metadata={"test": "pack_bags"})  # (a dtype of its own: no one else counts it)
+    pairs = [(np.zeros(64, dt), np.array([0, 16, 32, 48, 64], dt)) for _ in range(64)]
+    before = sys.getrefcount(dt)
+
+    def run():
+        for _ in range(5000):
+            pack(pairs, -1)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = sys.getrefcount(dt)  # (outside the assert: pytest's rewriting holds extra references)
+    assert after == before
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -317,7 +318,10 @@ int64_t int_at(const char* base, int64_t stride, int64_t itemsize, int64_t i) {
 }
 
 struct BagPart {
-  py::array indices, offsets;
+  py::array indices, offsets;  // (the references that keep the memory alive)
+  const char* ind = nullptr;   // raw views, taken while holding the GIL: pybind11's itemsize()
+  const char* off = nullptr;   // touches the dtype's reference count, which needs it
+  int64_t ind_stride = 0, ind_size = 0, off_stride = 0, off_size = 0;
   int64_t n = 0, start = 0;
 };
 
@@ -334,45 +338,61 @@ py::object pack_bags(const py::list& pairs, int64_t B) {
   int64_t total = 0;
   for (size_t t = 0; t < T; ++t) {
     PyObject* p = PyList_GET_ITEM(pairs.ptr(), static_cast<Py_ssize_t>(t));
-    if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 2) return py::none();
+    // (exact tuples: a subclass may override __getitem__, which PyTuple_GET_ITEM would skip)
+    if (!PyTuple_CheckExact(p) || PyTuple_GET_SIZE(p) != 2) return py::none();
     py::handle ih(PyTuple_GET_ITEM(p, 0)), oh(PyTuple_GET_ITEM(p, 1));
     if (!py::isinstance<py::array>(ih) || !py::isinstance<py::array>(oh)) return py::none();
     BagPart& part = parts[t];
     part.indices = py::reinterpret_borrow<py::array>(ih);
     part.offsets = py::reinterpret_borrow<py::array>(oh);
     const py::array &ind = part.indices, &off = part.offsets;
-    if (ind.ndim() != 1 || off.ndim() != 1 || int_itemsize(ind) == 0 || int_itemsize(off) == 0) return py::none();
+    part.ind_size = int_itemsize(ind);
+    part.off_size = int_itemsize(off);
+    if (ind.ndim() != 1 || off.ndim() != 1 || part.ind_size == 0 || part.off_size == 0) return py::none();
     const int64_t nb = off.shape(0) - 1;
     if (nb < 0 || (B >= 0 && nb != B)) return py::none();
     B = nb;
     part.n = ind.shape(0);
-    const char* o = static_cast<const char*>(off.data());
-    if (int_at(o, off.strides(0), off.itemsize(), 0) != 0 || int_at(o, off.strides(0), off.itemsize(), B) != part.n) {
+    part.ind = static_cast<const char*>(ind.data());
+    part.off = static_cast<const char*>(off.data());
+    part.ind_stride = ind.strides(0);
+    part.off_stride = off.strides(0);
+    if (int_at(part.off, part.off_stride, part.off_size, 0) != 0 ||
+        int_at(part.off, part.off_stride, part.off_size, B) != part.n) {
       return py::none();
     }
     part.start = total;
-    total += part.n;  // (each array's length fits in memory: no overflow)
+    // (only arrays of stride 0 can hold this many ids: no memory could hold the output)
+    if (__builtin_add_overflow(total, part.n, &total)) throw std::bad_alloc();
   }
-  py::array_t<int64_t> indices(total), offsets(static_cast<int64_t>(T) * B + 1);
+  int64_t num_offsets = 0;
+  if (__builtin_mul_overflow(static_cast<int64_t>(T), B, &num_offsets) ||
+      __builtin_add_overflow(num_offsets, int64_t{1}, &num_offsets)) {
+    throw std::bad_alloc();
+  }
+  py::array_t<int64_t> indices(total), offsets(num_offsets);
   int64_t* ip = indices.mutable_data();
   int64_t* op = offsets.mutable_data();
+  bool wrapped = false;
   {
     py::gil_scoped_release release;  // (parts holds references to every array)
-    for (size_t t = 0; t < T; ++t) {
+    for (size_t t = 0; t < T && !wrapped; ++t) {
       const BagPart& part = parts[t];
-      const char* src = static_cast<const char*>(part.indices.data());
-      const int64_t is = part.indices.strides(0), isz = part.indices.itemsize();
-      if (isz == 8 && is == 8) {
-        std::memcpy(ip + part.start, src, static_cast<size_t>(part.n) * 8);
+      if (part.ind_size == 8 && part.ind_stride == 8) {
+        std::memcpy(ip + part.start, part.ind, static_cast<size_t>(part.n) * 8);
       } else {
-        for (int64_t i = 0; i < part.n; ++i) ip[part.start + i] = int_at(src, is, isz, i);
+        for (int64_t i = 0; i < part.n; ++i) ip[part.start + i] = int_at(part.ind, part.ind_stride, part.ind_size, i);
       }
-      const char* o = static_cast<const char*>(part.offsets.data());
-      const int64_t os = part.offsets.strides(0), osz = part.offsets.itemsize();
-      for (int64_t b = 0; b < B; ++b) op[static_cast<int64_t>(t) * B + b] = int_at(o, os, osz, b) + part.start;
+      int64_t* dst = op + static_cast<int64_t>(t) * B;
+      for (int64_t b = 0; b < B; ++b) {
+        // (an offset near 2**63 wraps when moved by the earlier features' ids: bad offsets,
+        // which the Python path reports)
+        wrapped |= __builtin_add_overflow(int_at(part.off, part.off_stride, part.off_size, b), part.start, &dst[b]);
+      }
     }
-    op[static_cast<int64_t>(T) * B] = total;
+    op[num_offsets - 1] = total;
   }
+  if (wrapped) return py::none();
   py::list starts;
   for (const BagPart& part : parts) starts.append(part.start);
   return py::make_tuple(indices, offsets, B, starts);
