@@ -332,7 +332,8 @@ class ItemIndex:
             k: >= 1; larger than the catalogue is fine (see Returns).
             exclude: items to leave out per query (already seen): a list of Q id arrays, or a
                 tuple ``(exclude_ids, exclude_offsets)`` in CSR (offsets of length Q + 1). Ids not
-                in the index are ignored.
+                in the index are ignored. A flat list / 1-D array of ids is a TypeError (it is
+                not one list per query; for a single query pass ``[ids]``).
 
         Returns:
             ``(scores, ids)``: float32 and int64 ``(Q, k)``, best first, ties broken by the smaller
