@@ -19,10 +19,15 @@ def as_numpy(x):
     return np.asarray(x)
 
 
+_F32 = np.dtype(np.float32)
+
+
 def float_input(x) -> np.ndarray:
     """A float input (dense features, queries, activations) as a numpy array in native byte
     order; Python lists and tuples (which have no dtype) become float32. Other dtypes are left
     for the caller to refuse."""
+    if type(x) is np.ndarray and x.dtype is _F32:  # the common case, first
+        return x
     if isinstance(x, (list, tuple)):
         a = np.asarray(x)
         if a.dtype.kind not in "fiu":  # strings, bools, None (object), complex: refused as arrays are

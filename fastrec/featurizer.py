@@ -579,19 +579,17 @@ def _as_text(v, what: str, i: int) -> str:
 def _lookup_strs(values, f: _Sparse, what: str) -> np.ndarray:
     """Rows of str / bytes values in a string vocabulary (-1 when not in it and oov_row is null)."""
     table = f.str_rows
-    rows = np.fromiter((table.get(v, -1) for v in values), dtype=np.int64, count=len(values))
-    miss = np.flatnonzero(rows < 0)
-    if miss.size:  # bytes, unknown values and invalid text
+    rows = [table.get(v, -1) for v in values]
+    if -1 in rows:  # bytes, unknown values and invalid text (a scan in C: the common case is none)
         oov = -1 if f.oov_row is None else f.oov_row
-        fixed = []
-        for i in miss.tolist():
-            v = values[i]
-            if type(v) is str and v.isascii():  # unknown text (ASCII has a UTF-8 encoding)
-                fixed.append(oov)
-            else:
-                fixed.append(table.get(_as_text(v, what, i), oov))
-        rows[miss] = fixed
-    return rows
+        for i, r in enumerate(rows):
+            if r < 0:
+                v = values[i]
+                if type(v) is str and v.isascii():  # unknown text (ASCII has a UTF-8 encoding)
+                    rows[i] = oov
+                else:
+                    rows[i] = table.get(_as_text(v, what, i), oov)
+    return np.array(rows, dtype=np.int64)
 
 
 class Featurizer:

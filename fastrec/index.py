@@ -235,7 +235,11 @@ def exclude_csr(exclude, Q: int):
         if isinstance(exclude, np.ndarray) and exclude.dtype != object:
             flat = exclude.ndim < 2  # (a 2-D array: one row of ids per query)
         else:  # a list of ids, not of id lists, has a number first (one check, not one per query)
-            first = next((e for e in exclude if e is not None), None)
+            first = None
+            for e in exclude:
+                if e is not None:
+                    first = e
+                    break
             flat = isinstance(first, (int, float, np.generic)) or (isinstance(first, np.ndarray) and first.ndim == 0)
         if flat:
             # A flat list of ids of length Q was read as one id per query: already-seen items
@@ -244,8 +248,8 @@ def exclude_csr(exclude, Q: int):
                             "(ids, offsets) tuple, got a flat sequence of ids (for one query: [ids])")
         if len(exclude) != Q:
             raise ValueError(f"exclude must have one id list per query ({Q}), got {len(exclude)}")
-        arrays = [np.empty(0, np.int64) if e is None else as_numpy(e) for e in exclude]  # (torch tensors too)
-        parts = [_id_array(a, a.size) for a in arrays]
+        parts = [np.empty(0, np.int64) if e is None else _id_array(a := as_numpy(e), a.size)  # (torch too)
+                 for e in exclude]
         off = np.zeros(Q + 1, dtype=np.int64)
         off[1:] = np.cumsum([p.shape[0] for p in parts])
         ids = np.concatenate(parts) if parts else np.empty(0, np.int64)

@@ -17,6 +17,7 @@ float32 once at load; int8 MLPs are packed once into :class:`fastrec.Int8MLP`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -93,36 +94,39 @@ class _FloatMLP:
         self.layers = tuple(layers)  # (W float32 (out, in), b float32 (out,) or None, activation)
         self.name = name             # "bottom", "top", "user tower", "item tower"
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, *, check: bool = True) -> np.ndarray:
+        """The layers on x. ``check``: raise ValueError when float32 overflowed (one check of the
+        last layer's output, before a sigmoid, after a ReLU: +inf and NaN from any layer reach it,
+        and a ReLU turns -inf into 0, as it would the true value). A DLRM checks only its top
+        MLP, whose input carries the bottom MLP's overflow, and then asks :meth:`locate`."""
         x0, last = x, len(self.layers) - 1
         for i, (W, b, act) in enumerate(self.layers):
             x = x @ W.T
             if b is not None:
                 x += b
-            # One check per call, before the last activation: +inf or NaN from an overflow in any
-            # layer reaches the last one (ReLU keeps both; -inf becomes 0, as the true value would).
-            if i == last and not np.isfinite(x.sum()):  # (a finite sum: every value is finite)
-                self._raise(x0)
             if act == "relu":
                 np.maximum(x, 0, out=x)
-            elif act == "sigmoid":
+            if check and i == last and not math.isfinite(float(x.sum())):  # (finite sum: all finite)
+                self.locate(x0)
+            if act == "sigmoid":
                 x = _sigmoid(x)
         return x
 
-    def _raise(self, x: np.ndarray) -> None:
-        """Runs the layers again to name the first whose output holds NaN / Inf."""
+    def locate(self, x: np.ndarray) -> None:
+        """Runs the layers again on x; raises ValueError naming the first whose output holds NaN
+        or Inf after its ReLU (before any other activation). Returns when there is none."""
         with np.errstate(over="ignore", invalid="ignore"):
             for i, (W, b, act) in enumerate(self.layers):
                 x = x @ W.T
                 if b is not None:
                     x += b
+                if act == "relu":
+                    np.maximum(x, 0, out=x)
                 bad = ~np.isfinite(x)
                 if bad.any():
                     raise ValueError(f"the output of layer {i} of the {self.name} MLP holds NaN or Inf (row "
                                      f"{int(np.argwhere(bad)[0, 0])}): float32 overflowed in this layer or before "
                                      "it (the model's inputs, weights or tables are too large for float32)")
-                if act == "relu":
-                    np.maximum(x, 0, out=x)
         # (a sum that overflowed though every value is finite: nothing to report)
 
     @property
@@ -174,8 +178,12 @@ def _mlp_nbytes(mlp) -> int:
 
 # ---- sparse input -------------------------------------------------------------------------
 
+_I64, _I32 = np.dtype(np.int64), np.dtype(np.int32)
+
+
 def _int_1d(x, what: str) -> np.ndarray:
-    x = ops._index_array(x, what)  # int32 / int64 (byte-swapped ones converted), else TypeError
+    if not (type(x) is np.ndarray and (x.dtype is _I64 or x.dtype is _I32)):  # (the common case: as is)
+        x = ops._index_array(x, what)  # int32 / int64 (byte-swapped ones converted), else TypeError
     if x.ndim != 1:
         raise ValueError(f"{what} must be 1-D, got shape {x.shape}")
     return x
@@ -562,10 +570,18 @@ class Model:
         if not np.isfinite(x).all():  # as the int8 forward does (it finds them while quantizing)
             raise ValueError(f"input contains NaN or Inf (row {int(np.argwhere(~np.isfinite(x))[0, 0])})")
         emb, _ = self._group.pool(sparse, B)
-        bottom = self._bottom(x)
+        float_mlps = isinstance(self._top, _FloatMLP)
+        bottom = self._bottom(x, check=False) if isinstance(self._bottom, _FloatMLP) else self._bottom(x)
         # [bottom, dot(v_i, v_j) for i > j] in one C++ pass (docs/FORMAT.md step 3)
         top_in = _C.dot_interaction(np.ascontiguousarray(bottom, dtype=np.float32), emb, len(self._features))
-        return np.ascontiguousarray(self._top(top_in).reshape(B))
+        if not float_mlps:
+            return np.ascontiguousarray(self._top(top_in).reshape(B))
+        try:
+            return np.ascontiguousarray(self._top(top_in).reshape(B))
+        except ValueError:  # an overflow reached the top MLP: name the bottom layer if it began there
+            if isinstance(self._bottom, _FloatMLP):
+                self._bottom.locate(x)
+            raise
 
     def _need_featurizer(self, method: str):
         if self._featurizer is None:

@@ -464,6 +464,17 @@ def test_float_dlrm_overflow_raises_as_int8_does(rng, model_dir, precision):
     model = fastrec.load(model_dir(m, tensors))
     with pytest.raises(ValueError, match="of the top MLP"):
         model.score(np.ones((4, 5), np.float32), sparse)
+    if precision == "fp32":  # (fp16 weights cannot hold 1e20)
+        # -inf before a ReLU is 0 after it, as the true (very negative) value would be: no error
+        m, tensors, ref = build_dlrm(rng, precision=precision, storages=("fp32",), D=4, dense=2, bottom=(4,),
+                                     top=(4,))
+        tensors["dlrm.bottom.0.weight"] = np.full((4, 2), 1e20, np.float32)
+        tensors["dlrm.bottom.1.weight"] = np.full((4, 4), -1e20, np.float32)
+        one = {"C1": (np.array([1, 2]), np.array([0, 1, 2]))}
+        assert np.isfinite(fastrec.load(model_dir(m, tensors)).score(np.ones((2, 2), np.float32), one)).all()
+        tensors["dlrm.bottom.1.weight"] = np.full((4, 4), 1e20, np.float32)  # +inf stays: named in the bottom
+        with pytest.raises(ValueError, match="layer 1 of the bottom MLP"):
+            fastrec.load(model_dir(m, tensors)).score(np.ones((2, 2), np.float32), one)
     m, tensors, ref = build_two_tower(rng, precision=precision)
     tensors["tables.user_id"] = np.full_like(tensors["tables.user_id"], 3e38)
     model = fastrec.load(model_dir(m, tensors))
