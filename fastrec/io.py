@@ -621,6 +621,14 @@ def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
+def _missing_or_wrong(path: str, field: str, expected: str, missing: str, wrong: str):
+    """ModelNotFoundError for a path that does not exist, else ModelFormatError (it is there
+    but of the wrong kind)."""
+    if os.path.exists(path):
+        raise ModelFormatError(path, field, expected, _Text(wrong))
+    raise ModelNotFoundError(path, field, expected, _Text(missing))
+
+
 def read_model(path) -> tuple[dict, dict]:
     """Reads and validates a model directory.
 
@@ -635,14 +643,13 @@ def read_model(path) -> tuple[dict, dict]:
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise (ModelFormatError if os.path.exists(path) else ModelNotFoundError)(path, "directory", f"a model directory holding {MANIFEST_FILE} and {TENSORS_FILE}",
-                               _Text("no such directory" if not os.path.exists(path) else "not a directory"))
+        _missing_or_wrong(path, "directory", f"a model directory holding {MANIFEST_FILE} and {TENSORS_FILE}",
+                          "no such directory", "not a directory")
     mfile = os.path.join(path, MANIFEST_FILE)
     tfile = os.path.join(path, TENSORS_FILE)
     for f in (mfile, tfile):
         if not os.path.isfile(f):
-            raise (ModelFormatError if os.path.exists(f) else ModelNotFoundError)(
-                f, "file", "a regular file (part of the model directory)", _Text("not a regular file" if os.path.exists(f) else "missing"))
+            _missing_or_wrong(f, "file", "a regular file (part of the model directory)", "missing", "not a regular file")
     manifest = _read_manifest(mfile)
     infos, _ = _read_safetensors(tfile)
     _validate(_Checker(mfile, tfile, infos), manifest)

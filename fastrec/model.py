@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _C, ops
-from ._arrays import aligned_copy, float_input
+from ._arrays import cache_line_aligned, float_input
 from .index import ItemIndex
 from .io import ModelFormatError, featurizer_from_manifest, read_model
 from .linear import Int8Linear, Int8MLP
@@ -58,8 +58,7 @@ def load(path, *, num_threads=None, device="cpu", framework=None) -> "Model":
 def _restore_model(cls, manifest: dict, tensors: dict, path, device, framework) -> "Model":
     # Unpickled arrays start wherever the allocator put them; tables read from model files
     # start on 64-byte boundaries (docs/FORMAT.md), which the fp32 / fp16 gathers rely on for speed.
-    tensors = {name: aligned_copy(a) if isinstance(a, np.ndarray) and a.ctypes.data % 64 else a
-               for name, a in tensors.items()}
+    tensors = {name: cache_line_aligned(a) for name, a in tensors.items()}
     return cls(manifest, tensors, path=path, device=device, framework=framework, _validated=True)
 
 
@@ -85,6 +84,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
 
 
+def _affine_relu(x: np.ndarray, W: np.ndarray, b, act: str) -> np.ndarray:
+    """``x @ W.T + b``, then the ReLU if ``act`` is one (other activations are the caller's)."""
+    x = x @ W.T
+    if b is not None:
+        x += b
+    if act == "relu":
+        np.maximum(x, 0, out=x)
+    return x
+
+
 class _FloatMLP:
     """float32 numpy layers: ``x @ W.T + b`` then the activation (W a view of the file for
     fp32, an upcast copy for fp16). A layer whose output overflows float32 raises ValueError
@@ -100,15 +109,11 @@ class _FloatMLP:
         and a ReLU turns -inf into 0, as it would the true value). A DLRM checks only its top
         MLP, whose input carries the bottom MLP's overflow, and then asks :meth:`locate`."""
         x0, last = x, len(self.layers) - 1
-        for i, (W, b, act) in enumerate(self.layers):
-            x = x @ W.T
-            if b is not None:
-                x += b
-            if act == "relu":
-                np.maximum(x, 0, out=x)
+        for i, layer in enumerate(self.layers):
+            x = _affine_relu(x, *layer)
             if check and i == last and not math.isfinite(float(x.sum())):  # (finite sum: all finite)
                 self.locate(x0)
-            if act == "sigmoid":
+            if layer[2] == "sigmoid":
                 x = _sigmoid(x)
         return x
 
@@ -116,12 +121,8 @@ class _FloatMLP:
         """Runs the layers again on x; raises ValueError naming the first whose output holds NaN
         or Inf after its ReLU (before any other activation). Returns when there is none."""
         with np.errstate(over="ignore", invalid="ignore"):
-            for i, (W, b, act) in enumerate(self.layers):
-                x = x @ W.T
-                if b is not None:
-                    x += b
-                if act == "relu":
-                    np.maximum(x, 0, out=x)
+            for i, layer in enumerate(self.layers):
+                x = _affine_relu(x, *layer)
                 bad = ~np.isfinite(x)
                 if bad.any():
                     raise ValueError(f"the output of layer {i} of the {self.name} MLP holds NaN or Inf (row "
@@ -570,12 +571,9 @@ class Model:
         if not np.isfinite(x).all():  # as the int8 forward does (it finds them while quantizing)
             raise ValueError(f"input contains NaN or Inf (row {int(np.argwhere(~np.isfinite(x))[0, 0])})")
         emb, _ = self._group.pool(sparse, B)
-        float_mlps = isinstance(self._top, _FloatMLP)
         bottom = self._bottom(x, check=False) if isinstance(self._bottom, _FloatMLP) else self._bottom(x)
         # [bottom, dot(v_i, v_j) for i > j] in one C++ pass (docs/FORMAT.md step 3)
         top_in = _C.dot_interaction(np.ascontiguousarray(bottom, dtype=np.float32), emb, len(self._features))
-        if not float_mlps:
-            return np.ascontiguousarray(self._top(top_in).reshape(B))
         try:
             return np.ascontiguousarray(self._top(top_in).reshape(B))
         except ValueError:  # an overflow reached the top MLP: name the bottom layer if it began there

@@ -68,9 +68,7 @@ def _check_weights(dtype, shape, n: int, indices_shape=None) -> None:
 
 
 def _weights_array(x, n: int, indices_shape) -> np.ndarray:
-    if isinstance(x, (list, tuple)):
-        x = np.asarray(x, dtype=np.float32)
-    x = native(as_numpy(x))
+    x = float_input(x)  # (lists of numbers: float32)
     _check_weights(x.dtype, x.shape, n, tuple(indices_shape))
     return x.reshape(-1)
 

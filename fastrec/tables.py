@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C, _cuda
-from ._arrays import aligned_copy, as_numpy
+from ._arrays import as_numpy, cache_line_aligned
 
 __all__ = ["QuantizedTable"]
 
@@ -268,6 +268,4 @@ class QuantizedTable(_C.PackedTable):
 def _restore_table(cls, data, bits: int, dim: int, layout: str) -> QuantizedTable:
     # Unpickled rows start wherever the allocator put them: start them on a cache line, as
     # model files do, which the gathers rely on for speed.
-    if isinstance(data, np.ndarray) and data.ctypes.data % 64:
-        data = aligned_copy(data)
-    return cls(data, bits, dim, layout)
+    return cls(cache_line_aligned(data), bits, dim, layout)
