@@ -224,6 +224,14 @@ def test_internal_entry_points_check_their_arguments(rng):
     s, i = _C.topk_search(blocks, ids, [None, None], q, 3, 40, True, None, None)
     want = np.argsort(-(q.astype(np.float64) @ items.T.astype(np.float64)), axis=1, kind="stable")[:, :3]
     assert np.array_equal(i, want)
+    # an empty block is accepted at every precision (int8 used to say "an int8 layer needs N >= 1")
+    for code in (0, 1, 2):
+        empty = _C.ItemBlock(np.zeros((0, 16), np.float32), code, True)
+        assert len(empty) == 0
+        s, i = _C.topk_search([empty, blocks[1]], [np.zeros(0, np.int64), ids[1]], [None, None], q, 3, 40, True,
+                              None, None)
+        assert np.array_equal(i, 20 + np.argsort(-(q.astype(np.float64) @ items[20:].T.astype(np.float64)), axis=1,
+                                                 kind="stable")[:, :3])
 
 
 def test_misaligned_inputs_are_copied_not_read_in_place(rng, monkeypatch):

@@ -73,7 +73,8 @@ ItemBlock::ItemBlock(const float* items, int64_t N, int64_t D, ItemPrecision pre
     std::vector<int8_t> q(static_cast<size_t>(N * D));
     int8_scale_.resize(static_cast<size_t>(N));
     quantize_rows_int8(items, N, D, q.data(), int8_scale_.data());
-    int8_ = std::make_unique<Int8Layer>(q.data(), N, D, int8_scale_.data(), nullptr);
+    // An empty block has no panels, so nothing reads int8_ (an Int8Layer needs N >= 1).
+    if (N > 0) int8_ = std::make_unique<Int8Layer>(q.data(), N, D, int8_scale_.data(), nullptr);
   } else if (precision == ItemPrecision::kF16) {
     f16_panels_.assign(static_cast<size_t>(Np * D), 0);
     for (int64_t i = 0; i < N; ++i) {
@@ -85,7 +86,8 @@ ItemBlock::ItemBlock(const float* items, int64_t N, int64_t D, ItemPrecision pre
       for (int64_t d = 0; d < D; ++d) f32_panels_[((i / 16) * D + d) * 16 + i % 16] = items[i * D + d];
     }
   }
-  if (keep_f32 || precision == ItemPrecision::kF32) f32_.assign(items, items + N * D);
+  has_f32_ = keep_f32 || precision == ItemPrecision::kF32;
+  if (has_f32_) f32_.assign(items, items + N * D);
 }
 
 int64_t ItemBlock::nbytes() const {

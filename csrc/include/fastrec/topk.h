@@ -62,7 +62,7 @@ class ItemBlock {
   int64_t size() const { return N_; }
   int64_t dim() const { return D_; }
   ItemPrecision precision() const { return precision_; }
-  bool has_f32() const { return !f32_.empty(); }
+  bool has_f32() const { return has_f32_; }  // (true for an empty block built with them)
   int64_t nbytes() const;
   int64_t npanels() const { return (N_ + 15) / 16; }
 
@@ -82,6 +82,7 @@ class ItemBlock {
   std::vector<float> f32_panels_;
   std::vector<uint16_t> f16_panels_;
   std::vector<float> f32_;  // row-major N x D
+  bool has_f32_ = false;
 };
 
 // One block of the catalogue as the search sees it.
