@@ -252,6 +252,48 @@ def test_error_no_worse_than_torch_dynamic_quantization(rng, K, N, B):
     assert err_ours <= err_peer * 1.0 + 1e-6, (err_ours, err_peer)
 
 
+def _torch_dynamic_int8(W, b):
+    import warnings
+
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Linear(W.shape[1], W.shape[0]))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.from_numpy(W))
+        m[0].bias.copy_(torch.from_numpy(b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            m, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+@needs_torch
+@pytest.mark.parametrize("K,N", [(1, 1), (1, 3), (3, 1), (3, 3), (97, 1), (1, 97), (97, 3)])
+def test_error_on_tiny_layers_over_many_draws(K, N):
+    """One request (B=1) through a tiny layer gives one to a few outputs, so one draw's max error
+    is mostly luck: the ratio of two independent rounding errors is above 2 in ~15% of draws
+    even when one is half the other on average. Over 200 draws per shape, fastrec's mean and
+    RMS error must be at most torch.ao's (per-channel dynamic int8), and its worst draw at most
+    2x torch's worst (issue 3's bound; these draws measured 0.0-0.9x, and the mean 0.0-0.68x).
+    A single draw of (K, N) = (3, 1) or (97, 1) was more than 2x worse than torch's in ~18% of
+    300 seeds, with the mean error 0.65x torch's."""
+    import torch
+
+    rng = np.random.default_rng(1234)
+    ours, peer = [], []
+    for _ in range(200):
+        W, b = _layer(rng, K, N)
+        x = rng.standard_normal((1, K)).astype(np.float32)
+        ref = x.astype(np.float64) @ W.T.astype(np.float64) + b
+        with torch.inference_mode():
+            peer.append(np.abs(_torch_dynamic_int8(W, b)(torch.from_numpy(x)).numpy() - ref).max())
+        ours.append(np.abs(Int8Linear.from_float(W, b)(x) - ref).max())
+    ours, peer = np.array(ours), np.array(peer)
+    assert ours.mean() <= peer.mean(), (ours.mean(), peer.mean())
+    assert np.sqrt(np.mean(ours**2)) <= np.sqrt(np.mean(peer**2))
+    assert ours.max() <= 2 * peer.max() + 1e-6, (ours.max(), peer.max())
+
+
 # ---- errors -------------------------------------------------------------------------------
 
 
