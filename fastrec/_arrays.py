@@ -32,8 +32,14 @@ def float_input(x) -> np.ndarray:
         a = np.asarray(x)
         if a.dtype.kind not in "fiu":  # strings, bools, None (object), complex: refused as arrays are
             raise TypeError(f"expected a list of numbers, got one numpy reads as {a.dtype}")
-        with np.errstate(over="ignore"):  # (beyond float32: inf, refused by the finite checks)
-            return a.astype(np.float32)
+        with np.errstate(over="ignore"):
+            out = a.astype(np.float32)
+        if a.dtype.kind == "f" and not np.isfinite(out).all():  # finite values past float32's range
+            over = np.isinf(out) & np.isfinite(a)
+            if over.any():
+                raise ValueError(f"value {float(a[over][0]):g} at {tuple(int(i) for i in np.argwhere(over)[0])} is "
+                                 "beyond float32's range (+-3.4e38)")
+        return out
     return native(as_numpy(x))
 
 

@@ -415,7 +415,7 @@ def test_python_lists_are_float32(rng):
         got = index.search(q, 5)
         np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(index.search(queries[0].tolist(), 5)[1], want[1][0])
-    with pytest.raises(ValueError, match="NaN or Inf"):  # beyond float32: inf, refused
+    with pytest.raises(ValueError, match="beyond float32's range"):  # (not silently inf)
         index.search([[1e300, 0, 0, 0]], 5)
     for bad in ([["1", "2", "3", "4"]], [[True, False, True, False]], [[None, 1, 1, 1]], [[1j, 0, 0, 0]]):
         with pytest.raises(TypeError, match="list of numbers"):  # not numbers: as arrays of them
@@ -467,3 +467,65 @@ def test_errors(rng):
     with pytest.raises(TypeError):
         index.search(queries, 3, exclude=(np.array([1.5]), np.array([0, 1, 1])))
     assert len(index) == 50  # nothing was changed by the failed calls
+
+
+def test_index_keeps_its_own_ids_and_checks_its_arguments():
+    X = np.eye(4, dtype=np.float32)
+    ids = np.array([10, 11, 12, 13], dtype=np.int64)
+    index = fastrec.ItemIndex(X, ids=ids, precision="fp32")
+    ids[0] = 99  # the caller reuses its buffer: the index returned 99, and add / remove disagreed
+    assert index.search(X[:1], 1)[1].tolist() == [[10]]
+    new = np.array([20], np.int64)
+    index.add(np.ones((1, 4), np.float32), new)
+    new[0] = 11
+    assert sorted(index.search(np.ones((1, 4), np.float32), 5)[1][0].tolist()) == [10, 11, 12, 13, 20]
+    index.remove([10])
+    assert index.ids.tolist() == [11, 12, 13, 20]
+    with pytest.raises(TypeError, match="rerank must be a bool"):
+        fastrec.ItemIndex(X, rerank="no")  # (any truthy object used to mean True)
+    assert fastrec.ItemIndex(X, rerank=np.bool_(False)).rerank is False
+    with pytest.raises(TypeError, match="precision must be a str"):
+        fastrec.ItemIndex(X, precision=["fp32"])
+    with pytest.raises(ValueError, match="ids must be 1-D"):
+        fastrec.ItemIndex(X, ids=[[5, 6], [7, 8]])  # (was flattened)
+    for big in (2**64, -2**64):
+        with pytest.raises(ValueError, match="fit in int64"):
+            fastrec.ItemIndex(X[:1], ids=[big])
+    with pytest.raises(TypeError, match="ids are required"):
+        index.add(X[:1], None)
+    with pytest.raises(ValueError, match="beyond float32's range"):  # (said "contain NaN or Inf")
+        index.search([[1e300, 0, 0, 0]], 1)
+
+
+def test_float64_search_ranks_ties_as_the_kernels_do():
+    """Queries whose float32 scoring could overflow are searched in float64; their ranking must
+    follow the same rule (float32 score, ties by the smaller id), so scaling a query by a power
+    of two does not reorder items whose float32 scores tie."""
+    items = np.array([[1, 0], [1, 2.0**-30], [1, -1]], np.float32)
+    index = fastrec.ItemIndex(items, precision="fp32")
+    q = np.array([[1.0, 1.0]], np.float32)
+    s1, i1 = index.search(q, 3)
+    s2, i2 = index.search(q * np.float32(2.0**125), 3)  # takes the float64 path
+    assert i1.tolist() == i2.tolist() == [[0, 1, 2]]
+    np.testing.assert_array_equal(s2, s1 * np.float32(2.0**125))
+    # past float32's range the float64 score still decides (documented)
+    big = fastrec.ItemIndex(np.array([[2, 0], [2, 2.0**-20], [1, -1]], np.float32), precision="fp32")
+    s3, i3 = big.search(np.array([[2.0**127, 2.0**127]], np.float32), 3)
+    assert np.isposinf(s3[0, :2]).all() and i3[0].tolist() == [1, 0, 2]
+
+
+def test_centring_uncentred_items_restores_int8_recall(rng):
+    """The documented remedy for items that share a large common component: int8's one scale
+    per item leaves few levels for the differences; subtracting the mean item keeps the ranking
+    (every score of a query shifts by q . mean) and restores recall."""
+    N, D, k = 5000, 32, 10
+    items = (3 * rng.standard_normal(D) + 0.03 * rng.standard_normal((N, D))).astype(np.float32)
+    q = rng.standard_normal((20, D)).astype(np.float32)
+    want = topk_ref(q, items, k)[1]
+
+    def recall(got):
+        return np.mean([len(set(a) & set(b)) / k for a, b in zip(got, want)])
+
+    assert recall(fastrec.ItemIndex(items, precision="int8").search(q, k)[1]) < 0.9  # the limitation
+    centred = (items.astype(np.float64) - items.mean(axis=0, dtype=np.float64)).astype(np.float32)
+    assert recall(fastrec.ItemIndex(centred, precision="int8").search(q, k)[1]) >= 0.99
