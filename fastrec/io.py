@@ -178,7 +178,7 @@ def _read_safetensors(path) -> tuple[dict, dict]:
     except OSError as exc:
         raise ModelFormatError(path, "file", "a readable safetensors file", _Text(f"{type(exc).__name__}: {exc}")) from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = _json_text(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelFormatError(path, "header", "a UTF-8 JSON object", _Text(f"unparseable JSON ({exc})")) from None
     if not isinstance(header, dict):
@@ -198,8 +198,12 @@ def _read_safetensors(path) -> tuple[dict, dict]:
         if not isinstance(dt, str) or (dt not in _DTYPES and dt not in _ITEMSIZE):
             raise ModelFormatError(path, where + ".dtype", f"one of {sorted(_DTYPES) + sorted(_ITEMSIZE)}", dt)
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
-            raise ModelFormatError(path, where + ".shape", "a list of non-negative integers below 2**63", shape)
+        if (not isinstance(shape, list) or len(shape) > 32
+                or not all(_is_int(d) and 0 <= d < 2**63 for d in shape)):
+            raise ModelFormatError(path, where + ".shape", "a list of at most 32 non-negative integers below 2**63",
+                                   shape)
+        if math.prod(d for d in shape if d) >= 2**63:  # numpy refuses it even with a zero dimension
+            raise ModelFormatError(path, where + ".shape", "dimensions whose product is below 2**63", shape)
         offs = entry.get("data_offsets")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
@@ -294,7 +298,8 @@ class _Checker:
         return value
 
     def enum(self, value, path, choices):
-        if isinstance(value, (dict, list)) or value not in choices:
+        # the same type too: 8.0 == 8 and True == 1, but neither is the JSON the format names
+        if isinstance(value, (dict, list)) or not any(type(value) is type(c) and value == c for c in choices):
             self.fail(path, "one of " + ", ".join(json.dumps(c) for c in choices),
                       value if not isinstance(value, (dict, list)) else _type_name(value))
         return value
@@ -612,13 +617,24 @@ def _read_manifest(path: str):
     except OSError as exc:
         raise ModelFormatError(path, "$", "a readable manifest.json", _Text(f"{type(exc).__name__}: {exc}")) from None
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        return _json_text(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelFormatError(path, "$", "UTF-8 JSON", _Text(f"unparseable ({exc})")) from None
 
 
 def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
+
+
+def _json_text(raw: bytes):
+    """Strict JSON from UTF-8 bytes: no NaN / Infinity, and no string (key or value) holding a
+    lone surrogate escape such as "\\ud800", which is valid JSON text but not Unicode text: it
+    cannot be printed (``fastrec inspect``) or written back (``write_model``), and the
+    safetensors package refuses it. (UnicodeEncodeError is a ValueError.)"""
+    value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    if b"\\u" in raw:  # (only an escape can make one: the raw bytes decoded)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return value
 
 
 def _missing_or_wrong(path: str, field: str, expected: str, missing: str, wrong: str):

@@ -383,7 +383,8 @@ class Model:
         self._features = tuple(f["name"] for f in manifest["sparse_features"])
 
         def group(names, tower_order=None):
-            ordered = [f for f in self._features if f in set(names)]
+            wanted = set(names)  # (a set per feature made loading quadratic in the feature count)
+            ordered = [f for f in self._features if f in wanted]
             ts = [tables[self._feature_table[f]] for f in ordered]
             return _Group(ordered, [x[0] for x in ts], [x[1]["pooling"] for x in ts],
                           [x[1]["name"] for x in ts], [x[1]["dim"] for x in ts], tower_order)
