@@ -36,7 +36,7 @@ import warnings
 import numpy as np
 
 from . import _cuda, ops
-from ._arrays import as_numpy
+from ._arrays import as_numpy, float_input
 from .linear import Int8MLP
 from .model import _FloatMLP, _Int8MLPRunner, _host_ids, _offsets_message
 from .tables import QuantizedTable
@@ -270,6 +270,15 @@ class _Cupy:
 
 # ---- the model on the GPU -----------------------------------------------------------------
 
+class _DeviceFloatMLP:
+    """A float MLP's layers on the device, and the host MLP they came from: when an output
+    overflows float32 on the device, the host MLP names the layer, as on the CPU."""
+
+    def __init__(self, layers, host: _FloatMLP):
+        self.layers = layers  # (W, b or None, activation) device arrays
+        self.host = host
+
+
 class _DeviceGroup:
     """A model._Group's tables on the device (and its tower's column order, if any)."""
 
@@ -355,22 +364,44 @@ class CudaModel:
             _cuda_linear._plan(m, self.index, self.index, m.layers, m._codes)  # warm the device cache
             return m
         if isinstance(mlp, _FloatMLP):
-            return [(self.fw.upload(W), None if b is None else self.fw.upload(b), act) for W, b, act in mlp.layers]
+            return _DeviceFloatMLP([(self.fw.upload(W), None if b is None else self.fw.upload(b), act)
+                                    for W, b, act in mlp.layers], mlp)
         return None
 
     def _run_mlp(self, mlp, x, *, check_finite: bool = True):
+        """``(y, over)``: the MLP's output, and for a float MLP with ``check_finite`` a queued
+        device mask of the rows whose last layer's output (after a ReLU, before a sigmoid) holds
+        NaN or Inf, as the CPU's ``_FloatMLP`` checks; None otherwise (an int8 MLP checks
+        itself). Read the mask with :meth:`_raise_if_over` after the rest of the call is queued."""
         if mlp is None:
-            return x
+            return x, None
         if isinstance(mlp, Int8MLP):
-            return mlp(x, check_finite=check_finite)
-        fw = self.fw
-        for W, b, act in mlp:
+            return mlp(x, check_finite=check_finite), None
+        fw, over, last = self.fw, None, len(mlp.layers) - 1
+        for i, (W, b, act) in enumerate(mlp.layers):
             x = fw.linear(x, W, b)
             if act == "relu":
                 x = fw.relu_(x)
-            elif act == "sigmoid":
+            if check_finite and i == last:
+                over = fw.nonfinite_rows(x)
+            if act == "sigmoid":
                 x = fw.sigmoid_(x)
-        return x
+        return x, over
+
+    def _raise_if_over(self, over, steps) -> None:
+        """When the mask ``over`` has a row, ValueError naming the layer that overflowed: each of
+        ``steps`` (a float MLP, or None, and its device input) runs again on the host, in order,
+        through ``_FloatMLP.locate`` (a DLRM's bottom MLP first, whose overflow reaches the top)."""
+        if over is None:
+            return
+        row = self.fw.first_true(over)
+        if row is None:
+            return
+        for mlp, x in steps:
+            if isinstance(mlp, _DeviceFloatMLP):
+                mlp.host.locate(_host(x))
+        raise ValueError(f"an MLP's output holds NaN or Inf (row {row}): float32 overflowed (the model's inputs, "
+                         "weights or tables are too large for float32)")
 
     # ---- inputs --------------------------------------------------------------------------
     def _on_device(self, x, what: str):
@@ -391,7 +422,7 @@ class CudaModel:
             a, x = self._on_device(dense, "dense")
             shape = a.shape
         else:
-            x = as_numpy(dense)
+            x = float_input(dense)  # (lists become float32 and byte-swapped arrays native, as on the CPU)
             if x.dtype != np.float32:
                 raise TypeError(f"dense must be float32, got {x.dtype}")
             shape = x.shape
@@ -460,20 +491,23 @@ class CudaModel:
             # else is queued, so the check adds no wait in the middle of the forward.
             bad = None if isinstance(self.top, Int8MLP) else fw.nonfinite_rows(x)
             indices, offsets, B, starts = self._pack(g, sparse, B)  # inputs first: a host copy may wait
-            bottom = self._run_mlp(self.bottom, x, check_finite=False)  # queued ahead of the embedding wait
+            # queued ahead of the embedding wait; its overflow reaches the top MLP's check
+            bottom, _ = self._run_mlp(self.bottom, x, check_finite=False)
             emb = self._embed(g, sparse, indices, offsets, starts)
             top_in = fw.interaction(bottom, emb, self.T, self.pairs)
-            out = self._run_mlp(self.top, top_in).reshape(B)
+            out, over = self._run_mlp(self.top, top_in)
             row = None if bad is None else fw.first_true(bad)
             if row is not None:
                 raise ValueError(f"input contains NaN or Inf (row {row})")
-            return out
+            self._raise_if_over(over, [(self.bottom, x), (self.top, top_in)])
+            return out.reshape(B)
 
     def _tower(self, g, mlp, normalize: bool, sparse):
         with self.fw.context():
             x, _ = self._pool(g, sparse)
-            x = self._run_mlp(mlp, x)
-            return self.fw.normalize(x) if normalize else x
+            y, over = self._run_mlp(mlp, x)
+            self._raise_if_over(over, [(mlp, x)])
+            return self.fw.normalize(y) if normalize else y
 
     def user_vectors(self, sparse):
         return self._tower(self.user, self.user_mlp, self.user_norm, sparse)

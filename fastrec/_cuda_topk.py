@@ -31,12 +31,14 @@ need shared memory in proportion to D and to the kept candidates, and a GPU with
 (an A100 163 KiB, sm_86 / sm_89 99 KiB) takes proportionally less; beyond, a ValueError says
 how much was needed. fp16 queries are scaled per row by a power of two before the fp16
 conversion the tensor cores need (undone on the scores), so queries of any magnitude work;
-components below ~2^-39 of their row's largest still round to zero there. The CPU's float64
-fallback for queries whose float32 scores could overflow (int8 / fp32) is not on the GPU.
+components below ~2^-39 of their row's largest still round to zero there. Queries whose
+float32 scores could overflow (D * max|q| * max|x| >= 2**126) are searched exactly in float64
+on the host, as on the CPU (one reduction and a copy of Q floats per call tell which).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 
@@ -159,20 +161,23 @@ def _host(x):
     return x
 
 
-def _exclude(exclude, Q: int, like: _cuda.DeviceArray):
-    """Device CSR (ids sorted within each query, offsets) or (None, None)."""
+def _exclude_host(exclude, Q: int):
+    """``exclude`` as host int64 CSR ``(ids, offsets)``, or (None, None), as the CPU path reads it."""
     from .index import exclude_csr
 
     if exclude is None:
-        return None, None, None
-    if isinstance(exclude, tuple):
-        exclude = tuple(_host(e) for e in exclude)
-    elif _cuda.is_device_array(exclude):
-        raise TypeError("exclude must be a list of id arrays (one per query) or a tuple (ids, offsets)")
-    elif isinstance(exclude, (list, np.ndarray)) or hasattr(exclude, "__len__"):
-        exclude = [_host(e) for e in exclude]
-    ids, off = exclude_csr(exclude, Q)
-    if ids.shape[0] == 0:
+        return None, None
+    if isinstance(exclude, (tuple, list)):  # (ids, offsets), or one id array per query: each may be on the device
+        exclude = type(exclude)(_host(e) for e in exclude)
+    else:  # one array (a 2-D one holds a list per row; a flat one is refused): whole, as the CPU path reads it
+        exclude = _host(exclude)
+    return exclude_csr(exclude, Q)
+
+
+def _exclude(exclude, Q: int, like: _cuda.DeviceArray):
+    """Device CSR (ids sorted within each query, offsets) or (None, None)."""
+    ids, off = _exclude_host(exclude, Q)
+    if ids is None or ids.shape[0] == 0:
         return None, None, None
     seg = np.repeat(np.arange(Q, dtype=np.int64), np.diff(off))
     ids = ids[np.lexsort((ids, seg))]
@@ -246,15 +251,57 @@ def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, excl
     return scores.obj, ids.obj
 
 
+def _host_queries(a: _cuda.DeviceArray) -> np.ndarray:
+    return a.obj.cpu().numpy() if a.framework == "torch" else a.obj.get()
+
+
+def _overflow_rows(a: _cuda.DeviceArray, item_amax: float):
+    """Host indices of the rows of the device queries ``a`` whose float32 scoring could overflow
+    (the CPU's rule, ``index._checked_queries``: D * max|q| * max|x| >= 2**126), or None. One
+    reduction on the device and a copy of Q floats. (NaN rows compare False: the device search
+    has refused them by then.)"""
+    from .index import _SAFE_BOUND
+
+    if a.shape[0] == 0 or item_amax == 0.0:
+        return None
+    with _device_of(a):
+        row_max = (a.obj.abs().amax(dim=1).cpu().numpy() if a.framework == "torch"
+                   else abs(a.obj).max(axis=1).get())
+    rows = np.flatnonzero(row_max.astype(np.float64) * (item_amax * a.shape[1]) >= _SAFE_BOUND)
+    return rows if rows.size else None
+
+
+def _put_rows(a: _cuda.DeviceArray, scores, ids, rows: np.ndarray, s: np.ndarray, i: np.ndarray) -> None:
+    """scores[rows], ids[rows] = s, i (host results into the device arrays)."""
+    sel = _cuda.from_host(a, rows).obj
+    with _device_of(a):
+        scores[sel] = _cuda.from_host(a, s).obj
+        ids[sel] = _cuda.from_host(a, i).obj
+
+
+def _device_of(a: _cuda.DeviceArray):
+    """CuPy runs a kernel only on the current device: make it a's (torch needs nothing)."""
+    if a.framework == "torch":
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.Device(a.device)
+
+
 def search(index, snap, queries, k, exclude):
     """ItemIndex.search for device queries (the hook in fastrec/index.py calls this)."""
-    from .index import _candidates, _check_k
+    from .index import _candidates, _check_k, _exact_search
 
     a, single = _queries(queries, index.dim)
     k = _check_k(k)
     dev = _device_index(index, snap, a)
     keep = _candidates(k, index.precision, index.rerank)
-    scores, ids = _search_dev(dev, a, k, keep, exclude)
+    scores, ids = _search_dev(dev, a, k, keep, exclude)  # (refuses NaN / Inf queries)
+    rows = _overflow_rows(a, snap.amax)
+    if rows is not None:  # as on the CPU: searched exactly in float64 on the host (rare, slower)
+        ex_ids, ex_off = _exclude_host(exclude, a.shape[0])
+        s, i = _exact_search(snap, _host_queries(a), rows, k, ex_ids, ex_off)
+        _put_rows(a, scores, ids, rows, s, i)
     if single:
         return scores[0], ids[0]
     return scores, ids
@@ -302,6 +349,18 @@ def topk(queries, items, k: int, *, exclude=None):
 
     k = _check_k(k)
     scores, out = _search_dev(dev, a, k, _candidates(k, "fp32", True), exclude)
+    if n:
+        with _device_of(x):
+            amax = float(abs(x.obj).max())
+        rows = _overflow_rows(a, amax)
+        if rows is not None:  # as ops.topk on the CPU: these queries exactly in float64, on the host
+            from .index import ItemIndex
+
+            items_h = x.obj.cpu().numpy() if x.framework == "torch" else x.obj.get()
+            ex_ids, ex_off = _exclude_host(exclude, a.shape[0])
+            sub_ex = None if ex_ids is None else [ex_ids[ex_off[r]:ex_off[r + 1]] for r in rows]
+            s, i = ItemIndex(items_h, precision="fp32").search(_host_queries(a)[rows], k, exclude=sub_ex)
+            _put_rows(a, scores, out, rows, s, i)
     if single:
         return scores[0], out[0]
     return scores, out

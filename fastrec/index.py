@@ -375,7 +375,7 @@ class ItemIndex:
             ``(scores, ids)``: float32 and int64 ``(Q, k)``, best first, ties broken by the smaller
             id; where fewer than k items remain the tail is id -1 with score -inf. A query
             whose float32 scoring could overflow (D * max|q| * max|x| >= 2**126) is searched
-            exactly in float64 instead (on the CPU; slower); a score beyond float32's range
+            exactly in float64 instead (on the host, for device queries too; slower); a score beyond float32's range
             (~3.4e38) is returned as +-inf, its item still ranked by the true score. Device queries
             (torch CUDA tensor / CuPy array) give device arrays of their framework, computed on the
             caller's current stream from a device copy of the index made on first use (see

@@ -403,3 +403,37 @@ def test_here_without_gpu_load_cuda_raises(rng, model_dir):
             fastrec.load(path, device="cuda")
     with pytest.raises(RuntimeError):
         fastrec.load(path, device="cuda", framework="torch")
+
+
+@needs_cuda
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_float_overflow_and_host_inputs_on_gpu(rng, model_dir, dev, precision):
+    """As on the CPU: a float MLP output that overflows float32 raises ValueError naming the
+    layer (it came back NaN, or exactly 1.0); Python lists and byte-swapped float32 are dense
+    inputs (both were TypeErrors on the GPU)."""
+    fw, to_device = dev
+    m, tensors, ref = build_dlrm(rng, precision=precision, storages=("fp32", "fp32"))
+    gpu = fastrec.load(model_dir(m, tensors), device="cuda", framework=fw)
+    cpu = fastrec.load(gpu.path)
+    sparse = random_sparse(rng, ref["features"], ref["rows"], 4)
+    dense = np.ones((4, 5), np.float32)
+    want = cpu.score(dense, sparse)
+    for d in (dense.tolist(), dense.astype(">f4")):
+        np.testing.assert_allclose(to_host(gpu.score(d, sparse)), want, rtol=1e-5, atol=1e-6)
+    dense[2] = 3e38
+    for d in (dense, to_device(dense)):
+        with pytest.raises(ValueError, match="layer 0 of the bottom MLP .*row 2"):
+            gpu.score(d, sparse)
+    for t in m["tables"]:
+        tensors[t["tensor"]] = np.full_like(tensors[t["tensor"]], 1e20)
+    gpu = fastrec.load(model_dir(m, tensors), device="cuda", framework=fw)
+    with pytest.raises(ValueError, match="of the top MLP"):
+        gpu.score(np.ones((4, 5), np.float32), sparse)
+    m, tensors, ref = build_two_tower(rng, precision=precision)
+    tensors["tables.user_id"] = np.full_like(tensors["tables.user_id"], 3e38)
+    gpu = fastrec.load(model_dir(m, tensors), device="cuda", framework=fw)
+    user = random_sparse(rng, ["user_id", "age"], [ref["rows"]["user_id"], ref["rows"]["age"]], 3)
+    with pytest.raises(ValueError, match="layer 0 of the user tower MLP"):
+        gpu.user_vectors(user)

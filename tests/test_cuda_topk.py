@@ -280,3 +280,63 @@ def test_fp16_queries_of_any_magnitude(to_device, rng, rerank, scale):
     assert np.isfinite(to_host(ds)).all()
     np.testing.assert_allclose(to_host(ds), cs, rtol=3e-3 if not rerank else 1e-5)
     _check(index, items, queries, 20, ds, di, precision="fp16", rerank=rerank)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_large_magnitude_queries_take_the_float64_path_as_on_the_cpu(to_device, rng, precision):
+    """Queries whose float32 scores could overflow (D * max|q| * max|x| >= 2**126) are searched in
+    float64 on the host, as on the CPU (the device returned inf scores in no true order); the
+    other rows of the same call stay on the device."""
+    items, queries = _data(rng, 3000, 16, 6)
+    index = ItemIndex(items, precision=precision)
+    queries[[1, 4]] *= np.float32(2.0**124)
+    exclude = [[int(i)] for i in range(6)]
+    cs, ci = index.search(queries, 10, exclude=exclude)
+    ds, di = index.search(to_device(queries), 10, exclude=exclude)
+    np.testing.assert_array_equal(to_host(di)[[1, 4]], ci[[1, 4]])
+    np.testing.assert_array_equal(to_host(ds)[[1, 4]], cs[[1, 4]])
+    np.testing.assert_allclose(to_host(ds)[[0, 2, 3, 5]], cs[[0, 2, 3, 5]], rtol=1e-5, atol=1e-5)
+    s, i = fastrec.ops.topk(to_device(queries), to_device(items), 10, exclude=exclude)
+    ws, wi = fastrec.ops.topk(queries, items, 10, exclude=exclude)
+    np.testing.assert_array_equal(to_host(i)[[1, 4]], wi[[1, 4]])
+
+
+@needs_cuda
+def test_flat_device_exclude_is_refused(to_device, rng):
+    items, queries = _data(rng, 100, 8, 2)
+    index = ItemIndex(items, precision="fp32")
+    with pytest.raises(TypeError, match="flat sequence"):
+        index.search(to_device(queries), 3, exclude=to_device(np.array([5, 7])))
+    s, i = index.search(to_device(queries), 3, exclude=to_device(np.array([[5], [7]])))  # one row per query
+    np.testing.assert_array_equal(to_host(i), index.search(queries, 3, exclude=[[5], [7]])[1])
+
+
+@needs_cuda
+def test_threads_with_different_shared_memory_needs(to_device, rng):
+    """The kernels' shared-memory limit is a per-kernel attribute: set per call to each call's
+    size, a thread needing less lowered it under another's launch, which then failed. Searches
+    of indexes of different D (and k) from many threads at once must all succeed."""
+    indexes = []
+    # int8 scoring: 64 vs 128 KiB a block for D = 1024 / 2048; selection: P = 8192 / 16384 keys
+    # (64 / 128 KiB) for k = 3000 / 9000 with rerank (1.5k + 16 kept, within 20,000 items)
+    for n, d, k in ((4000, 1024, 10), (4000, 2048, 10), (20000, 64, 3000), (20000, 64, 9000)):
+        items, queries = _data(rng, n, d, 4)
+        indexes.append((ItemIndex(items, precision="int8"), queries, k))
+    want = [idx.search(q, k)[1] for idx, q, k in indexes]
+    errors = []
+
+    def work(j):
+        idx, q, k = indexes[j % len(indexes)]
+        try:
+            for _ in range(20):
+                np.testing.assert_array_equal(to_host(idx.search(to_device(q), k)[1]), want[j % len(indexes)])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -529,3 +529,43 @@ def test_centring_uncentred_items_restores_int8_recall(rng):
     assert recall(fastrec.ItemIndex(items, precision="int8").search(q, k)[1]) < 0.9  # the limitation
     centred = (items.astype(np.float64) - items.mean(axis=0, dtype=np.float64)).astype(np.float32)
     assert recall(fastrec.ItemIndex(centred, precision="int8").search(q, k)[1]) >= 0.99
+
+
+def test_device_search_refuses_a_flat_exclude_as_the_cpu_path_does():
+    """The GPU search turned a flat tensor into a list of 0-d tensors before the flat-sequence
+    check, which then read it as one id per query (seen items came back). Runs without a GPU:
+    the check comes before anything touches the device."""
+    from fastrec import _cuda_topk
+
+    flats = [np.array([5, 7]), [np.int64(5), 7]]
+    try:
+        import torch
+
+        flats.append(torch.tensor([5, 7]))
+    except ImportError:
+        pass
+    for flat in flats:
+        with pytest.raises(TypeError, match="flat sequence"):
+            _cuda_topk._exclude(flat, 2, None)
+
+
+def test_device_search_picks_the_same_float64_rows_as_the_cpu():
+    """The GPU search sends the queries whose float32 scoring could overflow to the host's
+    float64 search, chosen by the CPU's rule (_checked_queries). The choice runs here on CPU
+    torch tensors through the framework code (the device arrays' own methods); the device
+    search itself needs a GPU (tests/test_cuda_topk.py)."""
+    torch = pytest.importorskip("torch")
+    from fastrec import _cuda, _cuda_topk
+    from fastrec.index import _checked_queries
+
+    q = np.ones((5, 4), np.float32)
+    q[1, 2] = 2.0**120
+    q[3, 0] = -2.0**122
+    t = torch.from_numpy(q)
+    a = _cuda.DeviceArray(t, "torch", 0, tuple(q.shape), np.dtype(np.float32), 0)
+    for amax in (0.0, 1.0, 4.0, 16.0, 2.0**-10):
+        want = _checked_queries(q, amax)
+        got = _cuda_topk._overflow_rows(a, amax)
+        assert (want is None and got is None) or np.array_equal(want, got), (amax, want, got)
+    assert _cuda_topk._overflow_rows(a, 4.0).tolist() == [3]
+    assert _cuda_topk._overflow_rows(a, 16.0).tolist() == [1, 3]

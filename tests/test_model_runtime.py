@@ -483,6 +483,37 @@ def test_float_dlrm_overflow_raises_as_int8_does(rng, model_dir, precision):
         model.user_vectors(user)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_gpu_runtime_float_mlp_overflow_logic_on_host_tensors(rng, model_dir):
+    """The GPU runtime's float-MLP overflow check (a mask of the last layer's rows after its
+    ReLU, before the sigmoid, read at the end; the host MLPs then name the layer), run through
+    its torch code path on CPU tensors: no GPU here, so this holds the logic, not the device."""
+    torch = pytest.importorskip("torch")
+    from fastrec._cuda_model import CudaModel, _Torch
+
+    m, tensors, ref = build_dlrm(rng, precision="fp32", storages=("fp32", "fp32"))
+    model = fastrec.load(model_dir(m, tensors))
+    fw = _Torch.__new__(_Torch)
+    fw.t, fw.linear, fw.device = torch, torch.nn.functional.linear, torch.device("cpu")
+    cm = CudaModel.__new__(CudaModel)
+    cm.fw = fw
+    bottom, top = cm._mlp(model._bottom), cm._mlp(model._top)
+    dense = torch.ones((4, 5))
+    y, over = cm._run_mlp(bottom, dense)
+    cm._raise_if_over(over, [(bottom, dense)])  # finite: nothing to report
+    assert cm._run_mlp(bottom, dense, check_finite=False)[1] is None
+    dense[2] = 3e38
+    _, over = cm._run_mlp(bottom, dense)
+    with pytest.raises(ValueError, match="layer 0 of the bottom MLP .*row 2"):
+        cm._raise_if_over(over, [(bottom, dense), (top, None)])
+    top_in = torch.full((3, model._top.layers[0][0].shape[1]), 1e20)
+    top_in[1, 0] = float("inf")  # as the interaction gives when two 1e20 rows meet
+    p, over = cm._run_mlp(top, top_in)  # overflows; past the sigmoid it reads 1.0 or NaN
+    with pytest.raises(ValueError, match="of the top MLP"):
+        cm._raise_if_over(over, [(bottom, torch.ones((3, 5))), (top, top_in)])
+
+
 def test_from_int8_round_trip(rng):
     W = rng.standard_normal((7, 5)).astype(np.float32)
     a = fastrec.Int8Linear.from_float(W)

@@ -29,6 +29,8 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -488,7 +490,12 @@ Layout layout(const TopkIndexView& idx, int64_t Q, int64_t cap) {
 void check_index(const TopkIndexView& idx) {
   if (idx.precision < kTopkInt8 || idx.precision > kTopkF32) throw std::invalid_argument("bad precision");
   if (idx.n < 0 || idx.dim < 1 || idx.np < idx.n || idx.np % kItemAlign != 0) throw std::invalid_argument("bad index shape");
-  if (idx.n >= (int64_t{1} << 32) - 1) throw std::invalid_argument("the CUDA index holds fewer than 2^32 - 1 items");
+  // The selection counts a query's candidates in int: its buffer (at most n + keep + 2 * 512)
+  // must stay below INT_MAX, or a catalogue of equal scores past 2^31 items came back empty.
+  if (idx.n > INT_MAX - kMaxKeep - 4 * kItemAlign) {
+    throw std::invalid_argument("the CUDA index holds at most " + std::to_string(INT_MAX - kMaxKeep - 4 * kItemAlign) +
+                                " items");
+  }
   if (idx.precision != kTopkF32) {
     const int64_t per = idx.precision == kTopkInt8 ? 1 : 2;
     if (idx.row_bytes % 64 != 0 || idx.row_bytes < idx.dim * per) throw std::invalid_argument("bad row_bytes");
@@ -500,10 +507,26 @@ void check_index(const TopkIndexView& idx) {
   }
 }
 
-void set_smem(const void* fn, int64_t bytes) {
-  if (bytes > 48 * 1024) {
-    FASTREC_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+// Lets `fn` take up to `bytes` of dynamic shared memory on the current device. The attribute
+// belongs to the kernel, not to the launch, so it is only ever raised, under a lock, to all the
+// device allows: setting it to each call's own size raced between threads (a call needing less
+// lowered it between another call's set and launch, and that launch failed).
+void allow_smem(const void* fn, int device, int smem_optin, int64_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::set<std::pair<int, const void*>> raised;
+  std::lock_guard<std::mutex> lock(mu);
+  if (raised.count({device, fn})) return;
+  cudaFuncAttributes attr;
+  FASTREC_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn));
+  const int most = smem_optin - static_cast<int>(attr.sharedSizeBytes);
+  if (bytes > most) {
+    throw std::invalid_argument("the CUDA top-k needs " + std::to_string(bytes / 1024) +
+                                " KiB of shared memory a block here; this GPU allows " + std::to_string(most / 1024) +
+                                " KiB");
   }
+  FASTREC_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+  raised.insert({device, fn});
 }
 
 }  // namespace
@@ -575,10 +598,11 @@ TopkStatus search(int device, const TopkIndexView& idx, const TopkRequest& req, 
                                 std::to_string(sel_smem / 1024) + " KiB of shared memory a block; this GPU allows " +
                                 std::to_string(smem_optin / 1024) + " KiB: use a smaller k (or rerank=False)");
   }
-  if (idx.precision == kTopkInt8) set_smem(reinterpret_cast<const void*>(&score_mma_kernel<kTopkInt8>), mma_smem);
-  if (idx.precision == kTopkF16) set_smem(reinterpret_cast<const void*>(&score_mma_kernel<kTopkF16>), mma_smem);
-  if (idx.precision == kTopkF32) set_smem(reinterpret_cast<const void*>(&score_f32_kernel), f32_smem);
-  set_smem(reinterpret_cast<const void*>(&select_kernel), sel_smem);
+  const void* score_fn = idx.precision == kTopkInt8  ? reinterpret_cast<const void*>(&score_mma_kernel<kTopkInt8>)
+                         : idx.precision == kTopkF16 ? reinterpret_cast<const void*>(&score_mma_kernel<kTopkF16>)
+                                                     : reinterpret_cast<const void*>(&score_f32_kernel);
+  allow_smem(score_fn, device, smem_optin, score_smem);
+  allow_smem(reinterpret_cast<const void*>(&select_kernel), device, smem_optin, sel_smem);
   const double growth = std::max(1.0, static_cast<double>(cap - keep) / (3.0 * static_cast<double>(keep)));
 
   for (int64_t qb = 0; qb < Q; qb += l.qc) {
