@@ -12,6 +12,8 @@ def as_numpy(x):
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        if getattr(getattr(x, "device", None), "type", None) == "meta":
+            raise ValueError("a tensor on the 'meta' device holds no values")
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":
             x = x.float()
@@ -22,7 +24,7 @@ def as_numpy(x):
 _F32 = np.dtype(np.float32)
 
 
-def float_input(x) -> np.ndarray:
+def float_input(x, name: str = "input") -> np.ndarray:
     """A float input (dense features, queries, activations) as a numpy array in native byte
     order; Python lists and tuples (which have no dtype) become float32. Other dtypes are left
     for the caller to refuse."""
@@ -37,10 +39,25 @@ def float_input(x) -> np.ndarray:
         if a.dtype.kind == "f" and not np.isfinite(out).all():  # finite values past float32's range
             over = np.isinf(out) & np.isfinite(a)
             if over.any():
-                raise ValueError(f"value {float(a[over][0]):g} at {tuple(int(i) for i in np.argwhere(over)[0])} is "
+                raise ValueError(f"{name} holds {float(a[over][0]):g} at {tuple(int(i) for i in np.argwhere(over)[0])}, "
                                  "beyond float32's range (+-3.4e38)")
         return out
     return native(as_numpy(x))
+
+
+def finite_float32(a: np.ndarray, name: str) -> np.ndarray:
+    """A float array (weights, biases, table rows) as C-contiguous float32, checked finite:
+    ValueError for NaN / Inf, and for finite values past float32's range (which became inf)."""
+    with np.errstate(over="ignore"):
+        w = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(w).all():
+        bad = ~np.isfinite(w)
+        src = np.asarray(a)[bad]
+        over = np.isfinite(src)
+        if over.any():
+            raise ValueError(f"{name} holds {float(src[over][0]):g}, beyond float32's range (+-3.4e38)")
+        raise ValueError(f"{name} contains NaN or Inf")
+    return w
 
 
 def native(x: np.ndarray) -> np.ndarray:
@@ -63,7 +80,13 @@ def aligned_empty(shape, dtype=np.float32, *, alignment: int = 64) -> np.ndarray
         raise TypeError(f"alignment must be an int, got {type(alignment).__name__}")
     if alignment < 1 or alignment & (alignment - 1):
         raise ValueError(f"alignment must be a power of two >= 1, got {alignment!r}")
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool) else shape
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__}")
+    shape = tuple(shape)
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape):
+        raise TypeError(f"shape must hold ints, got {shape!r}")
+    shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must not have negative sizes, got {shape}")
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -74,7 +97,7 @@ def aligned_empty(shape, dtype=np.float32, *, alignment: int = 64) -> np.ndarray
 
 def aligned_copy(a, *, alignment: int = 64) -> np.ndarray:
     """A C-contiguous copy of ``a`` whose data starts on an ``alignment``-byte boundary."""
-    a = np.asarray(a)
+    a = as_numpy(a)
     out = aligned_empty(a.shape, a.dtype, alignment=alignment)
     out[...] = a
     return out

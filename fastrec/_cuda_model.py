@@ -20,7 +20,11 @@ row-major order, as docs/FORMAT.md step 3 and the CPU runtime) -> top MLP with t
 Host waits: the embedding call waits for its kernel (its bounds check reads 16 bytes back, so a
 bad id raises IndexError naming the feature, as on the CPU); an int8 top MLP / tower MLP waits
 for its last quantization pass (NaN / Inf raise ValueError, as on the CPU; the int8 bottom MLP
-skips that check: a NaN there reaches the top MLP's). Everything else is only queued.
+skips that check: a NaN there reaches the top MLP's); an fp32 / fp16 top MLP or tower MLP reads
+back a mask of the rows whose last layer overflowed float32 (after a ReLU, before the sigmoid),
+at the end of the call, so ``score`` and ``user_vectors`` / ``item_vectors`` of a float model
+return once their results are computed (on overflow the host MLPs name the layer, as on the
+CPU). Everything else is only queued.
 
 The cheapest sparse input is one table-major ``(indices, offsets)`` pair on the device (TorchRec's
 KeyedJaggedTensor layout): it goes to the kernel as it is. A ``{feature: (indices, offsets)}``
@@ -422,7 +426,7 @@ class CudaModel:
             a, x = self._on_device(dense, "dense")
             shape = a.shape
         else:
-            x = float_input(dense)  # (lists become float32 and byte-swapped arrays native, as on the CPU)
+            x = float_input(dense, "dense")  # (lists become float32 and byte-swapped arrays native, as on the CPU)
             if x.dtype != np.float32:
                 raise TypeError(f"dense must be float32, got {x.dtype}")
             shape = x.shape

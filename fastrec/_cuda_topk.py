@@ -168,7 +168,7 @@ def _exclude_host(exclude, Q: int):
     if exclude is None:
         return None, None
     if isinstance(exclude, (tuple, list)):  # (ids, offsets), or one id array per query: each may be on the device
-        exclude = type(exclude)(_host(e) for e in exclude)
+        exclude = (tuple if isinstance(exclude, tuple) else list)(_host(e) for e in exclude)  # (namedtuples too)
     else:  # one array (a 2-D one holds a list per row; a flat one is refused): whole, as the CPU path reads it
         exclude = _host(exclude)
     return exclude_csr(exclude, Q)
@@ -325,11 +325,15 @@ def topk(queries, items, k: int, *, exclude=None):
     # Device-side layout (no host round trip): transposed, padded fp32 rows; ids 0..n-1.
     np_ = _round_up(max(n, 1), 512)
     D4 = _round_up(D, 4)
+    amax = 0.0
+    if n:  # one pass: max |x| is NaN / inf exactly when an item is, and decides the float64 rows
+        with _device_of(x):
+            amax = float(abs(x.obj).max())
+        if not np.isfinite(amax):
+            raise ValueError("items contain NaN or Inf")
     if x.framework == "torch":
         import torch
 
-        if not bool(torch.isfinite(x.obj).all()):
-            raise ValueError("items contain NaN or Inf")
         xt = torch.zeros((D4, np_), dtype=torch.float32, device=x.obj.device)
         xt[:D, :n] = x.obj.T
         ids = torch.arange(max(n, 1), dtype=torch.int64, device=x.obj.device)
@@ -337,8 +341,6 @@ def topk(queries, items, k: int, *, exclude=None):
         import cupy
 
         with cupy.cuda.Device(x.device):
-            if not bool(cupy.isfinite(x.obj).all()):
-                raise ValueError("items contain NaN or Inf")
             xt = cupy.zeros((D4, np_), dtype=cupy.float32)
             xt[:D, :n] = x.obj.T
             ids = cupy.arange(max(n, 1), dtype=cupy.int64)
@@ -350,8 +352,6 @@ def topk(queries, items, k: int, *, exclude=None):
     k = _check_k(k)
     scores, out = _search_dev(dev, a, k, _candidates(k, "fp32", True), exclude)
     if n:
-        with _device_of(x):
-            amax = float(abs(x.obj).max())
         rows = _overflow_rows(a, amax)
         if rows is not None:  # as ops.topk on the CPU: these queries exactly in float64, on the host
             from .index import ItemIndex

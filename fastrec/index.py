@@ -21,7 +21,7 @@ _MAX_SEGMENTS = 16  # more than this after an add: the catalogue is merged into 
 def float_matrix(x, name: str, dim: int | None = None, *, check_finite: bool = True) -> np.ndarray:
     """A C-contiguous float32 2-D array with finite values (TypeError / ValueError otherwise;
     ``check_finite=False`` leaves the NaN / Inf check to the caller, see ``_check_finite``)."""
-    x = float_input(x)
+    x = float_input(x, name)
     if x.dtype != np.float32:
         raise TypeError(f"{name} must be float32, got {x.dtype}")
     if x.ndim != 2:
@@ -47,7 +47,10 @@ def _id_array(ids, n: int) -> np.ndarray:
     if ids.size == 0:
         ids = ids.astype(np.int64)  # [] is float64 to numpy
     if ids.dtype == object and all(isinstance(i, int) and not isinstance(i, bool) for i in ids.reshape(-1)):
-        raise ValueError(f"ids must fit in int64, got {max(ids.reshape(-1), key=abs)}")  # (Python ints past 2**64)
+        big = [i for i in ids.reshape(-1) if not -2**63 <= i < 2**63]  # (Python ints past int64 make object arrays)
+        if big:
+            raise ValueError(f"ids must fit in int64, got {big[0]}")
+        ids = ids.astype(np.int64)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"ids must be integers, got {ids.dtype}")
     if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
@@ -235,12 +238,13 @@ def exclude_csr(exclude, Q: int):
     """``exclude`` (a list of Q id arrays, or a tuple ``(ids, offsets)`` in CSR) as int64 CSR."""
     if exclude is None:
         return None, None
-    if isinstance(exclude, (dict, str, bytes)):  # a dict's keys would be taken as the id lists
+    if isinstance(exclude, (dict, set, frozenset, str, bytes)):  # a dict's keys would be taken as the id lists
         raise TypeError(f"exclude must be a list of Q id arrays or an (ids, offsets) tuple, got {type(exclude).__name__}")
     if isinstance(exclude, tuple):
         if len(exclude) != 2:
             raise ValueError("exclude as a tuple must be (exclude_ids, exclude_offsets)")
-        ids = _id_array(exclude[0], np.size(exclude[0]))
+        first = as_numpy(exclude[0])  # (np.size of a torch tensor is its .size method)
+        ids = _id_array(first, first.size)
         off = as_numpy(exclude[1])
         if off.dtype.kind not in "iu":
             raise TypeError(f"exclude offsets must be integers, got {off.dtype}")
@@ -389,7 +393,7 @@ class ItemIndex:
             return _cuda_topk.search(self, self._snap, queries, k, exclude)
         # ---- CPU
         single = False
-        q = float_input(queries)
+        q = float_input(queries, "queries")
         if q.ndim == 1:
             single, q = True, q.reshape(1, -1)
         q = float_matrix(q, "queries", self._dim, check_finite=False)
@@ -430,7 +434,9 @@ class ItemIndex:
     def remove(self, ids) -> None:
         """Removes items by id (KeyError naming the first id that is not in the index)."""
         ids = as_numpy(ids)
-        ids = _id_array(ids, np.size(ids))
+        if ids.ndim > 1:
+            raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+        ids = _id_array(ids, ids.size)
         _check_unique(ids)
         with self._lock:
             snap = self._snap

@@ -202,8 +202,9 @@ def _read_safetensors(path) -> tuple[dict, dict]:
                 or not all(_is_int(d) and 0 <= d < 2**63 for d in shape)):
             raise ModelFormatError(path, where + ".shape", "a list of at most 32 non-negative integers below 2**63",
                                    shape)
-        if math.prod(d for d in shape if d) >= 2**63:  # numpy refuses it even with a zero dimension
-            raise ModelFormatError(path, where + ".shape", "dimensions whose product is below 2**63", shape)
+        itemsize = np.dtype(_DTYPES[dt]).itemsize if dt in _DTYPES else _ITEMSIZE[dt]
+        if math.prod(d for d in shape if d) * itemsize >= 2**63:  # numpy refuses it even with a zero dimension
+            raise ModelFormatError(path, where + ".shape", "dimensions whose product (in bytes) is below 2**63", shape)
         offs = entry.get("data_offsets")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
@@ -212,7 +213,6 @@ def _read_safetensors(path) -> tuple[dict, dict]:
         if end > data_len:
             raise ModelFormatError(path, where + ".data_offsets",
                                    f"offsets within the data section ({data_len} bytes; file truncated?)", offs)
-        itemsize = np.dtype(_DTYPES[dt]).itemsize if dt in _DTYPES else _ITEMSIZE[dt]
         count = math.prod(shape)
         if count * itemsize != end - begin:
             raise ModelFormatError(path, where + ".data_offsets",
@@ -298,8 +298,10 @@ class _Checker:
         return value
 
     def enum(self, value, path, choices):
-        # the same type too: 8.0 == 8 and True == 1, but neither is the JSON the format names
-        if isinstance(value, (dict, list)) or not any(type(value) is type(c) and value == c for c in choices):
+        # numbers of the same type too: 8.0 == 8 and True == 1, but neither is the JSON the format
+        # names (text only has to be a str: np.str_ and str enums are text)
+        if isinstance(value, (dict, list)) or not any(
+                value == c and (isinstance(c, str) or type(value) is type(c)) for c in choices):
             self.fail(path, "one of " + ", ".join(json.dumps(c) for c in choices),
                       value if not isinstance(value, (dict, list)) else _type_name(value))
         return value
@@ -706,6 +708,11 @@ def write_model(path, manifest: dict, tensors: dict, *, validate: bool = True) -
         validate_manifest(manifest, arrays, manifest_file=os.path.join(path, MANIFEST_FILE),
                           tensors_file=os.path.join(path, TENSORS_FILE))
     text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+    try:  # what read_model refuses (_json_text): a string holding a lone surrogate
+        json.dumps(manifest, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the manifest holds a string that is not valid Unicode text ({exc.reason}: "
+                         f"{exc.object[max(exc.start - 20, 0):exc.end + 20]!r})") from None
     os.makedirs(path, exist_ok=True)
     tfile = os.path.join(path, TENSORS_FILE)
     mfile = os.path.join(path, MANIFEST_FILE)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _C
-from ._arrays import as_numpy, native
+from ._arrays import as_numpy, finite_float32, native
 from ._cuda import is_device_array
 
 __all__ = ["Int8Linear", "Int8MLP"]
@@ -46,6 +46,8 @@ def _plain_f32_matrix(x, in_features: int) -> bool:
 
 
 def _activation_code(activation) -> int:
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be None, 'relu' or 'sigmoid', got {type(activation).__name__} {activation!r}")
     try:
         return _ACTIVATIONS[activation]
     except (KeyError, TypeError):
@@ -53,10 +55,11 @@ def _activation_code(activation) -> int:
 
 
 def _float_matrix(a, name: str) -> np.ndarray:
+    """A floating-point array as finite C-contiguous float32 (TypeError / ValueError otherwise)."""
     a = as_numpy(a)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return finite_float32(a, name)
 
 
 def _f32_vector(a, name: str, n: int) -> np.ndarray:
@@ -78,8 +81,6 @@ def quantize_weight(weight) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {w.shape}")
     if w.shape[0] < 1 or w.shape[1] < 1:
         raise ValueError(f"weight must have at least one row and one column, got shape {w.shape}")
-    if not np.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf")
     # The activation quantizer itself (csrc/cpu/ref/gemm_ref.cpp and its SIMD twins, bit-identical):
     # round half to even of x * (127 / amax), rows whose 127 / amax overflows scaled by 2^100 first.
     return _C.quantize_rows_int8(w)
@@ -90,8 +91,10 @@ def _checked_int8(weight_int8, weight_scale, bias):
     w = as_numpy(weight_int8)
     if w.dtype != np.int8:
         raise TypeError(f"weight_int8 must be int8, got {w.dtype}")
-    if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+    if w.ndim != 2:
         raise ValueError(f"weight_int8 must be 2-D (out_features, in_features), got shape {w.shape}")
+    if w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"weight_int8 must have at least one row and one column, got shape {w.shape}")
     if int(w.min()) < -127:
         raise ValueError("weight_int8 codes must be in [-127, 127] (symmetric quantization), found -128")
     scale = _f32_vector(weight_scale, "weight_scale", w.shape[0])
@@ -190,6 +193,8 @@ class Int8MLP:
             raise ValueError("an MLP needs at least one layer")
         if not all(isinstance(lin, Int8Linear) for lin in layers):
             raise TypeError("layers must be Int8Linear objects (or use Int8MLP.from_float)")
+        if isinstance(activations, (str, bytes)):  # (its letters were taken as one activation each)
+            raise TypeError("activations must be a sequence with one entry per layer, e.g. ['relu', None]")
         activations = list(activations)
         if len(activations) != len(layers):
             raise ValueError(f"one activation per layer is required ({len(layers)}), got {len(activations)}")
@@ -207,7 +212,13 @@ class Int8MLP:
     @classmethod
     def from_float(cls, layers, activations) -> "Int8MLP":
         """``layers``: a sequence of (weight (N, K), bias (N,) or None) pairs."""
-        return cls([Int8Linear.from_float(w, b) for w, b in layers], activations)
+        lins = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, (tuple, list)) or len(layer) != 2:
+                raise TypeError(f"layer {i} must be a (weight, bias) pair (bias may be None), got "
+                                f"{type(layer).__name__}")
+            lins.append(Int8Linear.from_float(*layer))
+        return cls(lins, activations)
 
     @property
     def in_features(self) -> int:

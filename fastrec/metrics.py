@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from ._arrays import as_numpy
+
 __all__ = ["auc", "ndcg_at_k", "recall_at_k"]
 
 
@@ -38,8 +40,8 @@ def auc(labels, scores) -> float:
         ValueError: shapes differ or are not 1-D, labels that are not 0/1, non-finite scores,
             or only one class present (the AUC is undefined).
     """
-    y = np.asarray(labels)
-    s = np.asarray(scores)
+    y = as_numpy(labels)  # (torch tensors too: bfloat16, requires_grad)
+    s = as_numpy(scores)
     if s.dtype.kind not in "biuf":  # complex scores lost their imaginary part with only a warning
         raise ValueError(f"scores must be real numbers, got dtype {s.dtype}")
     if s.dtype.kind == "f":  # integer scores are ranked as they are: float64 would tie ints > 2**53
@@ -76,6 +78,8 @@ def _per_query(recommended, relevant, k: int):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     rec = recommended
+    if hasattr(rec, "detach") or isinstance(rec, memoryview):  # a torch tensor: as an array
+        rec = as_numpy(rec)
     if isinstance(rec, np.ndarray) and rec.ndim != 2:
         raise ValueError(f"recommended_ids must be 2-D (queries, ranked ids), got shape {rec.shape}")
     n = len(rec)
@@ -84,6 +88,8 @@ def _per_query(recommended, relevant, k: int):
     for row, rel in zip(rec, relevant):
         if isinstance(rel, (str, bytes)):  # would be split into characters
             raise TypeError(f"each relevant set must hold integer ids, got {type(rel).__name__}")
+        if hasattr(rel, "detach"):  # a torch tensor
+            rel = as_numpy(rel)
         if isinstance(rel, (int, np.integer)):
             values = [rel]
         elif isinstance(rel, np.ndarray):

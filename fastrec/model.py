@@ -558,7 +558,7 @@ class Model:
         self._need("dlrm", "score()")
         if self._cuda is not None:
             return self._cuda.score(dense, sparse)
-        x = float_input(dense)
+        x = float_input(dense, "dense")
         if x.dtype != np.float32:
             raise TypeError(f"dense must be float32, got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self._dense:

@@ -19,6 +19,8 @@ _MODES = {"sum": 0, "mean": 1, "max": 2}
 
 
 def _mode_code(mode) -> int:
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be one of 'sum', 'mean', 'max', got {type(mode).__name__} {mode!r}")
     try:
         return _MODES[mode]
     except (KeyError, TypeError):
@@ -68,7 +70,7 @@ def _check_weights(dtype, shape, n: int, indices_shape=None) -> None:
 
 
 def _weights_array(x, n: int, indices_shape) -> np.ndarray:
-    x = float_input(x)  # (lists of numbers: float32)
+    x = float_input(x, "per_sample_weights")  # (lists of numbers: float32)
     _check_weights(x.dtype, x.shape, n, tuple(indices_shape))
     return x.reshape(-1)
 
@@ -164,6 +166,8 @@ def _num_rows(table) -> int:
 def _mode_codes(modes, T: int) -> tuple:
     if isinstance(modes, str):
         return (_mode_code(modes),) * T
+    if not isinstance(modes, (list, tuple)):
+        raise TypeError(f"modes must be a string or a list of one string per table, got {type(modes).__name__}")
     codes = tuple(_mode_code(m) for m in modes)
     if len(codes) != T:
         raise ValueError(f"modes must be one string or one per table ({T}), got {len(codes)}")
@@ -227,7 +231,7 @@ def embedding_bags(tables, indices, offsets, *, modes="sum", per_sample_weights=
 
 
 def _linear_input(x, in_features: int) -> np.ndarray:
-    x = float_input(x)
+    x = float_input(x, "x")
     if x.dtype != np.float32:
         raise TypeError(f"x must be float32, got {x.dtype}")
     if x.ndim != 2:

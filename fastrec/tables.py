@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C, _cuda
-from ._arrays import as_numpy, cache_line_aligned
+from ._arrays import as_numpy, cache_line_aligned, finite_float32
 
 __all__ = ["QuantizedTable"]
 
@@ -37,7 +37,9 @@ def _code_bytes(bits: int, dim: int) -> int:
 
 
 def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in _BITS:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"bits must be an int (8, 4 or 2), got {type(bits).__name__} {bits!r}")
+    if int(bits) not in _BITS:
         raise ValueError(f"bits must be 8, 4 or 2, got {bits!r}")
     return int(bits)
 
@@ -50,10 +52,7 @@ def _float_weight(weight) -> np.ndarray:
         raise ValueError(f"weight must be 2-D (rows, dim), got shape {w.shape}")
     if w.shape[1] < 1:
         raise ValueError("weight must have dim >= 1")
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    if not np.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf")
-    return w
+    return finite_float32(w, "weight")
 
 
 def _check_row_range(ok: np.ndarray, mn: np.ndarray, mx: np.ndarray, why: str) -> None:
@@ -136,6 +135,12 @@ class QuantizedTable(_C.PackedTable):
         if data.ndim != 2:
             raise ValueError(f"packed table data must be 2-D (rows, bytes per row), got shape {data.shape}")
         data = np.ascontiguousarray(data)
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        if not 1 <= dim < 2**63:  # (the rest, against the row size, in the C++ constructor)
+            raise ValueError(f"dim must be in [1, 2**63), got {dim}")
+        if not isinstance(layout, str):
+            raise TypeError(f"layout must be a str, got {type(layout).__name__}")
         super().__init__(data, _check_bits(bits), int(dim), layout)
         if data.nbytes >= _HUGEPAGE_BYTES:
             _C.advise_hugepages(data)

@@ -280,3 +280,66 @@ def test_byte_swapped_ids_offsets_and_weights_are_converted(rng):
         assert np.array_equal(got, want)
     with pytest.raises(TypeError, match="int32 or int64"):
         ops.embedding_bag(W, idx.astype(">u8"), off)
+
+
+def test_inputs_are_read_alike_across_entry_points():
+    """Findings of an input-consistency audit of the public API: each failed before (a garbage
+    message, a wrong exception type, a silently truncated value, or a refused valid input)."""
+    torch = pytest.importorskip("torch")
+    X = np.eye(4, dtype=np.float32)
+    index = fastrec.ItemIndex(X, precision="fp32")
+    # an (ids, offsets) exclude of torch tensors (np.size of a tensor is its .size method)
+    got = index.search(X[:2], 2, exclude=(torch.tensor([0, 1]), torch.tensor([0, 1, 2])))[1]
+    assert np.array_equal(got, index.search(X[:2], 2, exclude=[[0], [1]])[1])
+    # object arrays of in-range ints (pandas' nullable Int64 gives them) are ids
+    assert fastrec.ItemIndex(X[:2], ids=np.array([1, 2], dtype=object)).ids.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="ids must be 1-D"):
+        index.remove([[1], [2]])
+    with pytest.raises(TypeError, match="got set"):
+        index.search(X[:2], 2, exclude={1, 2})
+    # meta tensors hold no values: ValueError, as fastrec.torch.export says (not NotImplementedError)
+    with pytest.raises(ValueError, match="'meta' device"):
+        ops.embedding_bag(torch.zeros((3, 4), device="meta"), np.array([0]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="'meta' device"):
+        fastrec.Int8Linear.from_float(np.ones((2, 2), np.float32))(torch.zeros((1, 2), device="meta"))
+    # shapes and dims are ints, not truncated floats or strings
+    from fastrec._arrays import aligned_empty
+
+    for shape in ("12", (2.7, 3), 5.0):
+        with pytest.raises(TypeError, match="shape"):
+            aligned_empty(shape)
+    for dim in (6.9, "6"):
+        with pytest.raises(TypeError, match="dim must be an int"):
+            QuantizedTable(np.zeros((3, 12), np.uint8), 8, dim)
+    with pytest.raises(ValueError, match="dim must be in"):
+        QuantizedTable(np.zeros((3, 12), np.uint8), 8, 2**70)
+    # wrong types of the small arguments: TypeError (DESIGN.md), wrong values: ValueError
+    with pytest.raises(TypeError, match="modes"):
+        ops.embedding_bags([np.zeros((3, 4), np.float32)], np.array([0]), np.array([0, 1]), modes=None)
+    with pytest.raises(TypeError, match="mode"):
+        ops.embedding_bag(np.ones((2, 2), np.float32), np.array([0]), np.array([0, 1]), mode=0)
+    with pytest.raises(TypeError, match="bits"):
+        QuantizedTable.from_float(np.ones((2, 2), np.float32), bits=8.0)
+    with pytest.raises(ValueError, match="bits"):
+        QuantizedTable.from_float(np.ones((2, 2), np.float32), bits=3)
+    lin = fastrec.Int8Linear.from_float(np.ones((2, 2), np.float32))
+    with pytest.raises(TypeError, match="activations must be a sequence"):
+        fastrec.Int8MLP([lin], "relu")  # (its letters were read as four activations)
+    with pytest.raises(TypeError, match="layer 0 must be a \\(weight, bias\\) pair"):
+        fastrec.Int8MLP.from_float([np.ones((2, 2), np.float32)], ["relu"])
+    with pytest.raises(ValueError, match="at least one row and one column"):
+        fastrec.Int8Linear.from_int8(np.zeros((0, 5), np.int8), np.zeros(0, np.float32))
+    # finite float64 weights past float32's range are named as such, not as NaN / Inf
+    for build in (fastrec.Int8Linear.from_float, QuantizedTable.from_float):
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            build(np.full((2, 2), 1e39))
+    with pytest.raises(ValueError, match="queries holds 1e\\+39"):
+        index.search([[1e39, 0, 0, 0]], 1)
+    # metrics read torch tensors as the rest of the package does
+    from fastrec import metrics
+
+    s = torch.tensor([0.1, 0.9, 0.4], requires_grad=True)
+    assert metrics.auc([0, 1, 0], s) == metrics.auc(torch.tensor([0, 1, 0]), s.to(torch.bfloat16)) == 1.0
+    assert metrics.recall_at_k(torch.tensor([[1, 2, 3], [4, 5, 6]]), [torch.tensor([2]), torch.tensor([9])], 2) == 0.5
+    with pytest.raises(ValueError, match="2-D"):
+        metrics.recall_at_k(torch.zeros((2, 3, 2), dtype=torch.int64), [[1], [2]], 2)

@@ -547,6 +547,15 @@ def test_device_search_refuses_a_flat_exclude_as_the_cpu_path_does():
     for flat in flats:
         with pytest.raises(TypeError, match="flat sequence"):
             _cuda_topk._exclude(flat, 2, None)
+    # a namedtuple (ids, offsets) is read as the CPU path reads it (rebuilding it from a
+    # generator failed), and a 2-D array as one row per query
+    from collections import namedtuple
+
+    CSR = namedtuple("CSR", "ids offsets")
+    ids, off = _cuda_topk._exclude_host(CSR(np.array([3, 1]), np.array([0, 1, 2])), 2)
+    assert ids.tolist() == [3, 1] and off.tolist() == [0, 1, 2]
+    ids, off = _cuda_topk._exclude_host(np.array([[5], [7]]), 2)
+    assert ids.tolist() == [5, 7] and off.tolist() == [0, 1, 2]
 
 
 def test_device_search_picks_the_same_float64_rows_as_the_cpu():

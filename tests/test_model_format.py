@@ -142,7 +142,20 @@ def test_writer_refuses_reserved_names_and_unknown_dtypes(tmp_path, rng):
         write_model(tmp_path / "m", m, {**tensors, "a\ud800": np.zeros(3, np.uint8)})
     with pytest.raises(TypeError, match="no safetensors name"):
         write_model(tmp_path / "m", m, {**tensors, "x": np.zeros(3, np.complex64)})
+    with pytest.raises(ValueError, match="not valid Unicode text"):  # (written, then refused by load)
+        write_model(tmp_path / "m", {**m, "metadata": {"note": "x\ud800y"}}, tensors)
     assert not (tmp_path / "m").exists()
+    # text choices may be any str (np.str_, str enums); numbers must be the JSON type named
+    import enum
+
+    class Kind(str, enum.Enum):
+        DLRM = "dlrm"
+
+    m2 = json.loads(json.dumps(m))
+    m2["kind"] = Kind.DLRM
+    m2["tables"][0]["pooling"] = np.str_("sum")
+    write_model(tmp_path / "ok", m2, tensors)
+    assert fastrec.load(tmp_path / "ok").kind == "dlrm"
 
 
 @pytest.mark.parametrize("keep", [0, 3, 8, 20, 0.5, -1])
@@ -209,7 +222,7 @@ def test_bad_header_json(dlrm_dir, text):
     ("data_offsets", [-8, 0], "begin <= end"),
     ("data_offsets", [40, 8], "begin <= end"),
     ("data_offsets", "0-8", "begin <= end"),
-    ("shape", [10**12, 10**12], "product is below 2**63"),
+    ("shape", [10**12, 10**12], "product (in bytes)"),
     ("shape", [10**6, 10**6], "bytes for"),
     ("shape", [-1, 8], "non-negative"),
     ("shape", [2.5], "non-negative"),
@@ -237,7 +250,8 @@ def test_lying_header_never_allocates(dlrm_dir):
     _fails(dlrm_dir, "huge", ".shape", "below 2**63")
     # More dimensions than numpy holds, and empty tensors whose other dimensions numpy refuses
     # to multiply (numpy's own ValueError leaked out of both).
-    for shape, expect in (([0] * 65, "at most 32"), ([0, 2**62, 2**62], "product is below 2**63")):
+    for shape, expect in (([0] * 65, "at most 32"), ([0, 2**62, 2**62], "product (in bytes)"),
+                          ([0, 2**61], "product (in bytes)"), ([0, 2**40, 2**22], "product (in bytes)")):
         header, data = _read_header(dlrm_dir)
         header.pop("huge", None)
         header["huge"] = {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}

@@ -29,8 +29,9 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <mutex>
-#include <set>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -514,19 +515,26 @@ void check_index(const TopkIndexView& idx) {
 void allow_smem(const void* fn, int device, int smem_optin, int64_t bytes) {
   if (bytes <= 48 * 1024) return;
   static std::mutex mu;
-  static std::set<std::pair<int, const void*>> raised;
+  static std::map<std::pair<int, const void*>, int> raised;  // -> the limit set
   std::lock_guard<std::mutex> lock(mu);
-  if (raised.count({device, fn})) return;
-  cudaFuncAttributes attr;
-  FASTREC_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn));
-  const int most = smem_optin - static_cast<int>(attr.sharedSizeBytes);
+  auto it = raised.find({device, fn});
+  int most = 0;
+  if (it != raised.end()) {
+    most = it->second;
+  } else {
+    cudaFuncAttributes attr;
+    FASTREC_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn));
+    most = smem_optin - static_cast<int>(attr.sharedSizeBytes);
+  }
   if (bytes > most) {
     throw std::invalid_argument("the CUDA top-k needs " + std::to_string(bytes / 1024) +
                                 " KiB of shared memory a block here; this GPU allows " + std::to_string(most / 1024) +
                                 " KiB");
   }
-  FASTREC_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
-  raised.insert({device, fn});
+  if (it == raised.end()) {
+    FASTREC_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+    raised.emplace(std::make_pair(device, fn), most);
+  }
 }
 
 }  // namespace
