@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._arrays import as_numpy
 from .kernels import featurize as _fk
 from .kernels import hashing as _hashing
 
@@ -350,13 +351,14 @@ class _Column:
 
     def __init__(self, records, sources):
         if isinstance(records, Mapping):
-            self.cols = records
+            # torch tensor columns are read as the numpy arrays they hold (as the ops read them)
+            self.cols = {k: as_numpy(v) if hasattr(v, "detach") else v for k, v in records.items()}
             self.rows = None
             n = None
             for s in sources:
                 if s not in records:
                     raise ValueError(f"records has no column {s!r} (columns: {_short(list(records))})")
-                c = records[s]
+                c = self.cols[s]
                 m = _col_len(c, s)
                 if n is None:
                     n = m
@@ -366,7 +368,7 @@ class _Column:
                 n = 0
                 if records:
                     s = next(iter(records))
-                    n = _col_len(records[s], s)
+                    n = _col_len(self.cols[s], s)
             self.n = n
         elif isinstance(records, (list, tuple)):
             for i, r in enumerate(records):

@@ -160,6 +160,14 @@ def test_numpy_columns(backend):
     for dt in (np.int32, np.int64, np.uint32, np.uint64):
         got = fz.transform({"x": np.arange(1, 6, dtype=dt), "c": ids.astype(dt), "m": ids.astype(dt)})
         check_same(got, (want[0], *want[1]))
+    try:  # torch tensor columns are read as the arrays they hold (they were "record 0 is Tensor")
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        got = fz.transform({"x": torch.arange(1, 6, dtype=torch.float32), "c": torch.from_numpy(ids),
+                            "m": torch.from_numpy(ids).to(torch.int32)})
+        check_same(got, (want[0], *want[1]))
     # uint64 beyond int64 and Python ints beyond int64 hash mod 2**64 and are out of an int vocab
     big = [2**64 - 1, 2**63]
     got = fz.transform({"x": [0, 0], "c": np.array(big, dtype=np.uint64), "m": np.array(big, dtype=np.uint64)})
