@@ -278,3 +278,100 @@ def test_pool_workers_avoid_the_callers_cpu(rng):
             pytest.fail(f"no thread has the caller's CPU set {sorted(allowed)} minus its CPU {cpu}")
     finally:
         fastrec.set_num_threads(old)
+
+
+def _race(call, flip, seconds: float = 1.0) -> tuple[int, int]:
+    """Runs call() in a loop for `seconds` while another thread runs flip() in a loop; returns
+    (calls that returned, calls that raised IndexError / ValueError). A crash kills the test."""
+    stop = threading.Event()
+
+    def flipper():
+        while not stop.is_set():
+            flip()
+
+    t = threading.Thread(target=flipper, daemon=True)
+    t.start()
+    ok = refused = 0
+    end = time.time() + seconds
+    try:
+        while time.time() < end:
+            try:
+                call()
+                ok += 1
+            except (IndexError, ValueError):
+                refused += 1
+    finally:
+        stop.set()
+        t.join()
+    return ok, refused
+
+
+def test_inputs_written_by_another_thread_during_a_call_never_crash():
+    """The GIL is released while the kernels run, so another Python thread can write an input
+    array during a call: garbage in, garbage out (or an error), but never a read outside the
+    table or the indices. The ids were checked and then read again (an id flipped to 10**13 in
+    between read far outside the table: SIGSEGV), and the offsets / exclude offsets were checked
+    in place and read again (sending the kernels past the indices). Now the offsets are copied
+    before they are checked and the fast path clamps each id it reads."""
+    table = np.random.default_rng(0).random((1000, 16), dtype=np.float32)
+    n = 400_000
+    idx = np.zeros(n, np.int64)
+    off = np.array([0, n // 2, n], np.int64)
+
+    def flip_ids():
+        idx[n // 2:n // 2 + 64] = 10**13
+        idx[n // 2:n // 2 + 64] = 0
+
+    def flip_offsets():
+        off[1] = 10**12
+        off[1] = n // 2
+
+    for flip in (flip_ids, flip_offsets):
+        ok, refused = _race(lambda: ops.embedding_bags([table], idx, off), flip, 0.7)
+        assert ok + refused > 0
+    items = np.random.default_rng(1).standard_normal((2000, 8)).astype(np.float32)
+    index = fastrec.ItemIndex(items, precision="fp32")
+    Q = 512
+    q = np.random.default_rng(2).standard_normal((Q, 8)).astype(np.float32)
+    ex_ids = np.arange(Q, dtype=np.int64)
+    ex_off = np.arange(Q + 1, dtype=np.int64)
+
+    def flip_exclude():
+        ex_off[Q - 1] = 10**7
+        ex_off[Q - 1] = Q - 1
+
+    ok, refused = _race(lambda: index.search(q, 50, exclude=(ex_ids, ex_off)), flip_exclude, 0.7)
+    assert ok + refused > 0
+
+
+def test_quantized_table_rows_cannot_be_freed_under_it():
+    """The table keeps a pointer into its packed array, whose only other owner could resize it
+    in place (numpy allows that), freeing the rows: .data is now a view, which cannot."""
+    qt = QuantizedTable.from_float(np.ones((4, 8), np.float32))
+    want = ops.embedding_bag(qt, np.array([0, 3]), np.array([0, 2]))
+    with pytest.raises(ValueError, match="does not own its data"):
+        qt.data.resize((1, qt.data.shape[1]))
+    np.testing.assert_array_equal(ops.embedding_bag(qt, np.array([0, 3]), np.array([0, 2])), want)
+
+
+def test_internal_sequences_of_fresh_objects_are_held():
+    """A sequence that builds a new object for each item: the binding held borrowed handles, so
+    each object was freed before it was read ("not initialised", or a crash under a debug
+    allocator)."""
+    from fastrec import _C
+
+    W = np.ones((4, 8), np.float32)
+
+    class Fresh:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            if i >= 2:
+                raise IndexError(i)
+            return _C.ItemBlock(W, 2, True)
+
+    q = np.ones((1, 8), np.float32)
+    s, i = _C.topk_search(Fresh(), [np.arange(4, dtype=np.int64), np.arange(4, 8, dtype=np.int64)],
+                          [None, None], q, 2, 2, False, None, None)
+    assert i.shape == (1, 2)

@@ -60,7 +60,7 @@ void dlrm_forward(const DlrmForward& f) {
   const int64_t B = batch_size_of(a);
   const int64_t D = a.tables[0].dim;
   check_shapes(f, T, D);
-  std::vector<int64_t> off64;
+  OffsetsCopy off64;
   const int64_t* off = checked_offsets(a, &off64);
   if (B == 0) return;
   if (!row_tasks_pay(B)) {

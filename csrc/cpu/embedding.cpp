@@ -46,15 +46,23 @@ int64_t batch_size_of(const MultiBagArgs& a) {
   return (a.num_offsets - 1) / T;
 }
 
-const int64_t* checked_offsets(const MultiBagArgs& a, std::vector<int64_t>* storage) {
-  const int64_t* off;
+// The offsets are always copied (T*B + 1 values), and the copy is what is checked and used:
+// the caller's array may be written by another Python thread while the GIL is released, and
+// offsets re-read after the check could send the kernels past the indices.
+const int64_t* checked_offsets(const MultiBagArgs& a, OffsetsCopy* storage) {
+  int64_t* copy = storage->small;
+  if (a.num_offsets > static_cast<int64_t>(sizeof storage->small / sizeof storage->small[0])) {
+    storage->big.resize(static_cast<size_t>(a.num_offsets));
+    copy = storage->big.data();
+  }
   if (a.offsets_int64) {
-    off = static_cast<const int64_t*>(a.offsets);
+    const int64_t* o64 = static_cast<const int64_t*>(a.offsets);
+    std::copy(o64, o64 + a.num_offsets, copy);
   } else {
     const int32_t* o32 = static_cast<const int32_t*>(a.offsets);
-    storage->assign(o32, o32 + a.num_offsets);
-    off = storage->data();
+    std::copy(o32, o32 + a.num_offsets, copy);
   }
+  const int64_t* off = copy;
   if (off[0] != 0) {
     throw std::invalid_argument("offsets[0] must be 0, got " + std::to_string(off[0]));
   }
@@ -117,7 +125,7 @@ void throw_bag_error(const BagError& e, const MultiBagArgs& a, const int64_t* of
 void embedding_bags(const MultiBagArgs& a) {
   const int64_t T = static_cast<int64_t>(a.tables.size());
   const int64_t B = batch_size_of(a);
-  std::vector<int64_t> off64;
+  OffsetsCopy off64;
   const int64_t* off = checked_offsets(a, &off64);
   if (B == 0) return;
 

@@ -50,7 +50,9 @@ std::vector<std::shared_ptr<T>> held_list(py::handle seq, const char* what, cons
     throw py::type_error(std::string(what) + " must be a sequence of " + type_name + " objects");
   }
   std::vector<std::shared_ptr<T>> out;
-  for (py::handle item : py::reinterpret_borrow<py::sequence>(seq)) {
+  // py::object, not a borrowed handle: a sequence may hand out a new object per item, which
+  // would be freed before it is read
+  for (py::object item : py::reinterpret_borrow<py::sequence>(seq)) {
     const std::string where = std::string(what) + "[" + std::to_string(out.size()) + "]";
     if (item.is_none()) throw py::type_error(where + " is None, not a " + type_name);
     initialised<T>(item, type_name);
@@ -508,11 +510,13 @@ py::tuple topk_search_py(py::handle blocks_obj, const std::vector<py::handle>& i
   req.candidates = candidates;
   req.rerank = rerank;
   py::array ea, eo;
+  std::vector<int64_t> ex_off;  // a copy, checked and used: the caller's array may change once the GIL is released
   if (!exclude_offsets.is_none()) {
     ea = require(exclude_ids, kNpyInt64, "exclude ids", "int64", 1);
     eo = require(exclude_offsets, kNpyInt64, "exclude offsets", "int64", 1);
     if (eo.shape(0) != Q + 1) throw py::value_error("exclude offsets must have Q + 1 entries");
-    const int64_t* o = static_cast<const int64_t*>(eo.data());
+    ex_off.assign(static_cast<const int64_t*>(eo.data()), static_cast<const int64_t*>(eo.data()) + Q + 1);
+    const int64_t* o = ex_off.data();
     if (o[0] != 0 || o[Q] != ea.shape(0)) throw py::value_error("exclude offsets must start at 0 and end at len(exclude ids)");
     for (int64_t q = 0; q < Q; ++q) {
       if (o[q + 1] < o[q]) throw py::value_error("exclude offsets must be non-decreasing");
@@ -543,7 +547,12 @@ PYBIND11_MODULE(_C, m) {
              return t;
            }),
            py::arg("data"), py::arg("bits"), py::arg("dim"), py::arg("layout") = "fbgemm")
-      .def_property_readonly("data", [](py::handle self) { const PackedTable& t = packed_table(self); return t.data; })
+      // A view: the table keeps a pointer into the array, so a caller must not be able to resize
+      // it (numpy lets the only other owner of an array resize it in place, freeing the rows).
+      .def_property_readonly("data", [](py::handle self) {
+        const PackedTable& t = packed_table(self);
+        return py::reinterpret_steal<py::array>(t.data.attr("view")().release());
+      })
       .def_property_readonly("bits", [](py::handle self) { const PackedTable& t = packed_table(self); return t.bits; })
       .def_property_readonly("dim", [](py::handle self) { const PackedTable& t = packed_table(self); return t.dim; })
       .def_property_readonly("num_rows", [](py::handle self) { const PackedTable& t = packed_table(self); return t.view.num_rows; })
@@ -695,7 +704,13 @@ PYBIND11_MODULE(_C, m) {
     const int64_t M = xa.shape(0), K = xa.shape(1);
     py::array_t<int8_t> q({M, K});
     py::array_t<float> s(M);
-    quantize_rows_int8(static_cast<const float*>(xa.data()), M, K, q.mutable_data(), s.mutable_data());
+    const float* xp = static_cast<const float*>(xa.data());
+    int8_t* qp = q.mutable_data();
+    float* sp = s.mutable_data();
+    {
+      py::gil_scoped_release release;
+      quantize_rows_int8(xp, M, K, qp, sp);
+    }
     return py::make_tuple(q, s);
   }, py::arg("x"));
   m.def("gemm_variant", [] { return std::string(kernels().gemm_name); });

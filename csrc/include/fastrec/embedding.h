@@ -28,9 +28,15 @@ struct MultiBagArgs {
 int64_t batch_size_of(const MultiBagArgs& a);
 void embedding_bags(const MultiBagArgs& a);
 
-// The offsets as int64 (copied into *storage only for int32 input), checked: offsets[0] == 0,
-// non-decreasing, offsets[-1] == num_indices (std::invalid_argument otherwise).
-const int64_t* checked_offsets(const MultiBagArgs& a, std::vector<int64_t>* storage);
+// The offsets as int64, always copied into *storage (the caller's array may be written by
+// another thread once the GIL is released; the copy is what is checked and used), checked:
+// offsets[0] == 0, non-decreasing, offsets[-1] == num_indices (std::invalid_argument otherwise).
+// The offsets' private copy: on the stack for small requests (no allocation per call).
+struct OffsetsCopy {
+  int64_t small[256];
+  std::vector<int64_t> big;
+};
+const int64_t* checked_offsets(const MultiBagArgs& a, OffsetsCopy* storage);
 // The kernel job for bags [b0, b1) of table t (off from checked_offsets); bag b0's row goes
 // to out, the next to out + out_stride, ...
 BagJob bag_job(const MultiBagArgs& a, const int64_t* off, int64_t B, int64_t t, int64_t b0, int64_t b1, float* out,
