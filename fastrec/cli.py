@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import sys
 
 
@@ -83,7 +84,16 @@ def _inspect_report(path: str) -> dict:
     return report
 
 
+def _printable(line: str) -> str:
+    """line with control and other unprintable characters escaped (\\x1b, \\u200e): a model's
+    names and metadata come from its file and must not drive the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in line)
+
+
 def _print_inspect(r: dict) -> None:
+    def print(line: str) -> None:  # noqa: A001 (every line of the report, escaped)
+        builtins.print(_printable(line))
+
     print(f"{r['path']}: fastrec model, format version {r['format_version']}")
     print(f"  kind       {r['kind']}")
     print(f"  precision  {r['precision']} MLPs, embedding_bits {r['embedding_bits']}")

@@ -812,3 +812,9 @@ def test_cli_inspect(rng, model_dir, capsys):
     assert "two_tower" in out and "300 items x 8" in out
     assert main(["inspect", str(os.path.join(path, "nope"))]) == 2
     assert "nope" in capsys.readouterr().err
+    # a model's strings come from its file: control characters are printed escaped
+    m, tensors, _ = build_dlrm(rng, precision="fp32", storages=("fp32",))
+    m["metadata"] = {"note": "red\x1b[31m\u200etext"}
+    assert main(["inspect", model_dir(m, tensors)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u200e" not in out and "red\\x1b[31m\\u200etext" in out
