@@ -37,9 +37,10 @@ def float_matrix(x, name: str, dim: int | None = None, *, check_finite: bool = T
 
 
 def _check_finite(x: np.ndarray, name: str) -> None:
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0]
-        raise ValueError(f"{name} contain NaN or Inf (row {bad[0]}, column {bad[1]})")
+    bad = ~np.isfinite(x)  # (one pass: scanning twice found nothing the second time when another
+    if bad.any():          # thread rewrote x in between, and indexing the empty hit raised IndexError)
+        where = np.argwhere(bad)[0]
+        raise ValueError(f"{name} contain NaN or Inf (row {where[0]}, column {where[1]})")
 
 
 def _id_array(ids, n: int) -> np.ndarray:
