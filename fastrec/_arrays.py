@@ -36,13 +36,19 @@ def float_input(x, name: str = "input") -> np.ndarray:
             raise TypeError(f"expected a list of numbers, got one numpy reads as {a.dtype}")
         with np.errstate(over="ignore"):
             out = a.astype(np.float32)
-        if a.dtype.kind == "f" and not np.isfinite(out).all():  # finite values past float32's range
-            over = np.isinf(out) & np.isfinite(a)
-            if over.any():
-                raise ValueError(f"{name} holds {float(a[over][0]):g} at {tuple(int(i) for i in np.argwhere(over)[0])}, "
-                                 "beyond float32's range (+-3.4e38)")
+        if a.dtype.kind == "f" and not np.isfinite(out).all():
+            _raise_if_overflowed(a, out, name)
         return out
     return native(as_numpy(x))
+
+
+def _raise_if_overflowed(src: np.ndarray, out: np.ndarray, name: str) -> None:
+    """ValueError naming the first finite value of ``src`` that became inf in its float32 copy
+    ``out`` (past float32's range); nothing when there is none."""
+    over = np.isinf(out) & np.isfinite(src)
+    if over.any():
+        raise ValueError(f"{name} holds {float(src[over][0]):g} at {tuple(int(i) for i in np.argwhere(over)[0])}, "
+                         "beyond float32's range (+-3.4e38)")
 
 
 def finite_float32(a: np.ndarray, name: str) -> np.ndarray:
@@ -51,11 +57,7 @@ def finite_float32(a: np.ndarray, name: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         w = np.ascontiguousarray(a, dtype=np.float32)
     if not np.isfinite(w).all():
-        bad = ~np.isfinite(w)
-        src = np.asarray(a)[bad]
-        over = np.isfinite(src)
-        if over.any():
-            raise ValueError(f"{name} holds {float(src[over][0]):g}, beyond float32's range (+-3.4e38)")
+        _raise_if_overflowed(np.asarray(a), w, name)
         raise ValueError(f"{name} contains NaN or Inf")
     return w
 

@@ -156,9 +156,12 @@ def _host(x):
     if x is None:
         return None
     if _cuda.is_device_array(x):
-        a = _cuda.view(x, "exclude")
-        return a.obj.cpu().numpy() if a.framework == "torch" else a.obj.get()
+        return _to_host(_cuda.view(x, "exclude"))
     return x
+
+
+def _to_host(a: _cuda.DeviceArray) -> np.ndarray:
+    return a.obj.cpu().numpy() if a.framework == "torch" else a.obj.get()
 
 
 def _exclude_host(exclude, Q: int):
@@ -251,10 +254,6 @@ def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, excl
     return scores.obj, ids.obj
 
 
-def _host_queries(a: _cuda.DeviceArray) -> np.ndarray:
-    return a.obj.cpu().numpy() if a.framework == "torch" else a.obj.get()
-
-
 def _overflow_rows(a: _cuda.DeviceArray, item_amax: float):
     """Host indices of the rows of the device queries ``a`` whose float32 scoring could overflow
     (the CPU's rule, ``index._checked_queries``: D * max|q| * max|x| >= 2**126), or None. One
@@ -300,7 +299,7 @@ def search(index, snap, queries, k, exclude):
     rows = _overflow_rows(a, snap.amax)
     if rows is not None:  # as on the CPU: searched exactly in float64 on the host (rare, slower)
         ex_ids, ex_off = _exclude_host(exclude, a.shape[0])
-        s, i = _exact_search(snap, _host_queries(a), rows, k, ex_ids, ex_off)
+        s, i = _exact_search(snap, _to_host(a), rows, k, ex_ids, ex_off)
         _put_rows(a, scores, ids, rows, s, i)
     if single:
         return scores[0], ids[0]
@@ -356,10 +355,9 @@ def topk(queries, items, k: int, *, exclude=None):
         if rows is not None:  # as ops.topk on the CPU: these queries exactly in float64, on the host
             from .index import ItemIndex
 
-            items_h = x.obj.cpu().numpy() if x.framework == "torch" else x.obj.get()
             ex_ids, ex_off = _exclude_host(exclude, a.shape[0])
             sub_ex = None if ex_ids is None else [ex_ids[ex_off[r]:ex_off[r + 1]] for r in rows]
-            s, i = ItemIndex(items_h, precision="fp32").search(_host_queries(a)[rows], k, exclude=sub_ex)
+            s, i = ItemIndex(_to_host(x), precision="fp32").search(_to_host(a)[rows], k, exclude=sub_ex)
             _put_rows(a, scores, out, rows, s, i)
     if single:
         return scores[0], out[0]

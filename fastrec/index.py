@@ -62,15 +62,21 @@ def _id_array(ids, n: int) -> np.ndarray:
     return ids
 
 
+def _ids_1d(ids) -> np.ndarray:
+    """ids (a list, array or tensor) as a numpy array, ValueError unless 1-D."""
+    ids = as_numpy(ids)
+    if ids.ndim > 1:
+        raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+    return ids
+
+
 def _item_ids(ids, n: int) -> np.ndarray:
     """The index's own copy of the ids of n new items: 1-D int64, unique, >= 0."""
     if ids is None:
         raise TypeError("ids are required (one unique int64 id per item)")
-    if np.ndim(ids) > 1:
-        raise ValueError(f"ids must be 1-D, got shape {np.shape(ids)}")
     # A copy: the index must not share the caller's buffer (a reused buffer changed the ids
     # that searches returned, but not the sorted copy that add / remove look up).
-    ids = np.array(_id_array(ids, n), dtype=np.int64, copy=True)
+    ids = np.array(_id_array(_ids_1d(ids), n), dtype=np.int64, copy=True)
     _check_item_ids(ids)
     return ids
 
@@ -436,9 +442,7 @@ class ItemIndex:
 
     def remove(self, ids) -> None:
         """Removes items by id (KeyError naming the first id that is not in the index)."""
-        ids = as_numpy(ids)
-        if ids.ndim > 1:
-            raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+        ids = _ids_1d(ids)
         ids = _id_array(ids, ids.size)
         _check_unique(ids)
         with self._lock:

@@ -635,8 +635,14 @@ def _json_text(raw: bytes):
     safetensors package refuses it. (UnicodeEncodeError is a ValueError.)"""
     value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     if b"\\u" in raw:  # (only an escape can make one: the raw bytes decoded)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        _check_unicode(value)
     return value
+
+
+def _check_unicode(value) -> None:
+    """UnicodeEncodeError (a ValueError) when a string of ``value``, key or value at any depth,
+    holds a lone surrogate."""
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
 
 
 def _missing_or_wrong(path: str, field: str, expected: str, missing: str, wrong: str):
@@ -708,8 +714,8 @@ def write_model(path, manifest: dict, tensors: dict, *, validate: bool = True) -
         validate_manifest(manifest, arrays, manifest_file=os.path.join(path, MANIFEST_FILE),
                           tensors_file=os.path.join(path, TENSORS_FILE))
     text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-    try:  # what read_model refuses (_json_text): a string holding a lone surrogate
-        json.dumps(manifest, ensure_ascii=False).encode("utf-8")
+    try:  # what read_model refuses (_json_text)
+        _check_unicode(manifest)
     except UnicodeEncodeError as exc:
         raise ValueError(f"the manifest holds a string that is not valid Unicode text ({exc.reason}: "
                          f"{exc.object[max(exc.start - 20, 0):exc.end + 20]!r})") from None

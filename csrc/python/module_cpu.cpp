@@ -477,8 +477,10 @@ std::shared_ptr<ItemBlock> make_item_block(py::handle items, int precision, bool
   return std::make_shared<ItemBlock>(p, N, D, static_cast<ItemPrecision>(precision), keep_f32);
 }
 
-py::tuple topk_search_py(py::handle blocks_obj, const std::vector<py::handle>& ids,
-                         const std::vector<py::handle>& removed, py::handle queries, int64_t k, int64_t candidates,
+// (ids and removed as py::object: a sequence may hand out new objects, which a borrowed handle
+// would not keep alive)
+py::tuple topk_search_py(py::handle blocks_obj, const std::vector<py::object>& ids,
+                         const std::vector<py::object>& removed, py::handle queries, int64_t k, int64_t candidates,
                          bool rerank, py::handle exclude_ids, py::handle exclude_offsets) {
   const std::vector<std::shared_ptr<ItemBlock>> blocks = held_list<ItemBlock>(blocks_obj, "blocks", "ItemBlock");
   if (ids.size() != blocks.size() || removed.size() != blocks.size()) {
@@ -549,10 +551,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("data"), py::arg("bits"), py::arg("dim"), py::arg("layout") = "fbgemm")
       // A view: the table keeps a pointer into the array, so a caller must not be able to resize
       // it (numpy lets the only other owner of an array resize it in place, freeing the rows).
-      .def_property_readonly("data", [](py::handle self) {
-        const PackedTable& t = packed_table(self);
-        return py::reinterpret_steal<py::array>(t.data.attr("view")().release());
-      })
+      .def_property_readonly("data", [](py::handle self) { return packed_table(self).data.attr("view")(); })
       .def_property_readonly("bits", [](py::handle self) { const PackedTable& t = packed_table(self); return t.bits; })
       .def_property_readonly("dim", [](py::handle self) { const PackedTable& t = packed_table(self); return t.dim; })
       .def_property_readonly("num_rows", [](py::handle self) { const PackedTable& t = packed_table(self); return t.view.num_rows; })

@@ -28,14 +28,14 @@ struct MultiBagArgs {
 int64_t batch_size_of(const MultiBagArgs& a);
 void embedding_bags(const MultiBagArgs& a);
 
-// The offsets as int64, always copied into *storage (the caller's array may be written by
-// another thread once the GIL is released; the copy is what is checked and used), checked:
-// offsets[0] == 0, non-decreasing, offsets[-1] == num_indices (std::invalid_argument otherwise).
 // The offsets' private copy: on the stack for small requests (no allocation per call).
 struct OffsetsCopy {
   int64_t small[256];
   std::vector<int64_t> big;
 };
+// The offsets as int64, always copied into *storage (the caller's array may be written by
+// another thread once the GIL is released; the copy is what is checked and used), checked:
+// offsets[0] == 0, non-decreasing, offsets[-1] == num_indices (std::invalid_argument otherwise).
 const int64_t* checked_offsets(const MultiBagArgs& a, OffsetsCopy* storage);
 // The kernel job for bags [b0, b1) of table t (off from checked_offsets); bag b0's row goes
 // to out, the next to out + out_stride, ...
