@@ -269,8 +269,11 @@ def _columns(ratings) -> dict:
         if v.shape[:1] != (n,):
             raise ValueError(f"ratings[{k!r}] has {v.shape[:1]} rows, user_id has {n}")
     ts = cols["timestamp"]
-    if ts.dtype.kind == "f" and np.isnan(ts).any():  # NaN sorts last: it would count as the latest
-        raise ValueError(f"ratings['timestamp'] holds NaN (row {int(np.argmax(np.isnan(ts)))})")
+    # NaN and NaT sort last: either would count as the latest
+    missing = np.isnan(ts) if ts.dtype.kind == "f" else np.isnat(ts) if ts.dtype.kind in "mM" else None
+    if missing is not None and missing.any():
+        raise ValueError(f"ratings['timestamp'] holds {'NaN' if ts.dtype.kind == 'f' else 'NaT'} "
+                         f"(row {int(np.argmax(missing))})")
     return cols
 
 

@@ -472,11 +472,15 @@ def _bag_values(col, f: _Sparse, n: int):
         items = col.tolist() if isinstance(col, np.ndarray) else list(col)
         bags = []
         for v in items:
+            if isinstance(v, np.ndarray) and v.ndim == 0:
+                v = v.item()  # a 0-d array is its one value (its .tolist() is a scalar, not a bag)
             if _is_missing(v):
                 bags.append(())
             elif isinstance(v, (list, tuple)):
                 bags.append(v)
             elif isinstance(v, np.ndarray):
+                if v.ndim != 1:
+                    raise ValueError(f"{what}: a record's values must be 1-D, got an array of shape {v.shape}")
                 bags.append(v.tolist())
             else:
                 bags.append((v,))  # a single value: a bag of one
@@ -842,8 +846,7 @@ class Featurizer:
             if d.get("kind") == "standardize" and ("mean" not in d or "std" not in d):
                 x = _floats(cols.get(d.get("source", d["name"])), f"dense feature {d['name']!r}", n)
                 x = x[np.isfinite(x)]
-                mean = float(x.mean()) if x.size else 0.0
-                std = float(x.std()) if x.size else 0.0
+                mean, std = _scaled(x, lambda v: (float(v.mean()), float(v.std()))) if x.size else (0.0, 0.0)
                 d.setdefault("mean", mean)
                 d.setdefault("std", std if std > 0 and math.isfinite(std) else 1.0)
             dense_out.append(d)
@@ -870,6 +873,9 @@ class Featurizer:
                     values = values.tolist()
                 counts = Counter(values)
                 vocab = [v for v, c in counts.items() if c >= k_min]
+                if not vocab:
+                    raise ValueError(f"{what}: no value occurs at least min_count={k_min} times, so the "
+                                     "vocabulary would be empty (lower min_count)")
                 vocab.sort(key=lambda v: (-counts[v], v))
                 if k_max is not None:
                     vocab = vocab[:k_max]
@@ -881,11 +887,24 @@ class Featurizer:
                     raise ValueError(f"sparse feature {d.get('name')!r}: no finite values to "
                                      "place bucket boundaries")
                 k = _int(k_buckets, f"num_buckets of {d.get('name')!r}", 2)
-                q = np.unique(np.quantile(x, np.arange(1, k) / k))
+                q = np.unique(_scaled(x, lambda v: np.quantile(v, np.arange(1, k) / k)))
                 d["boundaries"] = [float(v) for v in q] if q.size else [float(x[0])]
             sparse_out.append(d)
         return cls.from_spec({"version": SPEC_VERSION, "dense": dense_out, "sparse": sparse_out},
                              backend=backend)
+
+
+def _scaled(x: np.ndarray, stat):
+    """``stat(x)`` (a float, an array or a tuple of floats), computed on x scaled down by a power
+    of two (exact) when it overflows on x itself: the mean, std and quantile interpolation of
+    finite values near float64's limit (~1.8e308) overflow to inf, though the results are finite."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = stat(x)
+    if np.all(np.isfinite(out)):
+        return out
+    scale = math.ldexp(1.0, math.frexp(max(float(x.max()), -float(x.min())))[1] - 4)  # |x / scale| < 16
+    scaled = stat(x / scale)
+    return tuple(v * scale for v in scaled) if isinstance(scaled, tuple) else scaled * scale
 
 
 def _fit_items(items, group):

@@ -44,8 +44,8 @@ def auc(labels, scores) -> float:
     s = as_numpy(scores)
     if s.dtype.kind not in "biuf":  # complex scores lost their imaginary part with only a warning
         raise ValueError(f"scores must be real numbers, got dtype {s.dtype}")
-    if s.dtype.kind == "f":  # integer scores are ranked as they are: float64 would tie ints > 2**53
-        s = s.astype(np.float64, copy=False)
+    if s.dtype.kind == "f" and s.dtype.itemsize < 8:  # float16 / 32 (integer and longdouble scores
+        s = s.astype(np.float64, copy=False)          # are ranked as they are: float64 would tie them)
     if y.ndim != 1 or s.ndim != 1 or y.shape != s.shape:
         raise ValueError(f"labels and scores must be 1-D of the same length, got shapes "
                          f"{y.shape} and {s.shape}")

@@ -14,3 +14,14 @@ The compiled C++ module covers the embedding bag on CPUs (and, when built, on GP
 """
 
 __all__: list[str] = []
+
+
+def numba_jit(numba, fn):
+    """``numba.njit(nogil=True, cache=True)(fn)``, or without the on-disk cache where Numba
+    cannot cache ``fn`` (no writable ``__pycache__`` beside the installed package nor a
+    writable ``NUMBA_CACHE_DIR`` / home: a read-only image run by a service user). Numba raises
+    RuntimeError at decoration then; the kernels still compile, on first call in each process."""
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:
+        return numba.njit(nogil=True)(fn)

@@ -25,6 +25,7 @@ import threading
 import numpy as np
 
 from . import hashing as _hashing
+from . import numba_jit
 
 __all__ = [
     "OP_IDENTITY", "OP_LOG1P", "OP_STANDARDIZE", "BACKENDS", "numba_available",
@@ -110,10 +111,9 @@ def _numba(name: str):
             except ImportError as e:
                 _missing = str(e)
                 return None
-            jit = numba.njit(nogil=True, cache=True)
-            _kernels["dense"] = jit(_dense_loop)
-            _kernels["lookup"] = jit(_lookup_loop)
-            _kernels["bucketize"] = jit(_bucketize_loop)
+            _kernels["dense"] = numba_jit(numba, _dense_loop)
+            _kernels["lookup"] = numba_jit(numba, _lookup_loop)
+            _kernels["bucketize"] = numba_jit(numba, _bucketize_loop)
     return _kernels.get(name)
 
 

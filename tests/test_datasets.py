@@ -296,6 +296,12 @@ def test_split_and_synthetic_argument_checks():
     # A NaN timestamp sorted as the latest and went to the test set.
     with pytest.raises(ValueError, match="NaN"):
         leave_last_out_split({**r, "timestamp": np.array([1.0, np.nan, 3.0])})
+    nat = np.array(["2020-01-01", "NaT", "2020-01-03"], dtype="datetime64[s]")  # NaT sorts last too
+    for split in (leave_last_out_split, lambda r: time_split(r, positive_threshold=None)):
+        with pytest.raises(ValueError, match=r"NaT \(row 1\)"):
+            split({**r, "timestamp": nat})
+    as_float = leave_last_out_split({**r, "timestamp": np.array([1.0, 1.0, 3.0])})[1]["item_id"]
+    np.testing.assert_array_equal(leave_last_out_split({**r, "timestamp": nat[[0, 0, 2]]})[1]["item_id"], as_float)
     with pytest.raises(TypeError, match="cardinalities must be ints"):
         synthetic_ctr(4, num_sparse=1, cardinalities=[2.7])
     # the seed: NumPy's SeedSequence errors did not name it (and True seeded as "True", not 1)

@@ -227,6 +227,15 @@ def test_multi_valued_input_forms():
     # a bare value in a multi-valued column is a bag of one; None an empty bag
     got = fz.transform({"t": [5, None, [5]], "g": [1, None, [1]]})
     np.testing.assert_array_equal(got[1][1], [0, 1, 1, 2, 3, 3, 4])
+    # A 0-d array is its one value: np.array("abc") was split into "a", "b", "c", np.array(b"ab")
+    # hashed as the ids 97 and 98, and np.array(5) raised a TypeError.
+    tz = Featurizer.from_spec({"version": 1, "sparse": [{"name": "s", "kind": "hash", "multi": True, "num_rows": 1000}]})
+    for v in ("abc", b"ab", 5):
+        rows, offsets = tz.transform({"s": [np.array(v), [v]]})[1]
+        np.testing.assert_array_equal(offsets, [0, 1, 2])
+        assert rows[0] == rows[1]
+    with pytest.raises(ValueError, match="must be 1-D"):
+        tz.transform({"s": [np.array([[1, 2]])]})
 
 
 # ---- spec --------------------------------------------------------------------------------------
@@ -540,6 +549,29 @@ def test_fit():
         Featurizer.fit(cols, sparse={"city": "hash"})
     with pytest.raises(ValueError, match="no column"):
         Featurizer.fit(cols, dense={"nope": "standardize"})
+
+
+def test_fit_statistics_of_values_near_the_float64_limit():
+    # The mean, std and quantile interpolation of finite values ~1e308 overflowed: the spec check
+    # then named a field the caller never wrote, or the std silently became 1.0.
+    pos = np.array([1e308, 1.5e308, 1.7e308])
+    sym = np.array([-1.7e308, 1.7e308, 1e308, -1e308])
+    d = Featurizer.fit({"x": pos}, dense={"x": "standardize"}).to_spec()["dense"][0]
+    assert d["mean"] == pytest.approx(np.mean(pos / 1e300) * 1e300) and d["std"] == pytest.approx(np.std(pos / 1e300) * 1e300)
+    d = Featurizer.fit({"x": sym}, dense={"x": "standardize"}).to_spec()["dense"][0]
+    assert d["mean"] == pytest.approx(0.0, abs=1e294) and d["std"] == pytest.approx(np.std(sym / 1e300) * 1e300)
+    b = Featurizer.fit({"x": sym}, sparse={"x": {"kind": "bucketize", "num_buckets": 2}}).to_spec()["sparse"][0]
+    assert b["boundaries"] == [0.0]
+    # ordinary values: exactly what numpy gives (no rescaling)
+    x = np.array([0.1, 0.7, 2.5, 3.3])
+    d = Featurizer.fit({"x": x}, dense={"x": "standardize"}).to_spec()["dense"][0]
+    assert (d["mean"], d["std"]) == (float(x.mean()), float(x.std()))
+
+
+def test_fit_with_min_count_that_keeps_no_value():
+    # was a FeaturizerSpecError about "$.sparse[0].vocab" (a field the caller never wrote)
+    with pytest.raises(ValueError, match="no value occurs at least min_count=2"):
+        Featurizer.fit({"city": ["a", "b", "c"]}, sparse={"city": "lookup"}, min_count=2)
 
 
 def test_fit_vocab_limits_are_checked():

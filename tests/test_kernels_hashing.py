@@ -159,6 +159,43 @@ def test_numba_strings_match_numpy():
             assert np.array_equal(hashing.hash_strings(strings, n, salt), ref)
 
 
+def test_numpy_string_hash_finishes_long_strings_in_python():
+    # One NumPy step per byte of the longest string: a batch with one 1 MB string took ~5 s.
+    # Strings of every length around the switch to the per-string loop, and one long one.
+    rng = np.random.default_rng(5)
+    strings = ["".join(rng.choice(list("abcé🙂"), size=int(n))) for n in rng.integers(0, 40, 60)]
+    strings += ["z" * 50_000, "", "q" * 17]
+    expected = [py_string_row(s, 1009) for s in strings]
+    assert hashing.hash_strings_ref(strings, 1009).tolist() == expected
+    assert hashing.hash_strings_ref(strings[-3:], 1009).tolist() == expected[-3:]
+
+
+@needs_numba
+def test_kernels_compile_without_a_writable_numba_cache(monkeypatch):
+    # A read-only install run by a user without a writable home: numba.njit(cache=True) raises
+    # RuntimeError ("cannot cache function ...: no locator available") when applied, and every
+    # featurizer / hash_ids / fastrec.load of a model with a featurizer failed with it.
+    import numba
+
+    from fastrec.kernels import featurize
+
+    real = numba.njit
+
+    def njit(*args, **kwargs):
+        if kwargs.get("cache"):
+            def refuse(fn):
+                raise RuntimeError(f"cannot cache function {fn.__name__!r}: no locator available for file 'x.py'")
+            return refuse
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    monkeypatch.setattr(hashing, "_numba_kernels", {})
+    monkeypatch.setattr(featurize, "_kernels", {})
+    ids = np.arange(-5, 50, dtype=np.int64)
+    np.testing.assert_array_equal(hashing.hash_ids_numba(ids, 97), hashing.hash_ids_ref(ids, 97))
+    assert featurize.numba_available()
+
+
 @needs_numba
 def test_numba_from_threads():
     """nogil kernels called from several threads at once give the same answers."""

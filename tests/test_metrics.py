@@ -59,6 +59,11 @@ def test_auc_integer_scores_ranked_exactly():
                    [2**62 + 1, 2**62 + 2]):
         assert auc([0, 1], scores) == 1.0 and auc([1, 0], scores) == 0.0
     assert auc([0, 1, 0, 1], np.array([2**62, 2**62, 2**62 + 1, 2**62 + 1])) == 0.5  # real ties
+    # longdouble scores that differ below float64's resolution (where longdouble is wider)
+    one = np.longdouble(1)
+    s = np.array([one, one + np.finfo(np.longdouble).eps, one + 2 * np.finfo(np.longdouble).eps])
+    if len(set(s.astype(np.float64).tolist())) < 3:
+        assert auc([0, 1, 1], s) == 1.0 and auc([1, 0, 0], s) == 0.0
 
 
 def test_auc_refuses_complex_scores():
