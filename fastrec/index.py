@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -407,6 +408,7 @@ class ItemIndex:
             single, q = True, q.reshape(1, -1)
         q = float_matrix(q, "queries", self._dim, check_finite=False)
         k = _check_k(k)
+        _check_result_size(q.shape[0], k)
         ex_ids, ex_off = exclude_csr(exclude, q.shape[0])
         snap = self._snap
         segs = snap.segments
@@ -502,6 +504,25 @@ def _live_rows(segments, dim: int):
         rows.append(x[live])
         ids.append(s.ids[live])
     return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32), np.concatenate(ids)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # (no sysconf on this platform)
+        return None
+
+
+def _check_result_size(Q: int, k: int) -> None:
+    """MemoryError up front when the (Q, k) results alone exceed the machine's memory: the
+    allocation succeeds under overcommit, and filling it got the process killed (k = 2**31 - 1
+    on a 50-item index: 24 GB of padding)."""
+    need = Q * k * 12  # float32 scores + int64 ids
+    total = _physical_memory()
+    if total is not None and need > total:
+        raise MemoryError(f"the results of {Q} queries x k={k} take {need / 2**30:.1f} GiB, more than this "
+                          f"machine's {total / 2**30:.1f} GiB (every row has k entries, padded with id -1 "
+                          "beyond the catalogue)")
 
 
 def _check_k(k) -> int:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastrec
+from fastrec import index as index_module
 from fastrec.testing import assert_topk_matches, topk_ref
 
 PRECISIONS = ["fp32", "fp16", "int8"]
@@ -164,6 +165,11 @@ def test_item_id_and_value_checks(rng):
     for k in (2**31, 2**63, 2**64):  # 2**63 overflowed the candidate count: a raw pybind11 TypeError
         with pytest.raises(ValueError, match="k must be"):
             index.search(items[:1], k)
+    # Results beyond the machine's memory: a MemoryError up front (filling a (1, 2**31 - 1)
+    # result over overcommitted memory got the process killed).
+    if index_module._physical_memory() is not None and index_module._physical_memory() < 24 * 2**30 * 64:
+        with pytest.raises(MemoryError, match="k=2147483647"):
+            index.search(np.repeat(items[:1], 64, axis=0), 2**31 - 1)
     # A dict's keys would have been read as the per-query id lists.
     with pytest.raises(TypeError, match="exclude"):
         index.search(items[:2], 2, exclude={0: [1], 1: [2]})
