@@ -8,9 +8,16 @@ import numpy as np
 def as_numpy(x):
     """A numpy array for x: torch tensors (any device) are moved to the CPU without a copy
     when already there, bfloat16 (which numpy lacks) becomes float32; anything else goes
-    through ``np.asarray``."""
-    if isinstance(x, np.ndarray):
+    through ``np.asarray``. ndarray subclasses become plain arrays (``np.matrix`` multiplies as
+    matrices, and a masked array's arithmetic broadcast its mask into a misleading shape error);
+    a masked array with masked values is a TypeError (which values it stands for is unknown)."""
+    if type(x) is np.ndarray:
         return x
+    if isinstance(x, np.ndarray):
+        if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
+            raise TypeError("masked arrays with masked values are not accepted: fill them first "
+                            "(x.filled(value))")
+        return np.asarray(x)
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
         if getattr(getattr(x, "device", None), "type", None) == "meta":
             raise ValueError("a tensor on the 'meta' device holds no values")

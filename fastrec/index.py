@@ -11,11 +11,12 @@ import numpy as np
 
 from . import _C, _cuda
 from ._arrays import as_numpy, float_input
+from .io import MAX_INT8_WIDTH
 
 __all__ = ["ItemIndex"]
 
 _PRECISIONS = {"int8": 0, "fp16": 1, "fp32": 2}
-_MAX_INT8_DIM = 2**31 // (127 * 127)  # kMaxInt8K in csrc/include/fastrec/linear.h
+_MAX_INT8_DIM = MAX_INT8_WIDTH  # kMaxInt8K in csrc/include/fastrec/linear.h
 _MAX_SEGMENTS = 16  # more than this after an add: the catalogue is merged into one block
 
 

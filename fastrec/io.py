@@ -74,6 +74,9 @@ _PRECISIONS = ("int8", "fp16", "fp32")
 _STORAGES = ("fp32", "fp16", "q8", "q4")
 _POOLINGS = ("sum", "mean", "max")
 _ACTIVATIONS = ("relu", "none", "sigmoid")
+# The widest input an int8 layer or index takes: the int32 sums of 127 * 127 * width must not
+# overflow (kMaxInt8K in csrc/include/fastrec/linear.h; fastrec.ItemIndex's int8 limit too).
+MAX_INT8_WIDTH = 2**31 // (127 * 127)
 _TOP_KEYS = {"format", "format_version", "kind", "producer", "precision", "embedding_bits", "tables",
              "sparse_features", "dense_features", "dlrm", "two_tower", "featurizer", "metadata"}
 
@@ -349,6 +352,9 @@ def _check_layers(c: _Checker, layers, path, precision: str, in_dim: int, in_wha
         c.int_(layer["out"], p + ".out", 1)
         if n_in != width:
             c.fail(p + ".in", f"{width} ({in_what})" if i == 0 else f"{width} (the previous layer's out)", n_in)
+        if precision == "int8" and n_in > MAX_INT8_WIDTH:
+            c.fail(p + ".in", f"at most {MAX_INT8_WIDTH} for precision int8 (its int32 sums of 127 * 127 * in "
+                   "must not overflow)", n_in)
         c.enum(layer["activation"], p + ".activation", _ACTIVATIONS)
         width = layer["out"]
     wdtype = {"int8": "I8", "fp16": "F16", "fp32": "F32"}[precision]
@@ -532,6 +538,9 @@ def _validate_two_tower(c: _Checker, m, precision, feature_dim) -> None:
         c.fail("$.two_tower.item", f"a tower whose output width equals the user tower's ({du})", di)
     idx = c.obj(tt["index"], "$.two_tower.index", required=("items", "ids", "precision", "rerank"))
     c.enum(idx["precision"], "$.two_tower.index.precision", _PRECISIONS)
+    if idx["precision"] == "int8" and du > MAX_INT8_WIDTH:  # (what ItemIndex refuses)
+        c.fail("$.two_tower.index.precision", f'"fp16" or "fp32" for item vectors wider than {MAX_INT8_WIDTH} '
+               f"(int8 sums of 127 * 127 * dim must not overflow int32; the towers' width is {du})", "int8")
     c.bool_(idx["rerank"], "$.two_tower.index.rerank")
     items_name = c.str_(idx["items"], "$.two_tower.index.items")
     info = c.tensors.get(items_name)

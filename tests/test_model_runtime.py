@@ -530,6 +530,7 @@ def test_from_int8_round_trip(rng):
         fastrec.Int8Linear.from_int8(a.weight_int8, np.full(7, np.nan, np.float32))
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # (np.matrix's)
 def test_dlrm_shared_table_and_int32_inputs(rng, model_dir):
     """Two features on one table (TorchRec shared tables); int32 ids and offsets."""
     m, tensors, ref = build_dlrm(rng, storages=("q8", "fp32"))
@@ -555,6 +556,12 @@ def test_dlrm_shared_table_and_int32_inputs(rng, model_dir):
     assert np.array_equal(model.score(dense.tolist(), sparse), p)  # lists are float32
     with pytest.raises(TypeError, match="float32"):
         model.score(dense.astype(np.float64), sparse)
+    # ndarray subclasses are read as plain arrays (a masked array broadcast its mask in the fp32
+    # MLP: "operands could not be broadcast together"); masked values are refused
+    assert np.array_equal(model.score(np.ma.masked_array(dense), sparse), p)
+    assert np.array_equal(model.score(np.asmatrix(dense), sparse), p)
+    with pytest.raises(TypeError, match="masked"):
+        model.score(np.ma.masked_array(dense, mask=dense > 1), sparse)
 
 
 def test_dlrm_errors(rng, model_dir):

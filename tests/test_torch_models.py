@@ -554,6 +554,13 @@ def test_training_errors():
             distill(teacher, student, batches, temperature=t, progress=False)
     with pytest.raises(TypeError, match="labels must be numbers"):
         train(student, [dict(b, labels=b["labels"].to(torch.complex64))], progress=False)
+    # wrongly typed numbers: TypeError (they were ValueErrors), as everywhere else
+    for kwargs in ({"epochs": 2.0}, {"epochs": "2"}, {"lr": "0.1"}, {"lr": None}):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
+            train(student, batches, progress=False, **kwargs)
+    for kwargs in ({"temperature": "2"}, {"alpha": None}, {"alpha": True}):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
+            distill(teacher, student, batches, progress=False, **kwargs)
 
 
 def test_training_takes_numpy_scalars_and_dict_indices_without_offsets():
@@ -663,6 +670,9 @@ def test_export_errors(tmp_path):
     m = small_dlrm()
     with pytest.raises(ValueError, match="precision"):
         export(m, tmp_path / "a", precision="int4")
+    for kwargs in ({"precision": None}, {"precision": 8}, {"batch_size": 2.0}, {"batch_size": "4"}):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
+            export(m, tmp_path / "a", **kwargs)
     with pytest.raises(ValueError, match="embedding_bits"):
         export(m, tmp_path / "a", embedding_bits=2)
     for bad in (True, 8.0, "8"):
@@ -698,6 +708,8 @@ def test_export_errors(tmp_path):
         export(tt, tmp_path / "b", items=(ii, io[:-1]))
     with pytest.raises(ValueError, match="index_precision"):
         export(tt, tmp_path / "b", items=(ii, io), index_precision="int4")
+    with pytest.raises(TypeError, match="index_precision"):
+        export(tt, tmp_path / "b", items=(ii, io), index_precision=None)
     with pytest.raises(ValueError, match="'indices', 'offsets'"):
         export(tt, tmp_path / "b", items={"idx": ii})
     # what ItemIndex refuses at load is refused at export (it used to write a model load refused)
@@ -783,19 +795,62 @@ def test_export_keeps_each_bags_pooling_mode(tmp_path, modes):
     m = small_dlrm(top=(6, 3, 1))
     for (name, _, _), mode in zip(m.tables, modes):
         m._ebc.embedding_bags[name].mode = mode
+    tt = small_two_tower()
+    tt._ebc.embedding_bags["countries"].mode = "mean"
+    model = _fp32_exports_score_as_torch(tmp_path, m, tt)
+    assert [t.pooling for t in model.tables] == list(modes)
+
+
+def _fp32_exports_score_as_torch(tmp_path, m, tt):
+    """Exports DLRM m and two-tower tt in fp32, checks that the loaded models score as torch
+    does; returns the loaded DLRM."""
     dense, idx, off = dlrm_inputs(m, B=9)
     p = m.predict(dense, idx, off).numpy()
     model = fastrec.load(export(m, tmp_path / "m", precision="fp32", embedding_bits=None))
-    assert [t.pooling for t in model.tables] == list(modes)
     np.testing.assert_allclose(model.score(dense.numpy(), (idx.numpy(), off.numpy())), p, rtol=1e-5)
-    tt = small_two_tower()
-    tt._ebc.embedding_bags["countries"].mode = "mean"
     ii, io = tower_inputs(tt, "item", 10, 5)
-    model = fastrec.load(export(tt, tmp_path / "tt", precision="fp32", embedding_bits=None, items=(ii, io)))
+    loaded = fastrec.load(export(tt, tmp_path / "tt", precision="fp32", embedding_bits=None, items=(ii, io)))
     ui, uo = tower_inputs(tt, "user", 4, 6)
     with torch.no_grad():
         u = tt.user_vectors(ui, uo).numpy()
-    np.testing.assert_allclose(model.user_vectors((ui.numpy(), uo.numpy())), u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loaded.user_vectors((ui.numpy(), uo.numpy())), u, rtol=1e-5, atol=1e-6)
+    return model
+
+
+@needs_load
+def test_export_keeps_each_layers_activation(tmp_path):
+    """A layer whose relu flag was switched after construction is exported as its forward runs
+    (export wrote the constructor's pattern: the loaded model scored 0.02 off torch's fp32)."""
+    m = small_dlrm(top=(6, 3, 1))
+    m.over_arch.model[0]._mlp[0].relu = False
+    m.dense_arch.model._mlp[1].relu = False
+    tt = small_two_tower()
+    tt.query_proj._mlp[1].relu = True  # the last layer, linear by default
+    _fp32_exports_score_as_torch(tmp_path, m, tt)
+
+
+def test_int8_width_limit_is_checked_when_writing(tmp_path):
+    """Item vectors or int8 layer inputs wider than 133,144 (int32 sums of 127 * 127 * width):
+    export wrote a two-tower model with an int8 index that load then refused, and write_model
+    accepted an int8 layer that load refused with a bare ValueError (not a ModelFormatError)."""
+    from fastrec.io import read_model, write_model
+
+    wide = 2**31 // (127 * 127) + 1
+    torch.manual_seed(0)
+    mf = TwoTower({"user_id": "users"}, {"item_id": "items"}, [("users", 2, wide), ("items", 3, wide)])
+    with pytest.raises(fastrec.ModelFormatError, match=r"\$\.two_tower\.index\.precision.*133144"):
+        export(mf, tmp_path / "mf", precision="fp32", embedding_bits=None)
+    assert len(fastrec.load(export(mf, tmp_path / "mf", precision="fp32", embedding_bits=None,
+                                   index_precision="fp16")).index) == 3
+    m = DLRM(wide, [("a", 3, 1)], ["a"], [1], [1])
+    man, t = read_model(export(m, tmp_path / "d", precision="fp32", embedding_bits=None))
+    t, man["precision"] = dict(t), "int8"
+    for layer in man["dlrm"]["bottom_mlp"] + man["dlrm"]["top_mlp"]:
+        t[layer["weight"]] = np.ones(t[layer["weight"]].shape, np.int8)
+        layer["weight_scale"] = layer["weight"] + "_scale"
+        t[layer["weight_scale"]] = np.ones(t[layer["weight"]].shape[0], np.float32)
+    with pytest.raises(fastrec.ModelFormatError, match=r"\$\.dlrm\.bottom_mlp\[0\]\.in.*133144"):
+        write_model(tmp_path / "d8", man, t)
 
 
 def test_export_refuses_bag_settings_the_format_lacks(tmp_path):

@@ -91,13 +91,21 @@ def _is_two_tower(model) -> bool:
 
 # --------------------------------------------------------------------------- the loop
 
+def _check_number(value, name: str, kind, what: str) -> None:
+    """TypeError unless ``value`` is a number of ``kind`` (bools refused); the caller checks its range."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+
+
 def _check_common(model, epochs, lr, optimizer, batches):
     if not isinstance(model, nn.Module):
         raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+    _check_number(epochs, "epochs", numbers.Integral, "an int >= 1")
+    if epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if optimizer is None:
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or not math.isfinite(lr):
+        _check_number(lr, "lr", numbers.Real, "a positive number")
+        if not lr > 0 or not math.isfinite(lr):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -244,10 +252,11 @@ def distill(teacher, student, batches, *, epochs=1, temperature=2.0, alpha=0.5, 
         raise TypeError("teacher and student must be of the same kind (both two-tower models, "
                         f"or both ranking models); got {type(teacher).__name__} and "
                         f"{type(student).__name__}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not 0 < temperature < 1.8e19:  # T^2 scales the loss, in float32 (max ~3.4e38)
+    _check_number(temperature, "temperature", numbers.Real, "a positive number")
+    if not 0 < temperature < 1.8e19:  # T^2 scales the loss, in float32 (max ~3.4e38)
         raise ValueError(f"temperature must be a positive number whose square fits float32, got {temperature!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+    _check_number(alpha, "alpha", numbers.Real, "a number in [0, 1]")
+    if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     teacher_params = {id(p) for p in teacher.parameters()}
     if any(id(p) in teacher_params for p in student.parameters()):

@@ -71,8 +71,12 @@ def _layers(linears, activations, prefix: str, precision: str, tensors: dict) ->
     return out
 
 
-def _mlp_activations(n: int, last: str, between: str = "relu") -> list:
-    return [between] * (n - 1) + [last] if n else []
+def _check_choice(value, name: str, choices) -> None:
+    """TypeError for a value that is not a str, ValueError for a str not among ``choices``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {list(choices)} (a str), got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _pooling(bag, name: str) -> str:
@@ -261,15 +265,16 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
     if not isinstance(model, (DLRM, TwoTower)):
         raise TypeError("export takes a fastrec.torch.DLRM or fastrec.torch.TwoTower, got "
                         f"{type(model).__name__}")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {list(_PRECISIONS)}, got {precision!r}")
+    _check_choice(precision, "precision", _PRECISIONS)
     if embedding_bits is not None:
         if isinstance(embedding_bits, bool) or not isinstance(embedding_bits, (int, np.integer)):
             raise TypeError(f"embedding_bits must be 8, 4 or None, got {embedding_bits!r}")
         if embedding_bits not in _STORAGE:
             raise ValueError(f"embedding_bits must be 8, 4 or None, got {embedding_bits!r}")
         embedding_bits = int(embedding_bits)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size must be an int >= 1, got {type(batch_size).__name__}")
+    if batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     batch_size = int(batch_size)
     metadata = _check_metadata(metadata)
@@ -277,9 +282,7 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
     if isinstance(model, DLRM) and items is not None:
         raise ValueError("items= is for two-tower models; a DLRM has no item index")
     if isinstance(model, TwoTower):
-        if index_precision not in _PRECISIONS:
-            raise ValueError(f"index_precision must be one of {list(_PRECISIONS)}, got "
-                             f"{index_precision!r}")
+        _check_choice(index_precision, "index_precision", _PRECISIONS)
         if not isinstance(rerank, bool):
             raise TypeError(f"rerank must be a bool, got {rerank!r}")
 
@@ -298,10 +301,11 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
         manifest["dense_features"] = model.num_dense
         bottom, top = model.bottom_linears(), model.top_linears()
         manifest["dlrm"] = {
-            "bottom_mlp": _layers(bottom, ["relu"] * len(bottom), "dlrm.bottom", precision, tensors),
+            # (each layer's activation as the module's forward applies it: a user may have
+            # switched a layer's relu flag after construction)
+            "bottom_mlp": _layers(bottom, model.bottom_activations(), "dlrm.bottom", precision, tensors),
             "interaction": "dot",
-            "top_mlp": _layers(top, _mlp_activations(len(top), "sigmoid"), "dlrm.top",
-                               precision, tensors),
+            "top_mlp": _layers(top, model.top_activations(), "dlrm.top", precision, tensors),
         }
     else:
         N, parts, ids = _item_catalogue(model, items)
@@ -311,8 +315,7 @@ def export(model, path, *, precision="int8", embedding_bits=8, items=None,
         def tower(side, features, mlp):
             lin = mlp.linears()
             return {"features": [f for f, _ in features], "combine": "concat",
-                    "mlp": _layers(lin, _mlp_activations(len(lin), "none"), f"two_tower.{side}",
-                                   precision, tensors),
+                    "mlp": _layers(lin, mlp.activations(), f"two_tower.{side}", precision, tensors),
                     "normalize": model.normalize}
 
         manifest["two_tower"] = {

@@ -255,6 +255,11 @@ class _MLP(nn.Module):
     def linears(self) -> list[nn.Linear]:
         return [p._linear for p in self._mlp]
 
+    def activations(self) -> list[str]:
+        """Each layer's activation as its forward applies it: ``"relu"`` or ``"none"`` (read
+        from the ``relu`` flags, which a user may have changed after construction)."""
+        return ["relu" if p.relu else "none" for p in self._mlp]
+
 
 class _Bags(nn.Module):
     """A name -> ``nn.EmbeddingBag`` container. Unlike ``nn.ModuleDict`` it takes any table name,
@@ -346,6 +351,11 @@ class _OverArch(nn.Module):
     def linears(self) -> list[nn.Linear]:
         return self.model[0].linears() + [self.model[1]]
 
+    def activations(self) -> list[str]:
+        """The activations after :meth:`linears`: the MLP's, then the sigmoid that
+        ``DLRM.predict`` (and fastrec's runtime) applies to the last layer."""
+        return self.model[0].activations() + ["sigmoid"]
+
 
 # --------------------------------------------------------------------------- DLRM
 
@@ -404,6 +414,12 @@ class DLRM(_SparseInput, nn.Module):
 
     def top_linears(self) -> list[nn.Linear]:
         return self.over_arch.linears()
+
+    def bottom_activations(self) -> list[str]:
+        return self.dense_arch.model.activations()
+
+    def top_activations(self) -> list[str]:
+        return self.over_arch.activations()
 
     def forward(self, dense, indices, offsets=None) -> torch.Tensor:
         if not isinstance(dense, torch.Tensor):
