@@ -31,10 +31,12 @@ import threading
 import numpy as np
 
 from . import _cuda
+from .kernels import renew_after_fork
 
 __all__ = ["int8_linear", "int8_mlp"]
 
 _upload_lock = threading.RLock()  # re-entered: a plan uploads its layers
+renew_after_fork(globals(), "_upload_lock", threading.RLock)
 
 
 def _input(x, in_features: int) -> _cuda.DeviceArray:

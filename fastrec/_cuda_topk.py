@@ -45,11 +45,13 @@ import weakref
 import numpy as np
 
 from . import _C, _cuda
+from .kernels import renew_after_fork
 
 __all__ = ["search", "topk", "upload"]
 
 _PREC = {"int8": 0, "fp16": 1, "fp32": 2}
 _lock = threading.RLock()
+renew_after_fork(globals(), "_lock", threading.RLock)
 _cache: dict = {}  # (id(snapshot), device, framework) -> _DeviceIndex
 
 

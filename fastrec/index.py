@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -331,6 +332,7 @@ class ItemIndex:
         self._rerank = bool(rerank)
         self._dim = int(items.shape[1])
         self._lock = threading.Lock()  # serialises writers; readers take a snapshot
+        _live_indexes.add(self)  # (a forked child gets a fresh lock: _renew_locks)
         amax = _abs_max(items)
         _check_range(amax, precision)
         ids = np.arange(items.shape[0], dtype=np.int64) if ids is None else _item_ids(ids, items.shape[0])
@@ -493,6 +495,22 @@ def _restore_index(cls, items, ids, precision: str, rerank: bool, amax: float) -
     segments = tuple(_Segment(s.block, s.ids, s.removed, max(s.amax, amax)) for s in index._snap.segments)
     index._snap = _snapshot(segments)
     return index
+
+
+# Every ItemIndex, for _renew_locks. A fork while another thread held an index's writer lock
+# (an add or remove: ~20 ms at 1M items) left the child's copy of the lock held forever, and
+# the child's first add / remove hung. The snapshot is swapped in one assignment, so the child
+# sees a whole catalogue either way.
+_live_indexes: weakref.WeakSet = weakref.WeakSet()
+
+
+def _renew_locks() -> None:
+    for index in list(_live_indexes):
+        index._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks)
 
 
 def _live_rows(segments, dim: int):

@@ -13,7 +13,18 @@ ElementwiseKernel through NVRTC), so importing fastrec never requires Numba or C
 The compiled C++ module covers the embedding bag on CPUs (and, when built, on GPUs).
 """
 
+import os
+import threading
+
 __all__: list[str] = []
+
+
+def renew_after_fork(namespace: dict, name: str, factory=threading.Lock) -> None:
+    """Gives a forked child a fresh ``namespace[name] = factory()`` lock: a fork while another
+    thread held the parent's (compiling a kernel, updating an index) left the child's copy
+    locked forever, and the child hung on its first use."""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: namespace.__setitem__(name, factory()))
 
 
 def numba_jit(numba, fn):

@@ -27,11 +27,12 @@ binary on disk). The call waits for the kernels: a 16-byte error slot is read ba
 
 from __future__ import annotations
 
+import threading
 import warnings
 
-import threading
-
 import numpy as np
+
+from . import renew_after_fork
 
 __all__ = ["available", "embedding_bags", "kernel_source"]
 
@@ -165,6 +166,7 @@ def kernel_source(kind: int, idx64: bool, off64: bool) -> str:
 
 _kernels: dict = {}
 _lock = threading.Lock()
+renew_after_fork(globals(), "_lock")
 
 
 def _kernel(kind: int, idx64: bool, off64: bool):

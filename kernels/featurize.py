@@ -25,7 +25,7 @@ import threading
 import numpy as np
 
 from . import hashing as _hashing
-from . import numba_jit
+from . import numba_jit, renew_after_fork
 
 __all__ = [
     "OP_IDENTITY", "OP_LOG1P", "OP_STANDARDIZE", "BACKENDS", "numba_available",
@@ -94,6 +94,7 @@ def _bucketize_loop(x, boundaries, missing_row, out):
 
 
 _lock = threading.Lock()
+renew_after_fork(globals(), "_lock")
 _kernels: dict = {}
 _missing: str | None = None
 
@@ -111,9 +112,9 @@ def _numba(name: str):
             except ImportError as e:
                 _missing = str(e)
                 return None
-            _kernels["dense"] = numba_jit(numba, _dense_loop)
-            _kernels["lookup"] = numba_jit(numba, _lookup_loop)
-            _kernels["bucketize"] = numba_jit(numba, _bucketize_loop)
+            built = {"dense": numba_jit(numba, _dense_loop), "lookup": numba_jit(numba, _lookup_loop),
+                     "bucketize": numba_jit(numba, _bucketize_loop)}
+            _kernels.update(built)  # all at once (a fork in between left a child with some)
     return _kernels.get(name)
 
 

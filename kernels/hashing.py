@@ -47,7 +47,7 @@ import threading
 
 import numpy as np
 
-from . import numba_jit
+from . import numba_jit, renew_after_fork
 
 __all__ = [
     "hash_ids", "hash_strings", "hash_ids_ref", "hash_strings_ref", "hash_ids_numba",
@@ -258,6 +258,7 @@ def _fnv_loop(buf, offsets, out):  # compiled by Numba; plain Python otherwise
 
 
 _numba_lock = threading.Lock()
+renew_after_fork(globals(), "_numba_lock")
 _numba_kernels: dict = {}
 _numba_missing: str | None = None
 
@@ -275,8 +276,8 @@ def _numba(name: str):
             except ImportError as e:
                 _numba_missing = str(e)
                 return None
-            _numba_kernels["ids"] = numba_jit(numba, _hash_u64_loop)
-            _numba_kernels["fnv"] = numba_jit(numba, _fnv_loop)
+            built = {"ids": numba_jit(numba, _hash_u64_loop), "fnv": numba_jit(numba, _fnv_loop)}
+            _numba_kernels.update(built)  # all at once (a fork in between left a child with some)
     return _numba_kernels.get(name)
 
 

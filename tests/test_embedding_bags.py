@@ -72,6 +72,31 @@ def test_many_tables_large_parallel(isa, rng):
     testing.assert_close(out, testing.embedding_bags_ref(W, indices, offsets), rtol=1e-5, atol=1e-4)
 
 
+def test_jobs_copy_their_ids_in_runs(isa, rng):
+    """A job's ids are copied and checked in runs of at most 16,384 (the per-thread scratch
+    stays that small); one bag of more ids gets its own copy. Bags on both sides of a run's
+    limit, a bag longer than a run, every mode and table kind, and a bad id in a late run."""
+    tables, rows, dims = _mixed_tables(rng)
+    T = len(tables)
+    lengths = np.array([2000, 3000, 0, 16_384, 16_385, 1, 17_000, 1500, 2500])
+    B = len(lengths)
+    offsets = np.zeros(T * B + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.tile(lengths, T))
+    indices = np.concatenate([rng.integers(0, rows[t], size=int(lengths.sum())) for t in range(T)])
+    psw = rng.random(len(indices)).astype(np.float32)
+    for kw in ({"modes": "sum"}, {"modes": "mean"}, {"modes": "max"}, {"per_sample_weights": psw}):
+        out = ops.embedding_bags(tables, indices, offsets, **kw)
+        if "modes" in kw and kw["modes"] == "sum":  # int32 ids: the same runs
+            assert np.array_equal(ops.embedding_bags(tables, indices.astype(np.int32), offsets.astype(np.int32)), out)
+        # (float32 sums over bags of up to 17,000 rows: rounding grows with the length)
+        testing.assert_close(out, testing.embedding_bags_ref(tables, indices, offsets, **kw), rtol=2e-3, atol=5e-2)
+    bad = indices.copy()
+    pos = int(offsets[2 * B + 6]) + 16_900  # in table 2's 17,000-id bag, past its first run
+    bad[pos] = rows[2]
+    with pytest.raises(IndexError, match=f"position {pos}"):
+        ops.embedding_bags(tables, bad, offsets)
+
+
 @needs_torch
 def test_matches_torch_modules(rng):
     """What a torch user would do: one EmbeddingBag per table, concatenated."""

@@ -219,6 +219,58 @@ def test_fork_while_other_threads_run_kernels():
     assert r.stdout.strip() == "bad 0", r.stdout
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_locks_held_at_a_fork_are_fresh_in_the_child():
+    """A child forked while another thread held an ItemIndex's writer lock (an add or remove in
+    progress) or a kernel-loading lock inherited it held: its first add / remove hung forever."""
+    code = (
+        "import os, signal, numpy as np, fastrec\n"
+        "from fastrec.kernels import featurize, hashing\n"
+        "ix = fastrec.ItemIndex(np.eye(4, dtype=np.float32))\n"
+        "held = [ix._lock, featurize._lock, hashing._numba_lock]\n"
+        "[lock.acquire() for lock in held]\n"  # as another thread would hold them at the fork
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(20)\n"  # (a hang ends the child with SIGALRM)
+        "    ix.add(np.ones((1, 4), np.float32), [7])\n"
+        "    ix.remove([0])\n"
+        "    ok = featurize._lock.acquire(timeout=5) and hashing._numba_lock.acquire(timeout=5)\n"
+        "    os._exit(0 if ok and sorted(ix.ids.tolist()) == [1, 2, 3, 7] else 3)\n"
+        "[lock.release() for lock in held]\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status))\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0", r.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and 2 CPUs")
+def test_thread_count_follows_an_affinity_set_after_import():
+    """A pre-fork server's worker pinned to one CPU after fastrec was imported (in the parent)
+    kept running the parent's thread count; the count now follows the affinity mask (re-read
+    at most every 50 ms, and afresh in a forked child)."""
+    code = (
+        "import os, time, numpy as np, fastrec\n"
+        "cpus = sorted(os.sched_getaffinity(0))\n"
+        "before = fastrec.get_num_threads()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.sched_setaffinity(0, {cpus[0]})\n"
+        "    n = fastrec.get_num_threads()\n"
+        "    os.sched_setaffinity(0, set(cpus))\n"
+        "    time.sleep(0.06)\n"
+        "    os._exit(10 * n + fastrec.get_num_threads())\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(before, os.waitstatus_to_exitcode(status))\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    n = fastrec._config.available_cpus()
+    assert r.stdout.split() == [str(n), str(10 + n)], r.stdout
+
+
 def test_exception_inside_a_pool_task_is_raised_cleanly():
     """An allocation failing inside a pool task (the MLP's per-thread scratch) left run() while
     the other thread still ran the task: a MemoryError, then a segfault. Now every thread finishes

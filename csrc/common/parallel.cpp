@@ -245,6 +245,9 @@ std::mutex* g_state_mu = nullptr;
 Pool* g_pool = nullptr;
 pid_t g_pool_pid = 0;
 
+std::atomic<int> g_allowed_cpus{0};  // 0: read it on the next call (also in a forked child)
+std::atomic<int64_t> g_allowed_next_check{0};
+
 void reset_state_in_child() {
   g_state_mu = new std::mutex();
   g_pool = nullptr;
@@ -286,11 +289,42 @@ Pool* lock_pool(int want, std::unique_lock<std::mutex>* call) {
   return call->owns_lock() ? g_pool : nullptr;
 }
 
+// The CPUs the calling thread may run on (its affinity mask), re-read at most every 50 ms: a
+// process pinned to fewer CPUs after fastrec was imported (a pre-fork server's worker,
+// `taskset -p`) must not go on running more threads than that. A clock read per call, a
+// syscall per 50 ms. Never re-read on a pool worker: its mask leaves out the caller's CPU.
+int allowed_cpus() {
+#ifdef __linux__
+  static const bool registered = [] {  // a forked child reads it afresh: a pre-fork server pins its workers
+    pthread_atfork(nullptr, nullptr, [] { g_allowed_cpus.store(0, std::memory_order_relaxed); });
+    return true;
+  }();
+  (void)registered;
+  std::atomic<int>& cached = g_allowed_cpus;
+  std::atomic<int64_t>& next_check = g_allowed_next_check;
+  int n = cached.load(std::memory_order_relaxed);
+  if (t_in_pool_task) return n > 0 ? n : default_threads();
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch()).count();
+  if (n == 0 || now >= next_check.load(std::memory_order_relaxed)) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+    if (n <= 0) n = default_threads();  // (no mask to read: more than CPU_SETSIZE CPUs)
+    cached.store(n, std::memory_order_relaxed);
+    next_check.store(now + 50'000'000, std::memory_order_relaxed);
+  }
+  return n;
+#else
+  return default_threads();
+#endif
+}
+
 }  // namespace
 
 int get_num_threads() {
-  int n = g_num_threads.load(std::memory_order_relaxed);
-  return n > 0 ? n : default_threads();
+  const int n = g_num_threads.load(std::memory_order_relaxed);
+  return std::min(n > 0 ? n : default_threads(), allowed_cpus());
 }
 
 void set_num_threads(int n) {

@@ -3,7 +3,9 @@
 // partial last block is copied into a zeroed buffer first (never reading past the row).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "fastrec/dispatch.h"
 #include "fastrec/embedding.h"

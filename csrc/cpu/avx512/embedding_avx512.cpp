@@ -2,7 +2,9 @@
 // called after cpu_features() said the CPU and the OS support it.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "fastrec/dispatch.h"
 #include "fastrec/embedding.h"
