@@ -16,9 +16,17 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken (
         raise ImportError(f"fastrec could not start with FASTREC_CPU_ISA={_isa!r}: {exc}. Unset it, or "
                           "set scalar, avx2 or avx512 as this CPU allows (`python -m fastrec.info` "
                           "lists them).") from exc
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.exists(_os.path.join(_here, "..", "csrc")) and not any(
+            n.startswith("_C.") for n in _os.listdir(_here)):
+        # run from the source folder: `import fastrec` found the sources, not the installed package
+        raise ImportError(
+            f"`import fastrec` found the source folder {_here}, which has no compiled module, instead "
+            "of the installed package: run Python from another folder (after `pip install .`)."
+        ) from exc
     raise ImportError(
         "fastrec's compiled CPU module (fastrec._C) could not be imported: "
-        f"{exc}. Reinstall with `pip install .` and check `python -m fastrec.info`."
+        f"{exc}. Reinstall with `pip install .` and check `fastrec info`."
     ) from exc
 
 from ._arrays import aligned_copy, aligned_empty
