@@ -271,6 +271,35 @@ def test_thread_count_follows_an_affinity_set_after_import():
     assert r.stdout.split() == [str(n), str(10 + n)], r.stdout
 
 
+def test_exit_with_daemon_threads_inside_kernels():
+    """Interpreter exit while daemon threads were inside kernels aborted the process (SIGABRT,
+    exit code 134: Python ends such a thread with pthread_exit when it asks for the GIL back, and
+    the unwind met a noexcept destructor); now they park. The main thread still calls fastrec
+    from an atexit handler that runs after fastrec's own."""
+    code = (
+        "import atexit, sys, threading, time, numpy as np\n"
+        "atexit.register(lambda: print('late handler', float(fastrec.ops.embedding_bag(W, idx, off).sum()) == want))\n"
+        "import fastrec\n"
+        "from fastrec import ops\n"
+        "rng = np.random.default_rng(0)\n"
+        "W = rng.standard_normal((50000, 64), dtype=np.float32)\n"
+        "idx = rng.integers(0, 50000, 256 * 32); off = np.arange(0, 256 * 32 + 1, 32)\n"
+        "want = float(ops.embedding_bag(W, idx, off).sum())\n"
+        "mlp = fastrec.Int8MLP.from_float([(rng.standard_normal((256, 256), dtype=np.float32), None)] * 2, ['relu'] * 2)\n"
+        "x = rng.standard_normal((256, 256), dtype=np.float32)\n"
+        "def loop(i):\n"
+        "    while True:\n"
+        "        ops.embedding_bag(W, idx, off) if i % 2 else mlp(x)\n"
+        "for i in range(6):\n"
+        "    threading.Thread(target=loop, args=(i,), daemon=True).start()\n"
+        "time.sleep(0.2)\n"
+    )
+    for _ in range(3):
+        r = _run(code)
+        assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+        assert r.stdout.strip() == "late handler True", r.stdout
+
+
 def test_exception_inside_a_pool_task_is_raised_cleanly():
     """An allocation failing inside a pool task (the MLP's per-thread scratch) left run() while
     the other thread still ran the task: a MemoryError, then a segfault. Now every thread finishes

@@ -3,6 +3,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include "release_gil.h"
+
 namespace fastrec {
 namespace python {
 

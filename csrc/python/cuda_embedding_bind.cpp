@@ -49,7 +49,7 @@ void embedding_bags(const std::vector<TableTuple>& tables, uintptr_t indices, in
   a.out = reinterpret_cast<float*>(out);
   a.device = device;
   a.stream = stream;
-  py::gil_scoped_release release;
+  ReleaseGil release;
   cuda::embedding_bags(a);
 }
 

@@ -52,7 +52,7 @@ std::shared_ptr<Int8LinearWeights> make_weights(int device, py::handle w, py::ha
   }
   const int8_t* wp = wa.data();
   const float* sp = sa.data();
-  py::gil_scoped_release release;
+  ReleaseGil release;
   return std::make_shared<Int8LinearWeights>(device, wp, N, K, sp, bp);
 }
 
@@ -84,7 +84,7 @@ void bind_cuda_linear(py::module_& m) {
           "forward",
           [](const Int8LinearPlan& p, std::uintptr_t x, int64_t rows, std::uintptr_t y, std::uintptr_t scratch,
              int64_t scratch_bytes, std::uintptr_t stream, bool check_finite) {
-            py::gil_scoped_release release;
+            ReleaseGil release;
             p.forward(reinterpret_cast<const float*>(x), rows, reinterpret_cast<float*>(y),
                       reinterpret_cast<void*>(scratch), scratch_bytes, stream, check_finite);
           },
@@ -95,7 +95,7 @@ void bind_cuda_linear(py::module_& m) {
   m.def(
       "int8_gemm_int32",
       [](const Int8LinearWeights& w, std::uintptr_t a, int64_t rows, std::uintptr_t y32, std::uintptr_t stream) {
-        py::gil_scoped_release release;
+        ReleaseGil release;
         cuda::int8_gemm_int32(w, reinterpret_cast<const int8_t*>(a), rows, reinterpret_cast<int32_t*>(y32), stream);
       },
       py::arg("weights"), py::arg("a"), py::arg("rows"), py::arg("y32"), py::arg("stream"),
@@ -104,7 +104,7 @@ void bind_cuda_linear(py::module_& m) {
       "quantize_rows_int8",
       [](int device, std::uintptr_t x, int64_t rows, int64_t K, int64_t Kp, std::uintptr_t q, std::uintptr_t scale,
          std::uintptr_t stream) {
-        py::gil_scoped_release release;
+        ReleaseGil release;
         cuda::quantize_rows(device, reinterpret_cast<const float*>(x), rows, K, Kp, reinterpret_cast<int8_t*>(q),
                             reinterpret_cast<float*>(scale), stream);
       },

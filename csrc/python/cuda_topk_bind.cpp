@@ -71,7 +71,7 @@ void bind_cuda_topk(py::module_& m) {
         r.out_ids = ptr<int64_t>(out_ids);
         cuda::TopkStatus st;
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           st = cuda::search(device, idx, r, ptr<void>(scratch), scratch_bytes, stream);
         }
         return py::make_tuple(st.bad_query, st.overflowed);

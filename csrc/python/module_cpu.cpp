@@ -21,6 +21,7 @@
 #include "fastrec/interaction.h"
 #include "fastrec/topk.h"
 #include "fastrec/parallel.h"
+#include "release_gil.h"
 
 namespace py = pybind11;
 using namespace fastrec;
@@ -298,7 +299,7 @@ py::array embedding_bags_py(const py::sequence& tables, py::array indices, py::a
   py::array_t<float> out({B, total_dim});
   a.out = out.mutable_data();
   {
-    py::gil_scoped_release release;
+    ReleaseGil release;
     embedding_bags(a);
   }
   return out;
@@ -377,7 +378,7 @@ py::object pack_bags(const py::list& pairs, int64_t B) {
   int64_t* op = offsets.mutable_data();
   bool wrapped = false;
   {
-    py::gil_scoped_release release;  // (parts holds references to every array)
+    ReleaseGil release;  // (parts holds references to every array)
     for (size_t t = 0; t < T && !wrapped; ++t) {
       const BagPart& part = parts[t];
       if (part.ind_size == 8 && part.ind_stride == 8) {
@@ -445,7 +446,7 @@ std::shared_ptr<Int8Layer> make_layer(py::handle w, py::handle scale, py::handle
   }
   const int8_t* wp = static_cast<const int8_t*>(wa.data());
   const float* sp = static_cast<const float*>(sa.data());
-  py::gil_scoped_release release;  // packing a large layer takes a while; wa, sa, ba stay alive
+  ReleaseGil release;  // packing a large layer takes a while; wa, sa, ba stay alive
   return std::make_shared<Int8Layer>(wp, N, K, sp, bp);
 }
 
@@ -473,7 +474,7 @@ std::shared_ptr<ItemBlock> make_item_block(py::handle items, int precision, bool
   if (xa.shape(1) < 1) throw py::value_error("items must have at least one column");
   const float* p = static_cast<const float*>(xa.data());
   const int64_t N = xa.shape(0), D = xa.shape(1);
-  py::gil_scoped_release release;
+  ReleaseGil release;
   return std::make_shared<ItemBlock>(p, N, D, static_cast<ItemPrecision>(precision), keep_f32);
 }
 
@@ -530,7 +531,7 @@ py::tuple topk_search_py(py::handle blocks_obj, const std::vector<py::object>& i
   F32Array scores({Q, k});
   py::array_t<int64_t> out_ids({Q, k});
   {
-    py::gil_scoped_release release;
+    ReleaseGil release;
     topk_search(segs, req, scores.mutable_data(), out_ids.mutable_data());
   }
   return py::make_tuple(scores, out_ids);
@@ -570,7 +571,7 @@ PYBIND11_MODULE(_C, m) {
              F32Array out({b.size(), b.dim()});
              float* o = out.mutable_data();
              {
-               py::gil_scoped_release release;  // (ItemIndex merges segments with it)
+               ReleaseGil release;  // (ItemIndex merges segments with it)
                b.to_float(o);
              }
              return out;
@@ -595,7 +596,7 @@ PYBIND11_MODULE(_C, m) {
         const float* ep = static_cast<const float*>(ea.data());
         float* op = out.mutable_data();
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           dot_interaction(xp, ep, B, T, D, op);
         }
         return out;
@@ -622,7 +623,7 @@ PYBIND11_MODULE(_C, m) {
     float* yp = y.mutable_data();
     const float* xp = static_cast<const float*>(xa.data());
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       int8_linear_forward(layer, xp, M, layer.in_features(), a, yp);
     }
     return y;
@@ -636,7 +637,7 @@ PYBIND11_MODULE(_C, m) {
     int32_t* yp = y.mutable_data();
     const int8_t* qp = static_cast<const int8_t*>(qa.data());
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       int8_linear_int32(layer, qp, M, yp);
     }
     return y;
@@ -657,7 +658,7 @@ PYBIND11_MODULE(_C, m) {
     float* yp = y.mutable_data();
     const float* xp = static_cast<const float*>(xa.data());
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       int8_mlp_forward(ls, as, xp, M, yp);
     }
     return y;
@@ -690,7 +691,7 @@ PYBIND11_MODULE(_C, m) {
         F32Array out(B);
         f.out = out.mutable_data();
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           dlrm_forward(f);
         }
         return out;
@@ -707,7 +708,7 @@ PYBIND11_MODULE(_C, m) {
     int8_t* qp = q.mutable_data();
     float* sp = s.mutable_data();
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       quantize_rows_int8(xp, M, K, qp, sp);
     }
     return py::make_tuple(q, s);
@@ -718,6 +719,8 @@ PYBIND11_MODULE(_C, m) {
         "fastrec.Model's dict requests: T (indices, offsets) pairs as one table-major CSR pair, or None.");
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("_quiesce_for_exit", &quiesce_for_exit,
+        "atexit hook: threads leaving a kernel from now on park instead of retaking the GIL (release_gil.h)");
   m.def("current_isa", [] { return std::string(isa_name(current_isa())); });
   m.def("_set_embedding_l1_prefetch", &set_embedding_l1_prefetch, py::arg("mode"),
         "Tests only: 1 / 0 force the embedding kernels' L1 prefetch of quantized rows on / off, -1 restores the default.");
