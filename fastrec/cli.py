@@ -165,7 +165,10 @@ def _positive(kind, minimum=None):
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="fastrec", description="fastrec: fast inference for recommendation models")
+    parser.add_argument("--version", action="version", version=f"fastrec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, CPU ISA chosen, threads, backends")
     p.add_argument("--json", action="store_true", help="print as JSON")

@@ -39,6 +39,14 @@ def test_fastrec_demo_cli(tmp_path):
     assert "new user" in out
 
 
+def test_cli_version(capsys):
+    from fastrec import __version__, cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fastrec {__version__}"
+
+
 def test_demo_cli_refuses_too_few_candidates(capsys):
     """--candidates below the demo's minimum is an argparse error (exit 2), not a traceback."""
     from fastrec.cli import main
