@@ -29,12 +29,6 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken (
         f"{exc}. Reinstall with `pip install .` and check `fastrec info`."
     ) from exc
 
-import atexit as _atexit
-
-# At exit, daemon threads inside kernels must not take the GIL back while Python finalizes
-# (Python ends them with pthread_exit, and the process aborted): csrc/python/release_gil.h.
-_atexit.register(_C._quiesce_for_exit)
-
 from ._arrays import aligned_copy, aligned_empty
 from ._config import get_num_threads, set_num_threads
 from .tables import QuantizedTable

@@ -35,9 +35,6 @@ def module():
                 "fastrec's CUDA module is built but no CUDA device is usable here (no GPU or no "
                 "driver); see `python -m fastrec.info`."
             )
-        import atexit
-
-        atexit.register(_C_cuda._quiesce_for_exit)  # (its own copy of csrc/python/release_gil.h's state)
         _module = _C_cuda
     return _module
 

@@ -492,6 +492,7 @@ def _bag_values(col, f: _Sparse, n: int):
                              "set \"multi\": true for several values per record")
         return col, np.ones(col.shape[0], dtype=np.int64)
     items = col.tolist() if isinstance(col, np.ndarray) else list(col)
+    items = [v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for v in items]  # (0-d: one value)
     if items and all(type(v) is int for v in items):  # fast path: plain int ids, none missing
         try:
             return np.array(items, dtype=np.int64), np.ones(len(items), dtype=np.int64)

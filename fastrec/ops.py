@@ -33,8 +33,8 @@ def _check_index_dtype(dtype, name: str) -> None:
 
 
 def _index_array(x, name: str) -> np.ndarray:
-    """An int32/int64 ndarray (no copy when it already is one)."""
-    if not isinstance(x, np.ndarray):
+    """An int32/int64 ndarray (no copy when it already is one; ndarray subclasses as plain arrays)."""
+    if type(x) is not np.ndarray:
         x = as_numpy(x)
         if x.size == 0 and x.dtype == np.float64:  # [] -> float64 by default
             x = x.astype(np.int64)
@@ -77,8 +77,10 @@ def _weights_array(x, n: int, indices_shape) -> np.ndarray:
 
 def _table(t):
     """A QuantizedTable or a 2-D float32/float16 ndarray (dtype checks happen in C++)."""
-    if isinstance(t, (np.ndarray, QuantizedTable)):
+    if type(t) is np.ndarray or isinstance(t, QuantizedTable):
         return t
+    if isinstance(t, np.ndarray):
+        return as_numpy(t)  # (a subclass: np.matrix, a masked array, a memmap) as a plain array
     if _cuda.is_device_array(t):
         raise TypeError(_cuda_embedding.MIXED_MESSAGE.format(what="an embedding table"))
     if hasattr(t, "detach") and hasattr(t, "cpu"):

@@ -119,6 +119,25 @@ def test_non_contiguous_inputs(isa, rng):
     testing.assert_close(out, testing.embedding_bag_ref(np.ascontiguousarray(W), indices, offsets), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # (np.matrix's)
+def test_ndarray_subclasses(rng):
+    """Masked arrays and np.matrix as ids, offsets or tables: plain arrays, and masked values
+    refused (the masked ids and table values were used as data; a matrix of ids was 2-D)."""
+    W = rng.standard_normal((10, 4)).astype(np.float32)
+    idx = np.array([1, 5, 2], dtype=np.int64)
+    off = np.array([0, 2, 3], dtype=np.int64)
+    want = ops.embedding_bag(W, idx, off)
+    assert np.array_equal(ops.embedding_bag(np.ma.masked_array(W), np.ma.masked_array(idx), off), want)
+    assert np.array_equal(ops.embedding_bag(np.asmatrix(W), idx, off), want)
+    assert np.array_equal(ops.embedding_bags([np.ma.masked_array(W)], np.ma.masked_array(idx), off), want)
+    with pytest.raises(TypeError, match="masked"):
+        ops.embedding_bag(W, np.ma.masked_array(idx, mask=[0, 1, 0]), off)
+    with pytest.raises(TypeError, match="masked"):
+        ops.embedding_bag(np.ma.masked_array(W, mask=W > 1), idx, off)
+    with pytest.raises(TypeError, match="masked"):
+        ops.embedding_bags([W], np.ma.masked_array(idx, mask=[0, 1, 0]), off)
+
+
 def test_lists_and_inputs_unchanged(rng):
     W = rng.standard_normal((5, 4)).astype(np.float32)
     W0 = W.copy()

@@ -236,6 +236,10 @@ def test_multi_valued_input_forms():
         assert rows[0] == rows[1]
     with pytest.raises(ValueError, match="must be 1-D"):
         tz.transform({"s": [np.array([[1, 2]])]})
+    one = Featurizer.from_spec({"version": 1, "sparse": [{"name": "s", "kind": "hash", "num_rows": 1000}]})
+    for v in ("abc", b"ab", 5):  # single-valued too (was "a record holds a list array(5)")
+        rows = one.transform({"s": [np.array(v), v]})[1][0]
+        assert rows[0] == rows[1]
 
 
 # ---- spec --------------------------------------------------------------------------------------

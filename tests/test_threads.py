@@ -274,11 +274,16 @@ def test_thread_count_follows_an_affinity_set_after_import():
 def test_exit_with_daemon_threads_inside_kernels():
     """Interpreter exit while daemon threads were inside kernels aborted the process (SIGABRT,
     exit code 134: Python ends such a thread with pthread_exit when it asks for the GIL back, and
-    the unwind met a noexcept destructor); now they park. The main thread still calls fastrec
-    from an atexit handler that runs after fastrec's own."""
+    the unwind met a noexcept destructor). Before finalization nothing changes: an atexit
+    handler can still run fastrec in a thread it joins."""
     code = (
         "import atexit, sys, threading, time, numpy as np\n"
-        "atexit.register(lambda: print('late handler', float(fastrec.ops.embedding_bag(W, idx, off).sum()) == want))\n"
+        "def late():\n"
+        "    out = []\n"
+        "    t = threading.Thread(target=lambda: out.append(float(fastrec.ops.embedding_bag(W, idx, off).sum())))\n"
+        "    t.start(); t.join(20)\n"
+        "    print('late handler', out == [want])\n"
+        "atexit.register(late)\n"
         "import fastrec\n"
         "from fastrec import ops\n"
         "rng = np.random.default_rng(0)\n"

@@ -289,10 +289,13 @@ Pool* lock_pool(int want, std::unique_lock<std::mutex>* call) {
   return call->owns_lock() ? g_pool : nullptr;
 }
 
-// The CPUs the calling thread may run on (its affinity mask), re-read at most every 50 ms: a
-// process pinned to fewer CPUs after fastrec was imported (a pre-fork server's worker,
-// `taskset -p`) must not go on running more threads than that. A clock read per call, a
-// syscall per 50 ms. Never re-read on a pool worker: its mask leaves out the caller's CPU.
+// The CPUs the process may run on, re-read at most every 50 ms: a process pinned to fewer CPUs
+// after fastrec was imported (a pre-fork server's worker, `taskset -p`) must not go on running
+// more threads than that. A clock read per call, a syscall per 50 ms. The main thread's mask
+// (thread id = pid) stands for the process's, whichever thread asks: what `taskset -p PID`
+// and os.sched_setaffinity(0, ...) in the main thread set. (Each caller's own mask made one
+// count for every thread out of whichever thread read it last; the pool workers' masks leave
+// out the caller's CPU.)
 int allowed_cpus() {
 #ifdef __linux__
   static const bool registered = [] {  // a forked child reads it afresh: a pre-fork server pins its workers
@@ -303,13 +306,12 @@ int allowed_cpus() {
   std::atomic<int>& cached = g_allowed_cpus;
   std::atomic<int64_t>& next_check = g_allowed_next_check;
   int n = cached.load(std::memory_order_relaxed);
-  if (t_in_pool_task) return n > 0 ? n : default_threads();
   const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                           std::chrono::steady_clock::now().time_since_epoch()).count();
   if (n == 0 || now >= next_check.load(std::memory_order_relaxed)) {
     cpu_set_t set;
     CPU_ZERO(&set);
-    n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+    n = sched_getaffinity(getpid(), sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
     if (n <= 0) n = default_threads();  // (no mask to read: more than CPU_SETSIZE CPUs)
     cached.store(n, std::memory_order_relaxed);
     next_check.store(now + 50'000'000, std::memory_order_relaxed);

@@ -719,8 +719,6 @@ PYBIND11_MODULE(_C, m) {
         "fastrec.Model's dict requests: T (indices, offsets) pairs as one table-major CSR pair, or None.");
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
-  m.def("_quiesce_for_exit", &quiesce_for_exit,
-        "atexit hook: threads leaving a kernel from now on park instead of retaking the GIL (release_gil.h)");
   m.def("current_isa", [] { return std::string(isa_name(current_isa())); });
   m.def("_set_embedding_l1_prefetch", &set_embedding_l1_prefetch, py::arg("mode"),
         "Tests only: 1 / 0 force the embedding kernels' L1 prefetch of quantized rows on / off, -1 restores the default.");

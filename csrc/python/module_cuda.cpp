@@ -18,8 +18,6 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "fastrec CUDA kernels";
-  m.def("_quiesce_for_exit", &fastrec::quiesce_for_exit,
-        "atexit hook: threads leaving a kernel from now on park instead of retaking the GIL (release_gil.h)");
   m.def("device_count", &fastrec::cuda::device_count, "Number of CUDA devices (0 without a driver or GPU).");
   m.def(
       "device_info",
