@@ -14,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken (
     _isa = _os.environ.get("FASTREC_CPU_ISA")
     if _isa and "ISA" in str(exc):  # the module refuses an ISA level it cannot run, and the import fails with it
         raise ImportError(f"fastrec could not start with FASTREC_CPU_ISA={_isa!r}: {exc}. Unset it, or "
-                          "set scalar, avx2 or avx512 as this CPU allows (`python -m fastrec.info` "
+                          "set scalar, avx2 or avx512 as this CPU allows (with it unset, `fastrec info` "
                           "lists them).") from exc
     _here = _os.path.dirname(_os.path.abspath(__file__))
     if _os.path.exists(_os.path.join(_here, "..", "csrc")) and not any(

@@ -102,9 +102,9 @@ def _print_inspect(r: dict) -> None:
     if r["kind"] == "dlrm":
         print(f"  dense      {r['dense_features']} features, interaction {r['interaction']}")
     print(f"  tables ({len(r['tables'])}):")
-    w = max(len(t["name"]) for t in r["tables"])
+    w = max(len(_printable(t["name"])) for t in r["tables"])  # (print escapes it: measure the escaped name)
     for t in r["tables"]:
-        print(f"    {t['name']:<{w}}  rows {t['rows']:>12,}  dim {t['dim']:>5}  {t['storage']:<4}  "
+        print(f"    {_printable(t['name']):<{w}}  rows {t['rows']:>12,}  dim {t['dim']:>5}  {t['storage']:<4}  "
               f"{t['pooling']:<4}  {_size(t['bytes']):>10}")
     feats = ", ".join(f["name"] if f["name"] == f["table"] else f"{f['name']}->{f['table']}"
                       for f in r["sparse_features"])
@@ -148,18 +148,20 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _positive(kind, minimum=None):
-    """argparse type: a number of `kind` > 0, or >= `minimum` (argparse prints the error and
-    exits 2)."""
+def _positive(kind, minimum=None, maximum=None):
+    """argparse type: a number of `kind` > 0, or >= `minimum`, and <= `maximum` (argparse prints
+    the error and exits 2)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
         if not 0 < value < float("inf"):
             raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
     return parse
 
@@ -176,10 +178,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("example", help="run a short embedding-bag example and time it against numpy")
     p.set_defaults(fn=_cmd_example)
     p = sub.add_parser("demo", help="recommend and rank with the two embedded demo models; latency vs numpy")
-    p.add_argument("--users", type=_positive(int), default=4, help="users to recommend for (default 4; the last is a new user)")
-    p.add_argument("--candidates", type=_positive(int, 10), default=270,
-                   help="raw candidates per ranking request, at least 10 (default 270)")
-    p.add_argument("--repeat", type=_positive(int), default=200, help="requests timed per task and engine (default 200)")
+    p.add_argument("--users", type=_positive(int, maximum=1000), default=4,
+                   help="users to recommend for, at most 1000 (default 4; with more than one, the last is a new user)")
+    p.add_argument("--candidates", type=_positive(int, 10, maximum=100_000), default=270,
+                   help="raw candidates per ranking request, 10 to 100000 (default 270)")
+    p.add_argument("--repeat", type=_positive(int, maximum=1_000_000), default=200,
+                   help="requests timed per task and engine, at most 1000000 (default 200)")
     p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("inspect", help="what a model directory holds (kind, tables, layers, index, sizes)")
     p.add_argument("path", help="a model directory (manifest.json + model.safetensors)")
@@ -188,12 +192,20 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="a quick same-run comparison against the installed peers (torch, faiss, numpy)")
     p.add_argument("--seconds", type=_positive(float), default=0.5, help="time per implementation and case (default 0.5)")
     p.set_defaults(fn=_cmd_bench)
-    args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        args = parser.parse_args(argv)  # (--help / --version print and exit here)
+        code = args.fn(args)
+        sys.stdout.flush()  # output under the buffer's size is written here, inside the try
+        return code
     except BrokenPipeError:  # `fastrec info | head`: the reader left; no traceback
         quiet_stdout()
         return 1
+    except SystemExit:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            quiet_stdout()
+        raise
 
 
 def quiet_stdout() -> None:

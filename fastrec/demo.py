@@ -325,7 +325,7 @@ def main(*, users: int = 4, candidates: int = 270, repeat: int = 200, out=print)
     # ---- latency ----------------------------------------------------------------------------
     ranker.warmup()
     retriever.warmup()
-    user_bodies = [json.dumps({"records": [user_records[r % len(user_records)]], "k": 10}) for r in range(repeat)]
+    user_bodies = [json.dumps({"records": [rec], "k": 10}) for rec in user_records]  # (request r: r % len)
     engines = {
         "fastrec": (
             (ranker.featurizer.transform, lambda x, k: ranker.score(*x)),

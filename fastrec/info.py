@@ -112,17 +112,17 @@ def format_info(d: dict) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print("usage: python -m fastrec.info [--json]\n\nReports the version, the CPU ISA level in use "
-              "and those available, threads, OpenMP, and the CUDA module and GPUs (--json: as JSON).")
-        return 0
-    unknown = [a for a in argv if a != "--json"]
+    unknown = [a for a in argv if a not in ("--json", "-h", "--help")]
     if unknown:
         print(f"python -m fastrec.info: unknown argument(s) {' '.join(unknown)} (use --json or --help)",
               file=sys.stderr)
         return 2
-    d = info()
     try:
+        if "-h" in argv or "--help" in argv:
+            print("usage: python -m fastrec.info [--json]\n\nReports the version, the CPU ISA level in use "
+                  "and those available, threads, OpenMP, and the CUDA module and GPUs (--json: as JSON).", flush=True)
+            return 0
+        d = info()
         print(json.dumps(d, indent=2) if "--json" in argv else format_info(d), flush=True)
     except BrokenPipeError:  # `python -m fastrec.info | head`: the reader left; no traceback
         from .cli import quiet_stdout

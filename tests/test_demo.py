@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -37,6 +38,32 @@ def test_fastrec_demo_cli(tmp_path):
         assert line in out, out
     assert out.rstrip().endswith("OK"), out
     assert "new user" in out
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["example"], ["info"], ["demo", "--repeat", "2"]])
+def test_cli_output_into_a_closed_pipe_is_quiet(args):
+    """`fastrec ... | head`: output smaller than stdout's buffer was written at interpreter exit,
+    outside the BrokenPipeError handler ("Exception ignored ... BrokenPipeError", exit code 120);
+    --help / --version were not covered at all."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # the reader is gone before anything is written
+    try:
+        p = subprocess.run([sys.executable, "-m", "fastrec", *args], stdout=w_fd, stderr=subprocess.PIPE,
+                           env=env, cwd=tempfile.gettempdir(), timeout=300)
+    finally:
+        os.close(w_fd)
+    assert p.returncode in (0, 1) and b"Traceback" not in p.stderr and b"Exception ignored" not in p.stderr, p.stderr
+
+
+def test_cli_number_limits(capsys):
+    from fastrec import cli
+
+    for args, message in ((["demo", "--users", "1.5"], "not an integer"), (["demo", "--candidates", "10000000"], "at most 100000"),
+                          (["demo", "--repeat", "1e9"], "not an integer")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(args)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_version(capsys):
