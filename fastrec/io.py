@@ -656,10 +656,15 @@ def _check_unicode(value) -> None:
 
 def _missing_or_wrong(path: str, field: str, expected: str, missing: str, wrong: str):
     """ModelNotFoundError for a path that does not exist, else ModelFormatError (it is there
-    but of the wrong kind)."""
-    if os.path.exists(path):
-        raise ModelFormatError(path, field, expected, _Text(wrong))
-    raise ModelNotFoundError(path, field, expected, _Text(missing))
+    but of the wrong kind, or cannot be reached: os.path.exists / isfile say False for a file in
+    a directory this user may not search, which read as "missing")."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise ModelNotFoundError(path, field, expected, _Text(missing)) from None
+    except OSError as e:  # (PermissionError, a path too long, ...)
+        raise ModelFormatError(path, field, expected, _Text(f"not accessible ({e.strerror or e})")) from None
+    raise ModelFormatError(path, field, expected, _Text(wrong))
 
 
 def read_model(path) -> tuple[dict, dict]:

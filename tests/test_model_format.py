@@ -278,6 +278,22 @@ def test_missing_files_and_not_a_directory(dlrm_dir, tmp_path):
     assert not isinstance(_fails(dlrm_dir, TENSORS, "not a regular file"), OSError)
 
 
+def test_unreachable_file_is_not_called_missing(dlrm_dir, monkeypatch):
+    # In a directory this user may not search, os.path.isfile says False and the file read as
+    # "missing" (a ModelNotFoundError); stat's PermissionError is what happened. (Simulated:
+    # the tests may run as root, whom permissions do not stop.)
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path).endswith(MANIFEST):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    err = _fails(dlrm_dir, MANIFEST, "not accessible (Permission denied)")
+    assert not isinstance(err, fastrec.ModelNotFoundError)
+
+
 # ---- the manifest -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", ["{", "", "[]", "null", "42", '"dlrm"', "\udcff", '{"format": NaN}', "[" * 50000])
