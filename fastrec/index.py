@@ -17,7 +17,6 @@ from .io import MAX_INT8_WIDTH
 __all__ = ["ItemIndex"]
 
 _PRECISIONS = {"int8": 0, "fp16": 1, "fp32": 2}
-_MAX_INT8_DIM = MAX_INT8_WIDTH  # kMaxInt8K in csrc/include/fastrec/linear.h
 _MAX_SEGMENTS = 16  # more than this after an add: the catalogue is merged into one block
 
 
@@ -325,8 +324,8 @@ class ItemIndex:
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
         items = float_matrix(items, "items")
-        if precision == "int8" and items.shape[1] > _MAX_INT8_DIM:
-            raise ValueError(f"precision 'int8' takes items of dimension at most {_MAX_INT8_DIM} (the int32 "
+        if precision == "int8" and items.shape[1] > MAX_INT8_WIDTH:
+            raise ValueError(f"precision 'int8' takes items of dimension at most {MAX_INT8_WIDTH} (the int32 "
                              f"sums of 127 * 127 * D must not overflow), got {items.shape[1]}: use 'fp16' or 'fp32'")
         self._precision = precision
         self._rerank = bool(rerank)

@@ -208,10 +208,10 @@ def _fnv_np(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     h = np.full(n, FNV_OFFSET, dtype=np.uint64)
     lengths = np.diff(offsets)
     by_length = np.argsort(-lengths, kind="stable")  # longest first
-    desc = lengths[by_length]
+    neg_desc = -lengths[by_length]  # ascending, for searchsorted
     k = 0
-    while n and k < int(desc[0]):  # byte k of every string at least k + 1 bytes long
-        live = by_length[:int(np.searchsorted(-desc, -k, side="left"))]
+    while n and k < -int(neg_desc[0]):  # byte k of every string at least k + 1 bytes long
+        live = by_length[:int(np.searchsorted(neg_desc, -k, side="left"))]
         if live.shape[0] < _FNV_NP_MIN_WIDTH:
             for i in live.tolist():
                 h[i] = _fnv1a64_py(buf[offsets[i] + k:offsets[i + 1]].tobytes(), int(h[i]))

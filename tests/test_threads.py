@@ -145,6 +145,13 @@ def _run(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=tempfile.gettempdir(), timeout=120)
 
 
+def _run_ok(code, **env) -> str:
+    """_run, which must exit 0; its stripped stdout."""
+    r = _run(code, **env)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    return r.stdout.strip()
+
+
 def test_thread_count_from_environment():
     code = "import fastrec; print(fastrec.get_num_threads())"
     cpus = fastrec._config.available_cpus()
@@ -172,9 +179,7 @@ def test_usable_after_fork(rng):
         "_, status = os.waitpid(pid, 0)\n"
         "print(os.waitstatus_to_exitcode(status))\n"
     )
-    r = _run(code)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "0"
+    assert _run_ok(code) == "0"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -214,9 +219,7 @@ def test_fork_while_other_threads_run_kernels():
         "[t.join() for t in ts]\n"
         "print('bad', bad)\n"
     )
-    r = _run(code)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "bad 0", r.stdout
+    assert _run_ok(code) == "bad 0"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -240,9 +243,7 @@ def test_locks_held_at_a_fork_are_fresh_in_the_child():
         "_, status = os.waitpid(pid, 0)\n"
         "print(os.waitstatus_to_exitcode(status))\n"
     )
-    r = _run(code)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "0", r.stdout
+    assert _run_ok(code) == "0"
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -265,10 +266,8 @@ def test_thread_count_follows_an_affinity_set_after_import():
         "_, status = os.waitpid(pid, 0)\n"
         "print(before, os.waitstatus_to_exitcode(status))\n"
     )
-    r = _run(code)
-    assert r.returncode == 0, r.stderr
     n = fastrec._config.available_cpus()
-    assert r.stdout.split() == [str(n), str(10 + n)], r.stdout
+    assert _run_ok(code).split() == [str(n), str(10 + n)]
 
 
 def test_exit_with_daemon_threads_inside_kernels():
@@ -300,9 +299,7 @@ def test_exit_with_daemon_threads_inside_kernels():
         "time.sleep(0.2)\n"
     )
     for _ in range(3):
-        r = _run(code)
-        assert r.returncode == 0, (r.returncode, r.stderr[-500:])
-        assert r.stdout.strip() == "late handler True", r.stdout
+        assert _run_ok(code) == "late handler True"
 
 
 def test_exception_inside_a_pool_task_is_raised_cleanly():

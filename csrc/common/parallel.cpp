@@ -303,18 +303,16 @@ int allowed_cpus() {
     return true;
   }();
   (void)registered;
-  std::atomic<int>& cached = g_allowed_cpus;
-  std::atomic<int64_t>& next_check = g_allowed_next_check;
-  int n = cached.load(std::memory_order_relaxed);
+  int n = g_allowed_cpus.load(std::memory_order_relaxed);
   const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                           std::chrono::steady_clock::now().time_since_epoch()).count();
-  if (n == 0 || now >= next_check.load(std::memory_order_relaxed)) {
+  if (n == 0 || now >= g_allowed_next_check.load(std::memory_order_relaxed)) {
     cpu_set_t set;
     CPU_ZERO(&set);
     n = sched_getaffinity(getpid(), sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
     if (n <= 0) n = default_threads();  // (no mask to read: more than CPU_SETSIZE CPUs)
-    cached.store(n, std::memory_order_relaxed);
-    next_check.store(now + 50'000'000, std::memory_order_relaxed);
+    g_allowed_cpus.store(n, std::memory_order_relaxed);
+    g_allowed_next_check.store(now + 50'000'000, std::memory_order_relaxed);
   }
   return n;
 #else
