@@ -259,6 +259,28 @@ def test_fast_path_with_and_without_l1_prefetch(isa, rng, l1_prefetch, kind, dim
     assert _C._embedding_l1_prefetch() == (not _C._cpu_vendor_amd())
 
 
+@pytest.mark.parametrize("bits, big, w", [(8, 1e30, 1e10), (4, 6e4, 1e34)])
+def test_large_weights_on_wide_quantized_rows(isa, rng, bits, big, w):
+    """A per-sample weight times a quantized row's value is finite here, while the weight
+    times the row's bias alone is not: every path computes w * (scale*q + bias), so none of
+    them returns inf or NaN where the oracle's value is finite."""
+    from fastrec import QuantizedTable
+
+    W = np.zeros((5, 70), np.float32)
+    W[:, 0], W[:, 1] = -big, big  # bias -big; the other codes' values are smaller
+    W[:, 2:] = rng.uniform(-big / 100, big / 100, (5, 68)).astype(np.float32)
+    table = QuantizedTable.from_float(W, bits=bits)
+    idx = np.array([0, 1, 2, 3, 1], np.int64)
+    off = np.array([0, 1, 3, 5], np.int64)
+    psw = (np.array([1, 0.2, -0.3, 1, 0.5]) * w).astype(np.float32)
+    with np.errstate(over="ignore"):  # columns 0 and 1 do overflow
+        ref = testing.embedding_bag_ref(table, idx, off, per_sample_weights=psw)
+    assert np.isfinite(ref[:, 2:]).all() and w * big > float(np.finfo(np.float32).max)
+    for pad in (None, 4):  # the fast path, and the careful one (a padding_idx; row 4 is unused)
+        out = ops.embedding_bag(table, idx, off, per_sample_weights=psw, padding_idx=pad)
+        testing.assert_close(out[:, 2:], ref[:, 2:], rtol=1e-4, atol=0)
+
+
 def test_unusual_but_valid_tables(rng):
     """Zero-width tables, empty tables with no ids, big-endian and read-only arrays."""
     assert ops.embedding_bag(np.zeros((5, 0), np.float32), [1, 2], [0, 2]).shape == (1, 0)
