@@ -166,6 +166,24 @@ def test_no_bias_and_zero_rows(rng):
     assert np.all(y[:, 3] == 1.0)
 
 
+@pytest.mark.parametrize("B", [1, 5, 40])
+def test_huge_inputs_times_huge_weights(isa, rng, B):
+    """Inputs and weight scales whose product of scales overflows float32: an output whose
+    int32 sum is 0 is the bias (as x @ W.T gives 0 there), not NaN from 0 * inf; the others
+    overflow to inf as in float32, with the right sign."""
+    q = np.zeros((4, 6), np.int8)
+    q[0, 0], q[1, 1], q[2, 0] = 127, -127, 1  # output 3 has all-zero weights
+    lin = Int8Linear.from_int8(q, np.full(4, 1e30, np.float32), np.arange(4, dtype=np.float32))
+    x = np.zeros((B, 6), np.float32)
+    x[:, 1] = 1e20  # a_scale ~7.9e17: a_scale * 1e30 overflows
+    y = lin(x)
+    expect = np.array([0.0, -np.inf, 2.0, 3.0], np.float32)
+    np.testing.assert_array_equal(y, np.broadcast_to(expect, (B, 4)))
+    np.testing.assert_array_equal(lin(x, activation="relu"), np.broadcast_to(np.maximum(expect, 0), (B, 4)))
+    mlp = Int8MLP([lin], [None])
+    np.testing.assert_array_equal(mlp(x), np.broadcast_to(expect, (B, 4)))
+
+
 def test_attributes(rng):
     W, b = _layer(rng, 10, 4)
     lin = Int8Linear.from_float(W, b)

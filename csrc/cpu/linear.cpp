@@ -258,6 +258,8 @@ Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, 
   comp_.assign(static_cast<size_t>(Np), 0);
   scale_.assign(static_cast<size_t>(Np), 0.f);
   std::copy(scale, scale + N, scale_.begin());
+  float max_abs_scale = 0.f;
+  for (int64_t n = 0; n < N; ++n) max_abs_scale = std::max(max_abs_scale, std::fabs(scale[n]));
   if (bias) {
     bias_.assign(static_cast<size_t>(Np), 0.f);
     std::copy(bias, bias + N, bias_.begin());
@@ -283,6 +285,7 @@ Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, 
   view_.comp = comp_.data();
   view_.scale = scale_.data();
   view_.bias = bias ? bias_.data() : nullptr;
+  view_.max_abs_scale = max_abs_scale;
 }
 
 void int8_linear_forward(const Int8Layer& layer, const float* x, int64_t M, int64_t ldx, Activation act, float* y) {

@@ -77,7 +77,8 @@ __device__ __forceinline__ void store_out(float* __restrict__ y, int32_t* __rest
   if constexpr (EPI == kEpiInt32) {
     y32[idx] = acc;
   } else {
-    float v = __fmul_rn(__int2float_rn(acc), __fmul_rn(row_scale, w_scale[n]));
+    // A zero sum gives 0 where the scales' product overflows, as on the CPU (not 0 * inf = NaN).
+    float v = acc == 0 ? 0.f : __fmul_rn(__int2float_rn(acc), __fmul_rn(row_scale, w_scale[n]));
     if (bias != nullptr) v = __fadd_rn(v, bias[n]);
     if constexpr (EPI == kEpiRelu) v = fmaxf(v, 0.f);  // NaN -> 0 as the CPU's fmax (a NaN input row is flagged anyway)
     if constexpr (EPI == kEpiSigmoid) v = __fdiv_rn(1.f, __fadd_rn(1.f, expf(-v)));

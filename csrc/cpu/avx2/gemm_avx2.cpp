@@ -86,6 +86,7 @@ void block(const GemmJob& j, int64_t m, int64_t nb) {
 }  // namespace
 
 void gemm_s8(const GemmJob& j) {
+  if (zero_sum_guard_needed(j)) return ref::gemm_s8(j);
   for (int64_t nb = j.nb0; nb < j.nb1; ++nb) {
     int64_t m = j.m0;
     for (; m + 2 <= j.m1; m += 2) block<2>(j, m, nb);

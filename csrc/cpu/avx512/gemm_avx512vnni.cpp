@@ -215,6 +215,7 @@ bool gemm_kblocked(const GemmJob& j) {
 }  // namespace
 
 void gemm_s8(const GemmJob& j) {
+  if (zero_sum_guard_needed(j)) return ref::gemm_s8(j);
   if (!gemm_kblocked(j)) all_rows(j);
 }
 

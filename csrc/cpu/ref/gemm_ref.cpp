@@ -57,7 +57,9 @@ void gemm_s8(const GemmJob& j) {
         j.c32[m * j.ldc + n] = acc;
         continue;
       }
-      float y = static_cast<float>(acc) * (j.a_scale[m] * b.scale[n]);
+      // A zero sum gives 0 even where a_scale * w_scale overflows (huge inputs times huge
+      // weights), not 0 * inf = NaN; any other sum overflows there, as the true product does.
+      float y = acc == 0 ? 0.f : static_cast<float>(acc) * (j.a_scale[m] * b.scale[n]);
       if (b.bias) y += b.bias[n];
       if (j.epilogue == Epilogue::kRelu) y = std::fmax(y, 0.f);
       j.c[m * j.ldc + n] = y;

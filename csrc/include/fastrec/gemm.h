@@ -3,6 +3,7 @@
 // weights per output channel (symmetric int8), packed once at load.
 #pragma once
 #include <cstdint>
+#include <limits>
 
 namespace fastrec {
 
@@ -17,6 +18,8 @@ struct PackedB {
   const int32_t* comp = nullptr;     // Np: 128 * sum_k qb[n, k] (undoes the +128 of u8 activations)
   const float* scale = nullptr;      // Np, zero padded
   const float* bias = nullptr;       // Np or null
+  // max |scale[n]|: see zero_sum_guard_needed. Infinity (the default) means "unknown".
+  float max_abs_scale = std::numeric_limits<float>::infinity();
 };
 
 enum class Epilogue : int32_t { kNone = 0, kRelu = 1, kInt32 = 3 };
@@ -33,6 +36,17 @@ struct GemmJob {
   int32_t* c32 = nullptr;   // int32 output: sum_k qa * qb exactly
   int64_t ldc = 0;
 };
+
+// Whether some row of the job has a_scale * scale[n] overflowing for some n (huge inputs times
+// huge weights). There a zero sum must give 0 (+ bias), not 0 * inf = NaN: the reference
+// kernel does that, and the SIMD kernels hand such jobs to it (no cost on their hot path).
+inline bool zero_sum_guard_needed(const GemmJob& j) {
+  if (j.epilogue == Epilogue::kInt32) return false;
+  for (int64_t m = j.m0; m < j.m1; ++m) {
+    if (!(j.a_scale[m] * j.b->max_abs_scale <= std::numeric_limits<float>::max())) return true;  // NaN too
+  }
+  return false;
+}
 
 // Quantizes rows [m0, m1) of x (row stride ldx, K columns) to u8 (q + 128, padded with 128
 // to Kp) and per-row scales. Returns the first row holding NaN/Inf, or -1.
