@@ -531,16 +531,57 @@ def _physical_memory() -> int | None:
         return None
 
 
+def _cgroup_memory_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """The smallest memory limit of this process's cgroup and its ancestors (v2 ``memory.max``,
+    v1 ``memory.limit_in_bytes``), or None where there is none or it cannot be read. A
+    container's limit is what the OOM killer enforces, not the host's physical memory."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    candidates = []  # (folder of the hierarchy, the process's path in it, limit file)
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            candidates.append((root, path, "memory.max"))
+        elif "memory" in controllers.split(","):
+            candidates.append((os.path.join(root, "memory"), path, "memory.limit_in_bytes"))
+    limits = []
+    for folder, path, name in candidates:
+        # Walk from the process's own cgroup up to the hierarchy's root; a container that sees
+        # its own cgroup as the root (a cgroup namespace) finds it at the top.
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(folder, *parts[:depth], name)) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                limits.append(int(text))  # "max" (v2) and v1's huge "unlimited" values need no care
+    return min(limits) if limits else None
+
+
+def _memory_limit() -> int | None:
+    """The memory this process may use: physical memory, or less under a cgroup limit."""
+    known = [m for m in (_physical_memory(), _cgroup_memory_limit()) if m is not None]
+    return min(known) if known else None
+
+
 def _check_result_size(Q: int, k: int) -> None:
-    """MemoryError up front when the (Q, k) results alone exceed the machine's memory: the
-    allocation succeeds under overcommit, and filling it got the process killed (k = 2**31 - 1
-    on a 50-item index: 24 GB of padding)."""
+    """MemoryError up front when the (Q, k) results alone exceed the memory this process may use
+    (physical memory, or a container's cgroup limit): the allocation succeeds under overcommit,
+    and filling it got the process killed (k = 2**31 - 1 on a 50-item index: 24 GB of padding)."""
     need = Q * k * 12  # float32 scores + int64 ids
-    total = _physical_memory()
+    total = _memory_limit()
     if total is not None and need > total:
-        raise MemoryError(f"the results of {Q} queries x k={k} take {need / 2**30:.1f} GiB, more than this "
-                          f"machine's {total / 2**30:.1f} GiB (every row has k entries, padded with id -1 "
-                          "beyond the catalogue)")
+        raise MemoryError(f"the results of {Q} queries x k={k} take {need / 2**30:.1f} GiB, more than the "
+                          f"{total / 2**30:.1f} GiB of memory this process may use (every row has k entries, "
+                          "padded with id -1 beyond the catalogue)")
 
 
 def _check_k(k) -> int:

@@ -167,12 +167,42 @@ def test_item_id_and_value_checks(rng):
             index.search(items[:1], k)
     # Results beyond the machine's memory: a MemoryError up front (filling a (1, 2**31 - 1)
     # result over overcommitted memory got the process killed).
-    if index_module._physical_memory() is not None and index_module._physical_memory() < 24 * 2**30 * 64:
+    if index_module._memory_limit() is not None and index_module._memory_limit() < 24 * 2**30 * 64:
         with pytest.raises(MemoryError, match="k=2147483647"):
             index.search(np.repeat(items[:1], 64, axis=0), 2**31 - 1)
     # A dict's keys would have been read as the per-query id lists.
     with pytest.raises(TypeError, match="exclude"):
         index.search(items[:2], 2, exclude={0: [1], 1: [2]})
+
+
+def test_result_size_check_reads_the_cgroup_limit(tmp_path, monkeypatch, rng):
+    """A container's memory limit (cgroup v2 memory.max or v1 memory.limit_in_bytes, on the
+    process's own cgroup or an ancestor) bounds the results, not the host's memory."""
+    def tree(files, cgroup_lines):
+        base = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        base.mkdir()
+        for rel, text in files.items():
+            (base / rel).parent.mkdir(parents=True, exist_ok=True)
+            (base / rel).write_text(text)
+        (base / "cgroup").write_text(cgroup_lines)
+        return index_module._cgroup_memory_limit(str(base / "fs"), str(base / "cgroup"))
+
+    # v2: the process's cgroup says "max", its parent 4 GiB
+    assert tree({"fs/app/memory.max": "4294967296\n", "fs/app/svc/memory.max": "max\n"}, "0::/app/svc\n") == 4 * 2**30
+    # v2 in a cgroup namespace: the limit sits at the mount's top
+    assert tree({"fs/memory.max": "1073741824\n"}, "0::/\n") == 2**30
+    # v1: the memory controller's hierarchy, the tighter of two levels
+    assert tree({"fs/memory/a/memory.limit_in_bytes": "3000000000\n",
+                 "fs/memory/a/b/memory.limit_in_bytes": "2000000000\n"},
+                "5:cpu,cpuacct:/a/b\n4:memory:/a/b\n") == 2_000_000_000
+    assert tree({}, "0::/x\n") is None  # nothing readable
+    assert index_module._cgroup_memory_limit(proc_cgroup=str(tmp_path / "absent")) is None
+
+    monkeypatch.setattr(index_module, "_cgroup_memory_limit", lambda: 2**30)
+    assert index_module._memory_limit() == 2**30
+    index = fastrec.ItemIndex(rng.standard_normal((50, 8)).astype(np.float32))
+    with pytest.raises(MemoryError, match="1.0 GiB of memory this process may use"):
+        index.search(rng.standard_normal((1000, 8)).astype(np.float32), 100_000)  # 1.1 GiB of results
 
 
 def test_oracle_breaks_exact_ties_by_the_smaller_id(rng):
