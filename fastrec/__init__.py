@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken (
     if _isa and "ISA" in str(exc):  # the module refuses an ISA level it cannot run, and the import fails with it
         raise ImportError(f"fastrec could not start with FASTREC_CPU_ISA={_isa!r}: {exc}. Unset it, or "
                           "set scalar, avx2 or avx512 as this CPU allows (with it unset, `fastrec info` "
-                          "lists them).") from exc
+                          "lists them).") from None  # (the message says it all: no second traceback)
     _here = _os.path.dirname(_os.path.abspath(__file__))
     if _os.path.exists(_os.path.join(_here, "..", "csrc")) and not any(
             n.startswith("_C.") for n in _os.listdir(_here)):
@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - only when the build is broken (
         raise ImportError(
             f"`import fastrec` found the source folder {_here}, which has no compiled module, instead "
             "of the installed package: run Python from another folder (after `pip install .`)."
-        ) from exc
+        ) from None
     raise ImportError(
         "fastrec's compiled CPU module (fastrec._C) could not be imported: "
         f"{exc}. Reinstall with `pip install .` and check `fastrec info`."
