@@ -89,6 +89,27 @@ def test_per_sample_weights_and_padding(to_device, rng, kind, dim):
             _check(out, expected, to_device)
 
 
+@pytest.mark.parametrize("kind, big, w", [("q8", 1e30, 1e10), ("q4", 6e4, 1e34), ("q8-tbe", 6e4, 1e34)])
+@pytest.mark.parametrize("dim", [64, 70])
+def test_large_weights_on_wide_quantized_rows(to_device, rng, kind, big, w, dim):
+    """As the CPU test of that name, on the GPU's fast paths (dim 64: vector loads) and its
+    byte-wise one (dim 70): w * (scale*q + bias) is finite where w * bias alone is not, so the
+    result is finite, and equals the CPU op's."""
+    W = np.zeros((5, dim), np.float32)
+    W[:, 0], W[:, 1] = -big, big
+    W[:, 2:] = rng.uniform(-big / 100, big / 100, (5, dim - 2)).astype(np.float32)
+    table = _host_table(kind, W)
+    idx = np.array([0, 1, 2, 3, 1], np.int64)
+    off = np.array([0, 1, 3, 5], np.int64)
+    psw = (np.array([1, 0.2, -0.3, 1, 0.5]) * w).astype(np.float32)
+    with np.errstate(over="ignore"):  # columns 0 and 1 do overflow
+        expected = ops.embedding_bag(table, idx, off, per_sample_weights=psw)
+    assert np.isfinite(expected[:, 2:]).all()
+    out = to_host(ops.embedding_bag(_on_device(table, to_device), to_device(idx), to_device(off),
+                                    per_sample_weights=to_device(psw)))
+    testing.assert_close(out[:, 2:], expected[:, 2:], rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_padding_semantics(to_device, rng, mode):
     R = 8

@@ -275,7 +275,6 @@ __device__ __forceinline__ void pool_bag(const Params& p, const TableDesc& d, co
   float acc[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) acc[i] = kMax ? -INFINITY : 0.f;
-  float bias_sum = 0.f;  // quantized sum: sum of w * bias, added once at the end
   int count = 0;
   const uint8_t* const data = d.data;
   const int64_t rows = d.rows, stride = d.stride, pad = d.pad;
@@ -324,11 +323,15 @@ __device__ __forceinline__ void pool_bag(const Params& p, const TableDesc& d, co
 #pragma unroll
         for (int i = 0; i < E; ++i) acc[i] = fmaxf(acc[i], Rows::kQuant ? fmaf(sb.x, v[i], sb.y) : v[i]);
       } else {
+        // Each row's value (scale*q + bias for quantized rows), times its weight, added: as the
+        // CPU does. Folding w into scale and bias overflowed to inf/NaN for large weights where
+        // w times the value is finite, and separate code and bias sums cancel (less accurate).
         const float wu = P == Pool::kWeightedSum ? w[u] : 1.f;
-        const float ws = Rows::kQuant ? wu * sb.x : wu;
 #pragma unroll
-        for (int i = 0; i < E; ++i) acc[i] = fmaf(ws, v[i], acc[i]);
-        if constexpr (Rows::kQuant) bias_sum = fmaf(wu, sb.y, bias_sum);
+        for (int i = 0; i < E; ++i) {
+          const float x = Rows::kQuant ? fmaf(sb.x, v[i], sb.y) : v[i];
+          acc[i] = P == Pool::kWeightedSum ? fmaf(x, wu, acc[i]) : acc[i] + x;
+        }
       }
     }
   }
@@ -338,7 +341,7 @@ __device__ __forceinline__ void pool_bag(const Params& p, const TableDesc& d, co
   const float scale = (count > 0 && d.is_mean) ? 1.f / static_cast<float>(count) : 1.f;
   float v[E];
 #pragma unroll
-  for (int i = 0; i < E; ++i) v[i] = count == 0 ? 0.f : kMax ? acc[i] : (acc[i] + bias_sum) * scale;
+  for (int i = 0; i < E; ++i) v[i] = count == 0 ? 0.f : kMax ? acc[i] : acc[i] * scale;
   const int d0 = chunk * E;
   float* o = out + d0;
   if constexpr (E % 4 == 0) {

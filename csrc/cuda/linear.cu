@@ -77,10 +77,13 @@ __device__ __forceinline__ void store_out(float* __restrict__ y, int32_t* __rest
   if constexpr (EPI == kEpiInt32) {
     y32[idx] = acc;
   } else {
-    // A zero sum gives 0 where the scales' product overflows, as on the CPU (not 0 * inf = NaN).
-    float v = acc == 0 ? 0.f : __fmul_rn(__int2float_rn(acc), __fmul_rn(row_scale, w_scale[n]));
+    // A zero sum gives 0 where the scales' product overflows, as on the CPU (not 0 * inf = NaN);
+    // a row holding NaN/Inf (row_scale NaN/inf; the check_finite=False case) stays NaN.
+    float v = (acc == 0 && isfinite(row_scale)) ? 0.f : __fmul_rn(__int2float_rn(acc), __fmul_rn(row_scale, w_scale[n]));
     if (bias != nullptr) v = __fadd_rn(v, bias[n]);
-    if constexpr (EPI == kEpiRelu) v = fmaxf(v, 0.f);  // NaN -> 0 as the CPU's fmax (a NaN input row is flagged anyway)
+    // ReLU as the CPU's max(v, 0) for every number; NaN (only from such a row: a finite row
+    // cannot give one) stays NaN, so check_finite=False shows the bad rows.
+    if constexpr (EPI == kEpiRelu) v = isnan(v) ? v : fmaxf(v, 0.f);
     if constexpr (EPI == kEpiSigmoid) v = __fdiv_rn(1.f, __fadd_rn(1.f, expf(-v)));
     y[idx] = v;
   }
