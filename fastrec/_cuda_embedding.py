@@ -161,7 +161,12 @@ def _to_framework(x, framework: str, device: int):
             return x
         if _cuda._framework(x) is not None:  # another device or framework: through the host
             x = x.get() if _cuda._framework(x) == "cupy" else x.cpu().numpy()
-        return cupy.asarray(x)
+        out = cupy.asarray(x)
+        # The copy is queued on CuPy's current stream: wait for it, so that a first call on
+        # another (non-blocking) stream cannot read the table before it has landed (torch's
+        # .to() above returns after its copy).
+        cupy.cuda.get_current_stream().synchronize()
+        return out
 
 
 def table_to_device(table: QuantizedTable, like="torch", device=None) -> DeviceQuantizedTable:
