@@ -82,7 +82,8 @@ def _contiguous(x, framework: str):
         return x.contiguous()
     import cupy
 
-    return cupy.ascontiguousarray(x)
+    with cupy.cuda.Device(x.device.id):  # (CuPy launches the copy on the current device)
+        return cupy.ascontiguousarray(x)
 
 
 def _device_index(x, framework: str) -> int:

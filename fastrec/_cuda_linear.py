@@ -141,5 +141,7 @@ def _pad_columns(a: _cuda.DeviceArray, width: int) -> _cuda.DeviceArray:
 
         with cupy.cuda.Device(a.device):
             out = cupy.zeros((rows, width), dtype=a.dtype)
+            out[:, :cols] = a.obj
+            return _cuda.view(out)
     out[:, :cols] = a.obj
     return _cuda.view(out)

@@ -238,7 +238,8 @@ def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, excl
     while over:  # candidate buffers overflowed: re-run those queries with 4x the room
         growth *= 4
         sel = np.asarray(over, dtype=np.int64)
-        sub = _cuda.view(a.obj[_cuda.from_host(a, sel).obj], "queries")
+        with _device_of(a):  # (CuPy's gather runs on the current device)
+            sub = _cuda.view(a.obj[_cuda.from_host(a, sel).obj], "queries")
         sub_ex = (None, None)
         if host_ex is not None:
             ids_h, off_h = host_ex
@@ -250,8 +251,9 @@ def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, excl
                 sub_ex = (_cuda.from_host(a, s_ids), _cuda.from_host(a, s_off))
         s_scores, s_ids_out, s_over = _run(dev, sub, k, keep, sub_ex, growth)
         idx = _cuda.from_host(a, sel).obj
-        scores.obj[idx] = s_scores.obj
-        ids.obj[idx] = s_ids_out.obj
+        with _device_of(a):  # (CuPy's scatter runs on the current device)
+            scores.obj[idx] = s_scores.obj
+            ids.obj[idx] = s_ids_out.obj
         over = [int(sel[i]) for i in s_over]
     return scores.obj, ids.obj
 
