@@ -1,9 +1,10 @@
 """``fastrec bench``: a quick same-run comparison of fastrec's ops against the peers installed here.
 
 Each case builds one set of inputs, checks that fastrec and every peer agree on them, then times
-them in alternating blocks of a few calls (median of each library's calls, after a warm-up) at
-the same thread count: fastrec's and torch's threads are set; numpy's BLAS keeps its own count
-unless threadpoolctl is installed. Peers are used only when importable: numpy always, torch
+them in rounds of one block of calls each (median of each library's calls, after a warm-up;
+a pause before each block lets the previous library's threads go idle) at the same thread
+count: fastrec's and torch's threads are set; numpy's BLAS keeps its own count unless
+threadpoolctl is installed. Peers are used only when importable: numpy always, torch
 (eager fp32 and dynamic int8 with per-channel weights), faiss. The numbers are a quick look at this
 machine, not the benchmark suite: for that, see ``benches/`` and BENCHMARKS.md.
 """
@@ -19,17 +20,30 @@ from . import ItemIndex, Int8Linear, ops
 from ._config import get_num_threads
 
 
-def _interleaved_medians(impls: dict, *, seconds: float, block: int = 3, min_calls: int = 6) -> dict:
-    """Median seconds per call of each implementation, timed in alternating blocks of ``block``
-    calls (so a change in the machine's load reaches every library alike) for about ``seconds``
-    per implementation, after one warm-up call each."""
-    for fn in impls.values():
+def _interleaved_medians(impls: dict, *, seconds: float, rounds: int = 4, min_calls: int = 3,
+                         pause: float | None = None) -> dict:
+    """Median seconds per call of each implementation, timed in ``rounds`` rounds of one block
+    each (so a change in the machine's load reaches every library alike; the order rotates from
+    round to round), about ``seconds`` per implementation in all, after one warm-up call each.
+
+    A pause before each block (``min(seconds, 0.3)`` s unless given) lets the previous library's
+    threads go idle: numpy's BLAS and torch's OpenMP workers spin for a while after a call, and
+    on a small machine they took CPU from whatever ran next (inflating the next library's time
+    by up to 2x)."""
+    pause = min(seconds, 0.3) if pause is None else pause
+    per_call = {}
+    for name, fn in impls.items():
+        t0 = time.perf_counter()
         fn()
+        per_call[name] = time.perf_counter() - t0
+    calls = {name: max(min_calls, int(seconds / rounds / max(t, 1e-7))) for name, t in per_call.items()}
     times = {name: [] for name in impls}
-    t_end = time.perf_counter() + seconds * len(impls)
-    while min(len(t) for t in times.values()) < min_calls or time.perf_counter() < t_end:
-        for name, fn in impls.items():
-            for _ in range(block):
+    names = list(impls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(pause)
+            fn = impls[name]
+            for _ in range(calls[name]):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
