@@ -253,7 +253,6 @@ Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, 
                                 std::to_string(K) + ": beyond, a sum of 127 * 127 * K overflows the int32 accumulators");
   }
   const int64_t Np = round_up(N, 16), Kp = round_up(K, 4);
-  rowmajor_.assign(w, w + N * K);
   packed_.assign(static_cast<size_t>(Np * Kp), 0);
   comp_.assign(static_cast<size_t>(Np), 0);
   scale_.assign(static_cast<size_t>(Np), 0.f);
@@ -281,7 +280,6 @@ Int8Layer::Int8Layer(const int8_t* w, int64_t N, int64_t K, const float* scale, 
   view_.Np = Np;
   view_.Kp = Kp;
   view_.packed = packed_.data();
-  view_.rowmajor = rowmajor_.data();
   view_.comp = comp_.data();
   view_.scale = scale_.data();
   view_.bias = bias ? bias_.data() : nullptr;

@@ -95,7 +95,7 @@ int64_t ItemBlock::nbytes() const {
                                    int8_scale_.size() * 4);
   if (int8_) {
     const PackedB& b = int8_->view();
-    n += b.Np * b.Kp + b.N * b.K + b.Np * 8;  // packed codes, row-major codes, comp + scale
+    n += b.Np * b.Kp + b.Np * 8;  // packed codes, comp + scale
   }
   return n;
 }
@@ -108,7 +108,7 @@ void ItemBlock::to_float(float* out) const {
   for (int64_t i = 0; i < N_; ++i) {
     for (int64_t d = 0; d < D_; ++d) {
       if (precision_ == ItemPrecision::kInt8) {
-        out[i * D_ + d] = static_cast<float>(int8_->view().rowmajor[i * D_ + d]) * int8_scale_[i];
+        out[i * D_ + d] = static_cast<float>(packed_at(int8_->view(), i, d)) * int8_scale_[i];
       } else {
         out[i * D_ + d] = half_to_float(f16_panels_[((i / 16) * D_ + d) * 16 + i % 16]);
       }
@@ -224,7 +224,6 @@ void scan(const Search& s, ThreadState& ts, int64_t q0, int64_t nq, const uint8_
         const PackedB& b = blk.int8()->view();
         sub = b;
         sub.packed = b.packed + item0 * b.Kp;
-        sub.rowmajor = b.rowmajor + item0 * b.K;
         sub.comp = b.comp + item0;
         sub.scale = b.scale + item0;
         sub.bias = nullptr;

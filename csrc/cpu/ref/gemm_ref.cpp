@@ -50,9 +50,8 @@ void gemm_s8(const GemmJob& j) {
     const uint8_t* a = j.a + m * j.lda;
     const int64_t n_end = std::min<int64_t>(b.N, j.nb1 * 16);
     for (int64_t n = j.nb0 * 16; n < n_end; ++n) {
-      const int8_t* w = b.rowmajor + n * b.K;
       int32_t acc = 0;
-      for (int64_t k = 0; k < b.K; ++k) acc += (static_cast<int32_t>(a[k]) - 128) * static_cast<int32_t>(w[k]);
+      for (int64_t k = 0; k < b.K; ++k) acc += (static_cast<int32_t>(a[k]) - 128) * static_cast<int32_t>(packed_at(b, n, k));
       if (j.epilogue == Epilogue::kInt32) {
         j.c32[m * j.ldc + n] = acc;
         continue;

@@ -13,14 +13,18 @@ namespace fastrec {
 struct PackedB {
   int64_t N = 0, K = 0;    // logical
   int64_t Np = 0, Kp = 0;  // padded to 16 and 4
-  const int8_t* packed = nullptr;    // Np * Kp bytes
-  const int8_t* rowmajor = nullptr;  // N x K, for the scalar reference
+  const int8_t* packed = nullptr;    // Np * Kp bytes (the only copy of the weights: see packed_at)
   const int32_t* comp = nullptr;     // Np: 128 * sum_k qb[n, k] (undoes the +128 of u8 activations)
   const float* scale = nullptr;      // Np, zero padded
   const float* bias = nullptr;       // Np or null
   // max |scale[n]|: see zero_sum_guard_needed. Infinity (the default) means "unknown".
   float max_abs_scale = std::numeric_limits<float>::infinity();
 };
+
+// Weight (n, k) of a packed matrix (what the scalar reference and unpacking read).
+inline int8_t packed_at(const PackedB& b, int64_t n, int64_t k) {
+  return b.packed[((n / 16) * (b.Kp / 4) + k / 4) * 64 + (n % 16) * 4 + k % 4];
+}
 
 enum class Epilogue : int32_t { kNone = 0, kRelu = 1, kInt32 = 3 };
 

@@ -23,7 +23,7 @@ class Int8Layer {
   int64_t out_features() const { return view_.N; }
 
  private:
-  std::vector<int8_t> packed_, rowmajor_;
+  std::vector<int8_t> packed_;
   std::vector<int32_t> comp_;
   std::vector<float> scale_, bias_;
   PackedB view_;
