@@ -33,6 +33,7 @@ def _interleaved_medians(impls: dict, *, seconds: float, rounds: int = 4, min_ca
     pause = min(seconds, 0.3) if pause is None else pause
     per_call = {}
     for name, fn in impls.items():
+        fn()  # (a first call can be much slower: caches, thread pools, lazy set-up)
         t0 = time.perf_counter()
         fn()
         per_call[name] = time.perf_counter() - t0

@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(fn=_cmd_inspect)
     p = sub.add_parser("bench", help="a quick same-run comparison against the installed peers (torch, faiss, numpy)")
-    p.add_argument("--seconds", type=_positive(float), default=0.5, help="time per implementation and case (default 0.5)")
+    p.add_argument("--seconds", type=_positive(float), default=0.5, help="timed calls per implementation and case, in seconds (default 0.5; each of the 4 "
+                        "blocks also waits up to 0.3 s before it starts)")
     p.set_defaults(fn=_cmd_bench)
     try:
         args = parser.parse_args(argv)  # (--help / --version print and exit here)

@@ -534,42 +534,56 @@ def _physical_memory() -> int | None:
 def _cgroup_memory_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
     """The smallest memory limit of this process's cgroup and its ancestors (v2 ``memory.max``,
     v1 ``memory.limit_in_bytes``), or None where there is none or it cannot be read. A
-    container's limit is what the OOM killer enforces, not the host's physical memory."""
+    container's limit is what the OOM killer enforces, not the host's physical memory. Best
+    effort: anything unreadable or odd (not a positive decimal number) is skipped."""
     try:
-        with open(proc_cgroup) as f:
+        with open(proc_cgroup, "rb") as f:  # (cgroup names may be any bytes)
             lines = f.read().splitlines()
     except OSError:
         return None
-    candidates = []  # (folder of the hierarchy, the process's path in it, limit file)
+    broot = os.fsencode(root)
+    candidates = []  # (folders the hierarchy may be mounted at, the process's path in it, limit file)
     for line in lines:
-        parts = line.split(":", 2)
+        parts = line.split(b":", 2)
         if len(parts) != 3:
             continue
         _, controllers, path = parts
-        if controllers == "":
-            candidates.append((root, path, "memory.max"))
-        elif "memory" in controllers.split(","):
-            candidates.append((os.path.join(root, "memory"), path, "memory.limit_in_bytes"))
+        if controllers == b"":
+            candidates.append(([broot], path, b"memory.max"))
+        elif b"memory" in controllers.split(b","):
+            folders = [os.path.join(broot, b"memory"), os.path.join(broot, controllers)]  # (co-mounted: "cpu,memory")
+            candidates.append((folders, path, b"memory.limit_in_bytes"))
     limits = []
-    for folder, path, name in candidates:
+    for folders, path, name in candidates:
         # Walk from the process's own cgroup up to the hierarchy's root; a container that sees
         # its own cgroup as the root (a cgroup namespace) finds it at the top.
-        parts = [p for p in path.split("/") if p]
-        for depth in range(len(parts), -1, -1):
-            try:
-                with open(os.path.join(folder, *parts[:depth], name)) as f:
-                    text = f.read().strip()
-            except OSError:
-                continue
-            if text.isdigit():
-                limits.append(int(text))  # "max" (v2) and v1's huge "unlimited" values need no care
+        parts = [p for p in path.split(b"/") if p not in (b"", b".", b"..")]
+        for folder in dict.fromkeys(folders):
+            for depth in range(len(parts), -1, -1):
+                try:
+                    with open(os.path.join(folder, *parts[:depth], name), "rb") as f:
+                        text = f.read(64).strip()
+                except OSError:
+                    continue
+                if text.isdigit() and int(text) > 0:  # (bytes: ASCII digits only; "max" is no limit)
+                    limits.append(int(text))
     return min(limits) if limits else None
 
 
+_memory_limit_cache: tuple | None = None  # (limit, pid)
+
+
 def _memory_limit() -> int | None:
-    """The memory this process may use: physical memory, or less under a cgroup limit."""
+    """The memory this process may use: physical memory, or less under a cgroup limit (read once
+    per process: the files cost ~80 us)."""
+    global _memory_limit_cache
+    cached = _memory_limit_cache
+    if cached is not None and cached[1] == os.getpid():
+        return cached[0]
     known = [m for m in (_physical_memory(), _cgroup_memory_limit()) if m is not None]
-    return min(known) if known else None
+    limit = min(known) if known else None
+    _memory_limit_cache = (limit, os.getpid())
+    return limit
 
 
 def _check_result_size(Q: int, k: int) -> None:
@@ -577,6 +591,8 @@ def _check_result_size(Q: int, k: int) -> None:
     (physical memory, or a container's cgroup limit): the allocation succeeds under overcommit,
     and filling it got the process killed (k = 2**31 - 1 on a 50-item index: 24 GB of padding)."""
     need = Q * k * 12  # float32 scores + int64 ids
+    if need < 1 << 30:  # (no machine that runs fastrec lacks 1 GiB: skip the look-up)
+        return
     total = _memory_limit()
     if total is not None and need > total:
         raise MemoryError(f"the results of {Q} queries x k={k} take {need / 2**30:.1f} GiB, more than the "

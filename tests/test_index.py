@@ -197,8 +197,20 @@ def test_result_size_check_reads_the_cgroup_limit(tmp_path, monkeypatch, rng):
                 "5:cpu,cpuacct:/a/b\n4:memory:/a/b\n") == 2_000_000_000
     assert tree({}, "0::/x\n") is None  # nothing readable
     assert index_module._cgroup_memory_limit(proc_cgroup=str(tmp_path / "absent")) is None
+    # v1 with the memory controller co-mounted with another (no "memory" folder)
+    assert tree({"fs/cpu,memory/a/memory.limit_in_bytes": "5000000\n"}, "3:cpu,memory:/a\n") == 5_000_000
+    # odd contents are skipped, never an error: non-ASCII digits, bytes that are not UTF-8, a
+    # zero limit, a path that climbs out of the hierarchy
+    assert tree({"fs/memory.max": "\u00b2\n"}, "0::/\n") is None
+    assert tree({"fs/memory.max": "0\n"}, "0::/\n") is None
+    base = tmp_path / "raw"
+    (base / "fs").mkdir(parents=True)
+    (base / "fs" / "memory.max").write_bytes(b"\xff\n")
+    (base / "cgroup").write_bytes(b"0::/\xff/../..\n")
+    assert index_module._cgroup_memory_limit(str(base / "fs"), str(base / "cgroup")) is None
 
     monkeypatch.setattr(index_module, "_cgroup_memory_limit", lambda: 2**30)
+    monkeypatch.setattr(index_module, "_memory_limit_cache", None)  # (read once per process)
     assert index_module._memory_limit() == 2**30
     index = fastrec.ItemIndex(rng.standard_normal((50, 8)).astype(np.float32))
     with pytest.raises(MemoryError, match="1.0 GiB of memory this process may use"):

@@ -184,6 +184,29 @@ def test_huge_inputs_times_huge_weights(isa, rng, B):
     np.testing.assert_array_equal(mlp(x), np.broadcast_to(expect, (B, 4)))
 
 
+def test_zero_outputs_have_the_same_sign_on_every_isa():
+    """Zero sums with negative scales and no bias give -0.0 (0 * scale) on every ISA, also in
+    jobs that the SIMD kernels hand to the reference (a huge row beside them)."""
+    q = np.zeros((4, 6), np.int8)
+    q[0, 0], q[1, 1], q[2, 0], q[2, 1] = 127, -127, 1, -1
+    lin = Int8Linear.from_int8(q, np.full(4, -3e30, np.float32))
+    x = np.zeros((3, 6), np.float32)
+    x[:, 1] = [1e-30, 1.0, 1e20]  # row 2: a_scale * w_scale overflows (the guarded path)
+    before = _C.current_isa()
+    results = {}
+    try:
+        for name in _C.available_isas():
+            _C.set_isa(name)
+            results[name] = lin(x)
+    finally:
+        _C.set_isa(before)
+    ref = results["scalar"]
+    assert not np.isnan(ref).any() and ref[0, 0] == 0 and np.signbit(ref[0, 0]) and np.signbit(ref[2, 3])
+    for name, y in results.items():
+        np.testing.assert_array_equal(np.signbit(y), np.signbit(ref), err_msg=name)
+        np.testing.assert_array_equal(y, ref, err_msg=name)
+
+
 def test_attributes(rng):
     W, b = _layer(rng, 10, 4)
     lin = Int8Linear.from_float(W, b)

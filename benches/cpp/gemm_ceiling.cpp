@@ -18,10 +18,15 @@
 #include "fastrec/dispatch.h"
 #include "fastrec/gemm.h"
 
-// The kernel file calls the scalar reference for rows too small to scale; not reached here.
+// The kernel file calls the scalar reference for rows too small to scale, and for jobs whose
+// scales' product overflows (zero_sum_guard_needed); neither is reached here (it aborts if so).
 namespace fastrec {
 namespace ref {
 int64_t quantize_rows(const QuantizeJob&) { return -1; }
+void gemm_s8(const GemmJob&) {
+  std::fprintf(stderr, "gemm_ceiling: the scalar reference was called: the timing would be wrong\n");
+  std::abort();
+}
 }  // namespace ref
 }  // namespace fastrec
 #include "../../csrc/cpu/avx512/gemm_avx512vnni.cpp"
@@ -95,6 +100,7 @@ struct Problem {
     for (auto& v : a) v = static_cast<uint8_t>(g());
     b.N = N; b.K = K; b.Np = Np; b.Kp = Kp;
     b.packed = packed.data(); b.comp = comp.data(); b.scale = scale.data(); b.bias = bias.data();
+    b.max_abs_scale = 0.01f;  // (left at its default, infinity, every job went to the scalar reference)
     j.a = a.data(); j.lda = Kp; j.a_scale = a_scale.data(); j.b = &b;
     j.m0 = 0; j.m1 = M; j.nb0 = 0; j.nb1 = Np / 16;
     j.epilogue = Epilogue::kRelu; j.c = c.data(); j.ldc = N;

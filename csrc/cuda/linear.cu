@@ -79,7 +79,8 @@ __device__ __forceinline__ void store_out(float* __restrict__ y, int32_t* __rest
   } else {
     // A zero sum gives 0 where the scales' product overflows, as on the CPU (not 0 * inf = NaN);
     // a row holding NaN/Inf (row_scale NaN/inf; the check_finite=False case) stays NaN.
-    float v = (acc == 0 && isfinite(row_scale)) ? 0.f : __fmul_rn(__int2float_rn(acc), __fmul_rn(row_scale, w_scale[n]));
+    const float s = __fmul_rn(row_scale, w_scale[n]);
+    float v = (acc == 0 && isfinite(row_scale)) ? copysignf(0.f, s) : __fmul_rn(__int2float_rn(acc), s);
     if (bias != nullptr) v = __fadd_rn(v, bias[n]);
     // ReLU as the CPU's max(v, 0) for every number; NaN (only from such a row: a finite row
     // cannot give one) stays NaN, so check_finite=False shows the bad rows.

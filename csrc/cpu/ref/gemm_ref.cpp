@@ -2,7 +2,9 @@
 // integer result every optimised variant must reproduce bit for bit.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "fastrec/dispatch.h"
 
@@ -46,19 +48,26 @@ int64_t quantize_rows(const QuantizeJob& j) {
 
 void gemm_s8(const GemmJob& j) {
   const PackedB& b = *j.b;
-  for (int64_t m = j.m0; m < j.m1; ++m) {
-    const uint8_t* a = j.a + m * j.lda;
-    const int64_t n_end = std::min<int64_t>(b.N, j.nb1 * 16);
-    for (int64_t n = j.nb0 * 16; n < n_end; ++n) {
+  const int64_t n_end = std::min<int64_t>(b.N, j.nb1 * 16);
+  std::vector<int8_t> w(static_cast<size_t>(b.Kp));
+  for (int64_t n = j.nb0 * 16; n < n_end; ++n) {
+    // Channel n's weights, gathered from the packed layout (4 bytes every 64; see packed_at)
+    // once for all rows.
+    const int8_t* src = b.packed + (n / 16) * (b.Kp / 4) * 64 + (n % 16) * 4;
+    for (int64_t g = 0; g < b.Kp / 4; ++g) std::memcpy(&w[static_cast<size_t>(4 * g)], src + 64 * g, 4);
+    for (int64_t m = j.m0; m < j.m1; ++m) {
+      const uint8_t* a = j.a + m * j.lda;
       int32_t acc = 0;
-      for (int64_t k = 0; k < b.K; ++k) acc += (static_cast<int32_t>(a[k]) - 128) * static_cast<int32_t>(packed_at(b, n, k));
+      for (int64_t k = 0; k < b.K; ++k) acc += (static_cast<int32_t>(a[k]) - 128) * static_cast<int32_t>(w[static_cast<size_t>(k)]);
       if (j.epilogue == Epilogue::kInt32) {
         j.c32[m * j.ldc + n] = acc;
         continue;
       }
-      // A zero sum gives 0 even where a_scale * w_scale overflows (huge inputs times huge
-      // weights), not 0 * inf = NaN; any other sum overflows there, as the true product does.
-      float y = acc == 0 ? 0.f : static_cast<float>(acc) * (j.a_scale[m] * b.scale[n]);
+      // A zero sum gives 0 (with the scales' sign, as 0 * s) even where a_scale * w_scale
+      // overflows (huge inputs times huge weights), not 0 * inf = NaN; any other sum overflows
+      // there, as the true product does.
+      const float s = j.a_scale[m] * b.scale[n];
+      float y = acc == 0 ? std::copysign(0.f, s) : static_cast<float>(acc) * s;
       if (b.bias) y += b.bias[n];
       if (j.epilogue == Epilogue::kRelu) y = std::fmax(y, 0.f);
       j.c[m * j.ldc + n] = y;
