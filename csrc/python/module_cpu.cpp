@@ -5,6 +5,9 @@
 #include <pybind11/stl.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -715,6 +718,13 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"));
   m.def("gemm_variant", [] { return std::string(kernels().gemm_name); });
   m.def("advise_hugepages", &advise_hugepages, py::arg("array"));
+  m.def("_trim_heap", [] {
+#ifdef __GLIBC__
+    return malloc_trim(0) != 0;
+#else
+    return false;
+#endif
+  }, "Returns freed heap memory to the OS (glibc's malloc_trim; False elsewhere or when none was).");
   m.def("pack_bags", &pack_bags, py::arg("pairs"), py::arg("batch_size"),
         "fastrec.Model's dict requests: T (indices, offsets) pairs as one table-major CSR pair, or None.");
   m.def("get_num_threads", &get_num_threads);
