@@ -655,3 +655,20 @@ def test_building_an_index_leaves_no_freed_heap_behind():
     assert r.returncode == 0, r.stderr
     grew, nbytes = map(int, r.stdout.split())
     assert grew <= 1.1 * nbytes + (8 << 20), (grew, nbytes)
+
+
+@pytest.mark.parametrize("n", [1, 37, 160])
+def test_fp32_index_keeps_its_items_once(rng, n):
+    """fp32 items live only in the scoring panels (no row-major copy beside them): the rows read
+    back from the panels are the items exactly, and reranking from them gives exact scores."""
+    items = rng.standard_normal((n, 5)).astype(np.float32)
+    index = fastrec.ItemIndex(items, precision="fp32")
+    rows, ids = index._live_rows()
+    np.testing.assert_array_equal(rows, items)
+    np.testing.assert_array_equal(ids, np.arange(n))
+    (segment,) = index._snap.segments
+    assert segment.block.nbytes == -(-n // 16) * 16 * 5 * 4  # the panels (16-row groups) alone
+    q = rng.standard_normal((3, 5)).astype(np.float32)
+    scores, got = index.search(q, min(n, 10))
+    exact = np.take_along_axis(q.astype(np.float64) @ items.T.astype(np.float64), got, axis=1)
+    np.testing.assert_array_equal(scores, exact.astype(np.float32))

@@ -87,7 +87,8 @@ ItemBlock::ItemBlock(const float* items, int64_t N, int64_t D, ItemPrecision pre
     }
   }
   has_f32_ = keep_f32 || precision == ItemPrecision::kF32;
-  if (has_f32_) f32_.assign(items, items + N * D);
+  // fp32 items are their panels already (f32_row reads them there): no second copy.
+  if (has_f32_ && precision != ItemPrecision::kF32) f32_.assign(items, items + N * D);
 }
 
 int64_t ItemBlock::nbytes() const {
@@ -109,6 +110,8 @@ void ItemBlock::to_float(float* out) const {
     for (int64_t d = 0; d < D_; ++d) {
       if (precision_ == ItemPrecision::kInt8) {
         out[i * D_ + d] = static_cast<float>(packed_at(int8_->view(), i, d)) * int8_scale_[i];
+      } else if (precision_ == ItemPrecision::kF32) {
+        out[i * D_ + d] = f32_panels_[static_cast<size_t>(((i / 16) * D_ + d) * 16 + i % 16)];
       } else {
         out[i * D_ + d] = half_to_float(f16_panels_[((i / 16) * D_ + d) * 16 + i % 16]);
       }
@@ -401,9 +404,10 @@ void topk_search(const std::vector<SegmentRef>& segments, const TopKRequest& req
         if (req.rerank) {
           const float* qv = req.queries + q * D;
           for (Cand& c : merged) {
-            const float* x = segments[static_cast<size_t>(c.seg)].block->f32_rows() + c.row * D;
+            int64_t step = 1;
+            const float* x = segments[static_cast<size_t>(c.seg)].block->f32_row(c.row, &step);
             double acc = 0.0;
-            for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(qv[d]) * static_cast<double>(x[d]);
+            for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(qv[d]) * static_cast<double>(x[d * step]);
             c.score = static_cast<float>(acc);
           }
         }

@@ -69,7 +69,16 @@ class ItemBlock {
   const Int8Layer* int8() const { return int8_.get(); }
   const void* panels() const;        // fp16/fp32 panels (null for int8)
   int64_t panel_bytes() const;       // bytes of one panel
-  const float* f32_rows() const { return f32_.empty() ? nullptr : f32_.data(); }
+  // Item `row` as float32 (has_f32() only): its first value, and in *step the distance between
+  // its values (1 in the kept rows; 16 in the fp32 panels, which are the only copy for kF32).
+  const float* f32_row(int64_t row, int64_t* step) const {
+    if (!f32_.empty()) {
+      *step = 1;
+      return f32_.data() + row * D_;
+    }
+    *step = 16;
+    return f32_panels_.data() + (row / 16) * D_ * 16 + row % 16;
+  }
   const float* item_scale() const { return int8_scale_.data(); }
   // The items as float32 rows (N x D): the kept float32 rows, else the dequantized codes.
   void to_float(float* out) const;
@@ -81,7 +90,7 @@ class ItemBlock {
   std::vector<float> int8_scale_;
   std::vector<float> f32_panels_;
   std::vector<uint16_t> f16_panels_;
-  std::vector<float> f32_;  // row-major N x D
+  std::vector<float> f32_;  // row-major N x D, for reranking int8 / fp16 items
   bool has_f32_ = false;
 };
 
