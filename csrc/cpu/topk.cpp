@@ -106,12 +106,20 @@ void ItemBlock::to_float(float* out) const {
     std::copy(f32_.begin(), f32_.end(), out);
     return;
   }
+  if (precision_ == ItemPrecision::kF32) {  // the panels, 16 rows at a time (reads in order)
+    for (int64_t p = 0; p < npanels(); ++p) {
+      const int64_t rows = std::min<int64_t>(16, N_ - p * 16);
+      for (int64_t d = 0; d < D_; ++d) {
+        const float* src = f32_panels_.data() + (p * D_ + d) * 16;
+        for (int64_t r = 0; r < rows; ++r) out[(p * 16 + r) * D_ + d] = src[r];
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < N_; ++i) {
     for (int64_t d = 0; d < D_; ++d) {
       if (precision_ == ItemPrecision::kInt8) {
         out[i * D_ + d] = static_cast<float>(packed_at(int8_->view(), i, d)) * int8_scale_[i];
-      } else if (precision_ == ItemPrecision::kF32) {
-        out[i * D_ + d] = f32_panels_[static_cast<size_t>(((i / 16) * D_ + d) * 16 + i % 16)];
       } else {
         out[i * D_ + d] = half_to_float(f16_panels_[((i / 16) * D_ + d) * 16 + i % 16]);
       }

@@ -724,7 +724,7 @@ PYBIND11_MODULE(_C, m) {
 #else
     return false;
 #endif
-  }, "Returns freed heap memory to the OS (glibc's malloc_trim; False elsewhere or when none was).");
+  }, "Returns freed heap memory to the OS: glibc's malloc_trim(0), whose result it returns (False where there is no glibc).");
   m.def("pack_bags", &pack_bags, py::arg("pairs"), py::arg("batch_size"),
         "fastrec.Model's dict requests: T (indices, offsets) pairs as one table-major CSR pair, or None.");
   m.def("get_num_threads", &get_num_threads);
