@@ -12,9 +12,8 @@ Implementations, all at ``FASTREC_BENCH_THREADS`` threads (default 2):
   sets ``faiss.cvar.distance_compute_blas_threshold = 128000``, so it never takes its BLAS
   (matrix-product) path for fewer queries.
 * ``faiss-flat-blas``: the same index searched with the threshold at 1 (the BLAS path for every
-  call, as older faiss releases did from 20 queries). In the 2026-11-24 run (BENCHMARKS.md) it
-  was 4.8x faster at Q=256, 1.3x at Q=16 and the same at Q=1; a review's run the same day
-  found it 2.6x faster at Q=256 and slower at Q=16. Compare fastrec with the faster of the two.
+  call, as older faiss releases did from 20 queries): much faster at Q=256, about the same at
+  Q=1 (BENCHMARKS.md). Compare fastrec with the faster of the two.
 * ``faiss-sq8``: ``faiss.IndexScalarQuantizer(D, QT_8bit, METRIC_INNER_PRODUCT)``, trained on the
   items.
 * ``torch``: ``torch.topk(q @ items.T, k)`` (it materialises the Q x N score matrix).
@@ -97,15 +96,17 @@ def _make(impl: str):
             index = faiss.IndexScalarQuantizer(D, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
             index.train(items)
         index.add(items)
-        fn = lambda q: index.search(q, K)  # noqa: E731
-        if impl == "faiss-flat-blas":
-            def fn(q, index=index, faiss=faiss):
-                before = faiss.cvar.distance_compute_blas_threshold
-                faiss.cvar.distance_compute_blas_threshold = 1
-                try:
-                    return index.search(q, K)
-                finally:
-                    faiss.cvar.distance_compute_blas_threshold = before
+        blas_threshold = 1 if impl == "faiss-flat-blas" else None
+
+        def fn(q, index=index, faiss=faiss):
+            if blas_threshold is None:
+                return index.search(q, K)
+            before = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = blas_threshold
+            try:
+                return index.search(q, K)
+            finally:
+                faiss.cvar.distance_compute_blas_threshold = before
     else:
         torch = pytest.importorskip("torch")
         xt = torch.from_numpy(items)

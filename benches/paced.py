@@ -10,7 +10,8 @@ server's requests come with gaps: this times one call after each gap of 0, 0.3, 
 
 Per gap the order is fastrec, torch, fastrec, torch (each run shows how much the same code
 moves within one run); the ratio is the mean of torch's two over the mean of fastrec's two.
-torch runs under ``torch.inference_mode()``, entered once. p50 / p99 per call, microseconds. The first table is the machine's own cost of waking up:
+torch runs under ``torch.inference_mode()``, entered once. p50 / p99 per call, microseconds.
+The first table is the machine's own cost of waking up:
 `np.add(1, 1)` and `embedding_bags` over 26 cache-resident tables of 128 rows, timed the same way. Threads: FASTREC_BENCH_THREADS (default 2), both libraries.
 """
 

@@ -361,7 +361,7 @@ def topk(queries, items, k: int, *, exclude=None):
 
             ex_ids, ex_off = _exclude_host(exclude, a.shape[0])
             sub_ex = None if ex_ids is None else [ex_ids[ex_off[r]:ex_off[r + 1]] for r in rows]
-            s, i = ItemIndex(_to_host(x), precision="fp32").search(_to_host(a)[rows], k, exclude=sub_ex)
+            s, i = ItemIndex(_to_host(x), precision="fp32", _trim=False).search(_to_host(a)[rows], k, exclude=sub_ex)
             _put_rows(a, scores, out, rows, s, i)
     if single:
         return scores[0], out[0]

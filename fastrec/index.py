@@ -316,7 +316,7 @@ class ItemIndex:
     ``remove``: each search sees the catalogue either before or after an update.
     """
 
-    def __init__(self, items, *, ids=None, precision: str = "int8", rerank: bool = True):
+    def __init__(self, items, *, ids=None, precision: str = "int8", rerank: bool = True, _trim: bool = True):
         if not isinstance(precision, str):
             raise TypeError(f"precision must be a str, got {type(precision).__name__}")
         if not isinstance(rerank, (bool, np.bool_)):
@@ -338,7 +338,8 @@ class ItemIndex:
         segments = (self._segment(items, ids, amax),) if items.shape[0] else ()
         self._snap = _snapshot(segments)
         del segments, ids
-        _trim_after_build(items.nbytes)  # (a float32 copy of float64 / strided input is still alive here)
+        if _trim:  # (False: a one-shot index, ops.topk's, whose next build would reuse that heap)
+            _trim_after_build(items.nbytes)  # (a float32 copy of float64 / strided input is still alive here)
 
     def _segment(self, items: np.ndarray, ids: np.ndarray, amax: float) -> _Segment:
         keep = self._rerank or self._precision == "fp32"

@@ -283,4 +283,4 @@ def topk(queries, items, k: int, *, exclude=None):
         return cuda_topk(queries, items, k, exclude=exclude)
     from .index import ItemIndex
 
-    return ItemIndex(items, precision="fp32", rerank=True).search(queries, k, exclude=exclude)
+    return ItemIndex(items, precision="fp32", rerank=True, _trim=False).search(queries, k, exclude=exclude)

@@ -720,11 +720,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("advise_hugepages", &advise_hugepages, py::arg("array"));
   m.def("_trim_heap", [] {
 #ifdef __GLIBC__
-    return malloc_trim(0) != 0;
-#else
-    return false;
+    malloc_trim(0);
 #endif
-  }, "Returns freed heap memory to the OS: glibc's malloc_trim(0), whose result it returns (False where there is no glibc).");
+  }, "Returns freed heap memory to the OS (glibc's malloc_trim; nothing elsewhere).");
   m.def("pack_bags", &pack_bags, py::arg("pairs"), py::arg("batch_size"),
         "fastrec.Model's dict requests: T (indices, offsets) pairs as one table-major CSR pair, or None.");
   m.def("get_num_threads", &get_num_threads);

@@ -51,9 +51,8 @@ void gemm_s8(const GemmJob& j) {
   const int64_t n_end = std::min<int64_t>(b.N, j.nb1 * 16);
   std::vector<int8_t> w(static_cast<size_t>(b.Kp));
   for (int64_t n = j.nb0 * 16; n < n_end; ++n) {
-    // Channel n's weights, gathered from the packed layout (4 bytes every 64; see packed_at)
-    // once for all rows.
-    const int8_t* src = b.packed + (n / 16) * (b.Kp / 4) * 64 + (n % 16) * 4;
+    // Channel n's weights, gathered from the packed layout (4 bytes every 64) once for all rows.
+    const int8_t* src = packed_channel(b, n);
     for (int64_t g = 0; g < b.Kp / 4; ++g) std::memcpy(&w[static_cast<size_t>(4 * g)], src + 64 * g, 4);
     for (int64_t m = j.m0; m < j.m1; ++m) {
       const uint8_t* a = j.a + m * j.lda;

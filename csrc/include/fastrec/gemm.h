@@ -21,10 +21,13 @@ struct PackedB {
   float max_abs_scale = std::numeric_limits<float>::infinity();
 };
 
-// Weight (n, k) of a packed matrix (what the scalar reference and unpacking read).
-inline int8_t packed_at(const PackedB& b, int64_t n, int64_t k) {
-  return b.packed[((n / 16) * (b.Kp / 4) + k / 4) * 64 + (n % 16) * 4 + k % 4];
+// Channel n's first weight in the packed layout; its weight k is (k / 4) * 64 + k % 4 further.
+inline const int8_t* packed_channel(const PackedB& b, int64_t n) {
+  return b.packed + (n / 16) * (b.Kp / 4) * 64 + (n % 16) * 4;
 }
+
+// Weight (n, k) of a packed matrix (what the scalar reference and unpacking read).
+inline int8_t packed_at(const PackedB& b, int64_t n, int64_t k) { return packed_channel(b, n)[(k / 4) * 64 + k % 4]; }
 
 enum class Epilogue : int32_t { kNone = 0, kRelu = 1, kInt32 = 3 };
 
