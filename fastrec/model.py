@@ -542,7 +542,7 @@ class Model:
                 KeyedJaggedTensor layout).
 
         On the CPU, an int8 model runs the whole forward in one C++ call (``_C.dlrm_forward``):
-        from 36 rows a thread, each task takes up to 60 rows through the embedding bags, the
+        from 4 rows a thread, each task takes up to 60 rows through the embedding bags, the
         bottom MLP, the interaction and the top MLP, so nothing of B rows goes through memory.
 
         On a GPU model (:func:`load` with ``device="cuda"``): ``dense`` and the ids / offsets

@@ -232,12 +232,14 @@ def test_large_batch_parallel_matches_single_thread(rng):
     assert np.array_equal(one, many)
 
 
-# B covers one thread's serial path, the per-layer channel split (few rows, several threads)
-# and the row-parallel path with task boundaries that are not multiples of the 6-row tile.
-@pytest.mark.parametrize("B", [37, 71, 150, 1031])
+# B covers one thread's serial path, the per-layer channel split (fewer than 4 rows a thread:
+# a static split at B=3, tasks at B=6, wide layers so that both wake the pool), rows split
+# evenly (one task a thread) and the row-parallel path with task boundaries that are not
+# multiples of the 6-row tile.
+@pytest.mark.parametrize("B", [3, 6, 9, 37, 71, 150, 1031])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_mlp_equals_layer_by_layer(isa, rng, B, threads):
-    dims = [13, 64, 600, 32, 1]
+    dims = [13, 512, 1024, 32, 1] if B < 8 else [13, 64, 600, 32, 1]
     layers = [_layer(rng, dims[i], dims[i + 1]) for i in range(len(dims) - 1)]
     acts = ["relu", "relu", None, "sigmoid"]
     mlp = Int8MLP.from_float(layers, acts)

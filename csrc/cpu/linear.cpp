@@ -14,7 +14,7 @@
 namespace fastrec {
 namespace {
 
-constexpr int64_t kSerialMacs = int64_t{1} << 21;  // below this, one thread: waking the pool costs more
+constexpr int64_t kSerialMacs = int64_t{1} << 20;  // below this, one thread: waking the pool costs more
 constexpr int64_t kStaticMacs = int64_t{1} << 18;  // few-row calls above this split channels per core
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -145,8 +145,13 @@ void layer_by_layer(const KernelTable& k, const Int8Layer* const* layers, const 
 // and its weight slice stay in L1/L2 while every row of the task reuses the weights.
 constexpr int64_t kTileRows = 6;
 constexpr int64_t kMaxTilesPerTask = 10;
-// Row tasks from this many rows per thread; below it, each layer's channels are split.
-constexpr int64_t kRowTaskRowsPerThread = 36;
+// Row tasks from this many rows per thread; below it, each layer's channels are split. Each
+// thread then reads every layer's weights once per call for its rows (4 rows of reuse per
+// weight byte at the threshold), where the channel split reads a share of them but quantizes
+// each layer's input on one thread and meets the other threads after every layer: measured
+// on 2 threads, row tasks ran the 1024-1024-512-256-1 MLP 15-25% faster from 8 rows up and
+// the small 13-512-256-128 one up to 1.5x faster (BENCHMARKS.md, "Row tasks from 8 rows").
+constexpr int64_t kRowTaskRowsPerThread = 4;
 
 bool row_tasks_pay(int64_t M) {
   const int64_t nt = get_num_threads();
@@ -159,14 +164,17 @@ RowTasks::RowTasks(int64_t M_, int64_t macs_per_row) : M(M_) {
   tiles = (M + kTileRows - 1) / kTileRows;
   tasks = (tiles + kMaxTilesPerTask - 1) / kMaxTilesPerTask;
   if (parallel) tasks = (tasks + nt - 1) / nt * nt;  // the threads end together
-  tasks = std::min(tasks, tiles);
+  // At most one task per thread: the rows are split evenly (16 rows on 2 threads: 8 + 8, not
+  // one 6-row tile + 10 rows). More tasks: whole tiles each.
+  even = tasks <= nt;
+  tasks = std::min(tasks, even ? M : tiles);
 }
 
 void RowTasks::run(const std::function<void(int64_t, int64_t, int64_t)>& fn) const {
   auto body = [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = std::min(M, tiles * t / tasks * kTileRows);
-      const int64_t m1 = std::min(M, tiles * (t + 1) / tasks * kTileRows);
+      const int64_t m0 = even ? M * t / tasks : std::min(M, tiles * t / tasks * kTileRows);
+      const int64_t m1 = even ? M * (t + 1) / tasks : std::min(M, tiles * (t + 1) / tasks * kTileRows);
       if (m1 > m0) fn(t, m0, m1);
     }
   };

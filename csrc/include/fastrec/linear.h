@@ -57,8 +57,9 @@ int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* ac
                             int64_t ldx, int64_t rows, float* y, int* layer = nullptr);
 
 // Row tasks for callers that run a whole pipeline per block of rows (int8 MLPs, the fused
-// DLRM forward): whole 6-row tiles, at most 60 rows a task, a multiple of the thread count.
-// row_tasks_pay(M): whether M rows are enough for that (one thread, or >= 36 rows a thread);
+// DLRM forward): at most 60 rows a task, a multiple of the thread count; whole 6-row tiles
+// each, or the rows split evenly when there is at most one task per thread.
+// row_tasks_pay(M): whether M rows are enough for that (one thread, or >= 4 rows a thread);
 // below it, splitting each layer's channels over the threads is faster.
 bool row_tasks_pay(int64_t M);
 struct RowTasks {
@@ -67,8 +68,9 @@ struct RowTasks {
   // fn(task, m0, m1) for every task, on the pool when parallel; fn must not throw.
   void run(const std::function<void(int64_t, int64_t, int64_t)>& fn) const;
   int64_t M = 0, tiles = 0, tasks = 0;
-  bool parallel = false;
+  bool parallel = false, even = false;
 };
+
 // Where a NaN or Inf was found: the row, and the layer whose input held it (in the MLP named
 // `mlp`, "" for a lone MLP). Layer 0 of the first MLP reads the caller's input; any other
 // layer's input held a value that overflowed float32 inside the model.
