@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastrec
-from fastrec import QuantizedTable, ops, testing
+from fastrec import QuantizedTable, ops
 
 
 def test_many_threads_at_once(rng):
@@ -329,6 +329,40 @@ def test_exception_inside_a_pool_task_is_raised_cleanly():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split()
     assert lines[-1] == "True" and "MemoryError" in lines, r.stdout
+
+
+def test_a_call_does_not_wait_for_a_late_worker(rng):
+    """A worker still waking up (here made to sleep 300 ms before it joins a call) must not hold
+    up a call the caller can finish alone: the caller takes every chunk of a dynamic split, and
+    the share of a static split that no worker has claimed, and returns. Before, every call
+    waited for every worker to show up (on a VM a sleeping vCPU can take tens of microseconds)."""
+    if fastrec._config.available_cpus() < 2:
+        pytest.skip("needs at least 2 usable CPUs")
+    lin = fastrec.Int8Linear.from_float(rng.standard_normal((1024, 1024), dtype=np.float32))
+    mlp = fastrec.Int8MLP.from_float([(rng.standard_normal((512, 1024), dtype=np.float32), None),
+                                      (rng.standard_normal((64, 512), dtype=np.float32), None)], ["relu", None])
+    cases = {  # each wakes the pool on 2 threads
+        "static channel split (1 row)": lambda x: lin(x[:1]),
+        "channel tasks (6 rows)": lambda x: lin(x[:6]),
+        "row tasks (64 rows)": lambda x: mlp(x),
+    }
+    x = rng.standard_normal((64, 1024), dtype=np.float32)
+    old = fastrec.get_num_threads()
+    try:
+        fastrec.set_num_threads(1)
+        want = {name: f(x) for name, f in cases.items()}
+        fastrec.set_num_threads(2)
+        fastrec._C._set_pool_join_delay_us(300_000)
+        for _ in range(3):
+            for name, f in cases.items():
+                t0 = time.perf_counter()
+                got = f(x)
+                took = time.perf_counter() - t0
+                assert np.array_equal(got, want[name]), name
+                assert took < 0.15, f"{name}: {took * 1e3:.0f} ms, as if it waited for the late worker"
+    finally:
+        fastrec._C._set_pool_join_delay_us(0)
+        fastrec.set_num_threads(old)
 
 
 def _thread_cpu(tid: int) -> int:

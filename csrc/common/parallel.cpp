@@ -1,6 +1,8 @@
 // A small persistent thread pool. Workers sleep on a condition variable between calls; the
-// calling thread always takes part. One call runs on the pool at a time; a concurrent call
-// (another Python thread) or a nested one runs inline on its own thread instead.
+// calling thread always takes part, and a worker only if it joins while there is work left,
+// so a call never waits for a worker that is still waking up. One call runs on the pool at a
+// time; a concurrent call (another Python thread) or a nested one runs inline on its own
+// thread instead.
 #include "fastrec/parallel.h"
 
 #include <pthread.h>
@@ -18,6 +20,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -27,6 +30,9 @@ namespace fastrec {
 namespace {
 
 thread_local bool t_in_pool_task = false;
+
+// Tests only: a delay every worker sleeps before it tries to join a call (a worker slow to wake).
+std::atomic<int64_t> g_join_delay_us{0};
 
 // How long an idle worker spins before it sleeps on the condition variable.
 constexpr int kSpinMicros = 50;
@@ -39,13 +45,26 @@ inline void cpu_relax() {
 #endif
 }
 
+// Who takes part in a call: the caller always; a worker only if it joins while the call is
+// open. gate = (generation << 32) | kClosed | number of workers that joined. The caller closes
+// the gate once no work is left to hand out and then waits for the workers that joined, and
+// for those only: a worker that was asleep (waking a vCPU on a VM can take tens of
+// microseconds) and comes late finds the gate closed and goes back to waiting, instead of
+// holding up a call the caller has already finished alone.
+constexpr uint64_t kClosed = uint64_t{1} << 31;
+constexpr uint64_t kJoinedMask = kClosed - 1;
+
 struct Job {
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
-  bool fixed = false;  // parallel_for_each_thread: participant t of n runs fn(t, n) once
+  // parallel_for_each_thread: share t of n runs once, on worker t when it joins in time; the
+  // caller runs share 0 and then any share whose worker has not claimed it yet.
+  bool fixed = false;
   int64_t n = 0;
   int64_t chunk = 1;
   std::atomic<int64_t> next{0};
-  std::atomic<int> active{0};
+  std::unique_ptr<std::atomic<bool>[]> claimed;  // fixed jobs: share t taken (one per thread)
+  std::atomic<uint64_t> gate{0};
+  std::atomic<uint64_t> finished{0};  // workers that joined and are done
   // The first exception a participant threw (fn should not throw, but an allocation can):
   // the caller rethrows it once every participant is done with fn.
   std::mutex error_mu;
@@ -61,6 +80,7 @@ struct InPoolTask {
 class Pool {
  public:
   explicit Pool(int nthreads) : nthreads_(std::max(1, nthreads)), tids_(static_cast<size_t>(nthreads_)) {
+    job_.claimed.reset(new std::atomic<bool>[static_cast<size_t>(nthreads_)]);
     try {
       for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
     } catch (...) {  // (a thread that could not start: stop and join the others, then report it)
@@ -79,18 +99,21 @@ class Pool {
     job_.n = n;
     job_.chunk = chunk;
     job_.next.store(0, std::memory_order_relaxed);
-    job_.active.store(nthreads_, std::memory_order_relaxed);
+    for (int i = 0; i < nthreads_; ++i) job_.claimed[static_cast<size_t>(i)].store(false, std::memory_order_relaxed);
+    job_.finished.store(0, std::memory_order_relaxed);
     job_.error = nullptr;
+    const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
+    job_.gate.store((gen & 0xffffffffu) << 32, std::memory_order_relaxed);
     keep_workers_off_caller_cpu();
     {
       std::lock_guard<std::mutex> lk(mu_);
-      generation_.fetch_add(1, std::memory_order_release);
+      generation_.store(gen, std::memory_order_release);  // publishes the job's fields
     }
     cv_.notify_all();
     {
-      // Waits for the workers also if work(0) unwinds (only a forced unwind can): fn's
-      // captures live on this stack.
-      const WaitForWorkers wait{this};
+      // Closes the gate and waits for the workers that joined also if work(0) unwinds (only a
+      // forced unwind can): fn's captures live on this stack.
+      const CloseAndWait close{this};
       work(0);
     }
     if (job_.error) std::rethrow_exception(job_.error);
@@ -107,39 +130,52 @@ class Pool {
     for (auto& t : workers_) t.join();
   }
 
-  struct WaitForWorkers {
+  struct CloseAndWait {
     Pool* pool;
-    ~WaitForWorkers() { pool->wait_for_workers(); }
+    ~CloseAndWait() { pool->close_and_wait(); }
   };
-  // Counts a participant out when work() ends, normally or by unwinding.
+  // Counts a worker that joined out when its work() ends, normally or by unwinding.
   struct CountOut {
     Pool* pool;
     ~CountOut() {
-      if (pool->job_.active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> lk(pool->mu_);
-        pool->done_cv_.notify_all();
-      }
+      pool->job_.finished.fetch_add(1, std::memory_order_acq_rel);
+      { std::lock_guard<std::mutex> lk(pool->mu_); }  // (the caller may be between its check and its wait)
+      pool->done_cv_.notify_all();
     }
   };
 
-  // Spin a little (calls are short), then sleep.
-  void wait_for_workers() {
-    for (int spin = 0; job_.active.load(std::memory_order_acquire) != 0; ++spin) {
+  // A worker joins call `gen` if that call is still open. Nothing else of the job is read
+  // before this succeeds: the job may already belong to a later call.
+  bool join(uint64_t gen) {
+    uint64_t w = job_.gate.load(std::memory_order_acquire);
+    for (;;) {
+      if ((w >> 32) != (gen & 0xffffffffu) || (w & kClosed) != 0) return false;
+      if (job_.gate.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) return true;
+    }
+  }
+
+  // The caller, once no work is left to hand out: no worker may join from here on; wait for
+  // those that did. Spin a little (calls are short), then sleep.
+  void close_and_wait() {
+    const uint64_t joined = job_.gate.fetch_or(kClosed, std::memory_order_acq_rel) & kJoinedMask;
+    for (int spin = 0; job_.finished.load(std::memory_order_acquire) != joined; ++spin) {
       if (spin < 2000) {
         std::this_thread::yield();
       } else {
         std::unique_lock<std::mutex> lk(mu_);
-        done_cv_.wait(lk, [this] { return job_.active.load(std::memory_order_acquire) == 0; });
+        done_cv_.wait(lk, [&] { return job_.finished.load(std::memory_order_acquire) == joined; });
       }
     }
   }
 
   void work(int index) {
-    const CountOut count_out{this};
     try {
       const InPoolTask in_task;
       if (job_.fixed) {
-        if (index < job_.n) (*job_.fn)(index, job_.n);
+        // Its own share first; the caller then takes any share no worker has claimed yet.
+        for (int64_t t = index; t < job_.n; t = index == 0 ? t + 1 : job_.n) {
+          if (!job_.claimed[static_cast<size_t>(t)].exchange(true, std::memory_order_acq_rel)) (*job_.fn)(t, job_.n);
+        }
       } else {
         for (;;) {
           const int64_t b = job_.next.fetch_add(job_.chunk, std::memory_order_relaxed);
@@ -220,7 +256,13 @@ class Pool {
         seen = generation_.load(std::memory_order_acquire);
         if (stop_) return;
       }
-      work(index);
+      if (const int64_t d = g_join_delay_us.load(std::memory_order_relaxed)) {
+        std::this_thread::sleep_for(std::chrono::microseconds(d));
+      }
+      if (join(seen)) {
+        const CountOut count_out{this};
+        work(index);
+      }
     }
   }
 
@@ -331,6 +373,8 @@ void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
   g_num_threads.store(n, std::memory_order_relaxed);
 }
+
+void set_pool_join_delay_for_tests(int64_t us) { g_join_delay_us.store(std::max<int64_t>(0, us)); }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;

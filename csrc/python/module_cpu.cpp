@@ -731,6 +731,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_embedding_l1_prefetch", &set_embedding_l1_prefetch, py::arg("mode"),
         "Tests only: 1 / 0 force the embedding kernels' L1 prefetch of quantized rows on / off, -1 restores the default.");
   m.def("_embedding_l1_prefetch", &embedding_l1_prefetch);
+  m.def("_set_pool_join_delay_us", &set_pool_join_delay_for_tests, py::arg("us"),
+        "Tests only: pool workers sleep this long before joining a call (a worker slow to wake).");
   m.def("_cpu_vendor_amd", [] { return cpu_features().amd; });
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); }, py::arg("name"));
   m.def("available_isas", [] {

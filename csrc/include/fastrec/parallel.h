@@ -11,7 +11,8 @@ int get_num_threads();
 void set_num_threads(int n);
 
 // Runs fn(begin, end) over [0, n) split into chunks of about `grain` items, on the pool.
-// The calling thread takes part. Calls from several threads at once are safe: when the pool
+// The calling thread takes part; a worker joins while chunks are left (the call never waits
+// for a worker that is still waking up). Calls from several threads at once are safe: when the pool
 // is busy with another call, or when this call comes from inside a pool task, the work runs
 // on the calling thread alone, so there is never nested or oversubscribed parallelism.
 // fn should not throw (kernels record errors and the caller raises after the pass); if it does
@@ -19,10 +20,15 @@ void set_num_threads(int n);
 // done with fn.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
-// Runs fn(t, n) once on each of the pool's n threads, t = 0 (the caller) .. n-1; when the
-// pool is busy or the call is nested, runs fn(0, 1) alone on the calling thread. The same
-// thread gets the same t on every call, so per-thread data (a slice of the weights) stays in
-// that core's cache from call to call.
+// Runs fn(t, n) once for each t = 0 .. n-1 of the pool's n threads: t = 0 on the caller, t on
+// worker t, so per-thread data (a slice of the weights) stays in that core's cache from call
+// to call. A worker that has not claimed its t by the time the caller is done with its own
+// (still waking up) has it run by the caller instead, after t = 0: fn(t, n) must not wait for
+// another t. When the pool is busy or the call is nested, runs fn(0, 1) alone on the calling
+// thread.
 void parallel_for_each_thread(const std::function<void(int64_t, int64_t)>& fn);
+
+// Tests only: every pool worker sleeps this long before it tries to join a call (0: none).
+void set_pool_join_delay_for_tests(int64_t us);
 
 }  // namespace fastrec
