@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -95,11 +96,27 @@ def _abs_max(x: np.ndarray) -> float:
     return max(float(x.max()), -float(x.min())) if x.size else 0.0
 
 
-def _check_range(amax: float, precision: str) -> None:
+_F16_MIN_NORMAL = 2.0 ** -14  # 6.1e-05: below, float16 keeps fewer significant bits (none below 6e-08)
+
+
+def _check_range(items: np.ndarray, amax: float, precision: str, rerank: bool, stacklevel: int = 3) -> None:
     """fp16 stores items as float16: a value beyond +-65504 would become inf, and the scores
-    inf - inf = NaN, so the item would silently drop out of every result."""
-    if precision == "fp16" and amax > 65504.0:
+    inf - inf = NaN, so the item would silently drop out of every result. An item whose every
+    value lies below float16's normal range keeps few significant bits (none below 6e-08): its
+    scores are coarse (or 0), and so is its rank, unless a float32 rerank rescores it."""
+    if precision != "fp16" or items.size == 0:
+        return
+    if amax > 65504.0:
         raise ValueError(f"items hold {amax:.6g}, beyond float16's range (+-65504): use precision 'fp32' or 'int8'")
+    if rerank:
+        return
+    row_max = np.maximum(items.max(axis=1), -items.min(axis=1))
+    tiny = int(np.count_nonzero((row_max > 0) & (row_max < _F16_MIN_NORMAL)))
+    if tiny:
+        warnings.warn(f"{tiny} item(s) have every value below float16's normal range (|x| < 6.1e-05): stored as "
+                      "float16 they keep few significant bits (none below 6e-08), so their scores and ranks are "
+                      "coarse; use precision 'int8' (a scale per item) or 'fp32', or rerank=True",
+                      RuntimeWarning, stacklevel=stacklevel)
 
 
 # Every partial sum of q . x is at most D * max|q| * max|x| in magnitude; below this bound
@@ -333,7 +350,7 @@ class ItemIndex:
         self._lock = threading.Lock()  # serialises writers; readers take a snapshot
         _live_indexes.add(self)  # (a forked child gets a fresh lock: _renew_locks)
         amax = _abs_max(items)
-        _check_range(amax, precision)
+        _check_range(items, amax, precision, self._rerank)
         ids = np.arange(items.shape[0], dtype=np.int64) if ids is None else _item_ids(ids, items.shape[0])
         segments = (self._segment(items, ids, amax),) if items.shape[0] else ()
         self._snap = _snapshot(segments)
@@ -436,7 +453,7 @@ class ItemIndex:
     def _add(self, items, ids) -> bool:
         items = float_matrix(items, "items", self._dim)
         amax = _abs_max(items)
-        _check_range(amax, self._precision)
+        _check_range(items, amax, self._precision, self._rerank, stacklevel=4)
         ids = _item_ids(ids, items.shape[0])
         if items.shape[0] == 0:
             return False

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -146,6 +147,34 @@ def test_int8_dimension_limit():
         fastrec.ItemIndex(items, precision="int8")
     scores, ids = fastrec.ItemIndex(items, precision="fp32").search(items[:1], 1)
     assert scores[0, 0] == D
+
+
+def test_fp16_items_below_the_normal_range_warn_without_rerank(rng):
+    """An item whose every value is below float16's normal range (6.1e-05) keeps few bits as
+    float16 (none below 6e-08): without a rerank its scores and rank came out coarse or 0, and
+    nothing said so. Now a RuntimeWarning names how many items; rerank=True rescores them in
+    float32, so it stays quiet, as do items of ordinary size and all-zero items."""
+    items = rng.standard_normal((6, 8)).astype(np.float32)
+    items[2] = 0.0
+    tiny = items.copy()
+    tiny[1] *= 1e-8  # 2 items: tiny, and 2e-8 times item 4
+    tiny[4] = tiny[1] * 2
+    with pytest.warns(RuntimeWarning, match=r"2 item\(s\) have every value below float16's normal range"):
+        index = fastrec.ItemIndex(tiny, precision="fp16", rerank=False)
+    scores, ids = index.search(tiny[4:5] * 1e8, 6)  # (the result itself: coarse, as the warning says)
+    assert scores.shape == (1, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastrec.ItemIndex(items, precision="fp16", rerank=False)  # ordinary values, one zero item
+        fastrec.ItemIndex(tiny, precision="fp16", rerank=True)
+        fastrec.ItemIndex(tiny, precision="int8", rerank=False)
+        q = tiny[[1, 4]] * 1e8  # queries along the two tiny items
+        want = np.argsort(-(q.astype(np.float64) @ tiny.T.astype(np.float64)), axis=1)[:, :4]
+        _, got = fastrec.ItemIndex(tiny, precision="fp16").search(q, 4)  # rerank is the default
+        assert np.array_equal(got, want)  # rescored in float32: the tiny items rank right
+        quiet = fastrec.ItemIndex(items, precision="fp16", rerank=False)
+    with pytest.warns(RuntimeWarning, match=r"1 item\(s\)"):
+        quiet.add(tiny[1:2], [10])
 
 
 def test_item_id_and_value_checks(rng):
