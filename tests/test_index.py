@@ -434,6 +434,37 @@ def test_concurrent_searches_agree(rng):
         np.testing.assert_array_equal(s, expected[0])
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("Q", [20, 150])
+def test_thread_splits_agree(rng, isa, precision, Q):
+    """Several threads split a search by items (few queries) or by queries (enough for every
+    thread: each query then sees all the items in one stream); either way the result equals one
+    thread's, bit for bit, over several segments, removed items, exclude lists and tied scores."""
+    items, queries = data(rng, 6000, 24, Q)
+    items[100:140] = items[7]  # 41 items tied with item 7
+    queries[::5] = items[7] * 2
+    index = fastrec.ItemIndex(items[:4000], precision=precision)
+    index.add(items[4000:], np.arange(4000, 6000))
+    index.remove(np.arange(0, 6000, 37))
+    keep = np.setdiff1d(np.arange(6000), np.arange(0, 6000, 37))
+    exclude = [rng.choice(6000, size=q % 7 * 5, replace=False) for q in range(Q)]
+    old = fastrec.get_num_threads()
+    try:
+        fastrec.set_num_threads(1)
+        want = index.search(queries, 60, exclude=exclude)
+        fastrec.set_num_threads(2)
+        got = index.search(queries, 60, exclude=exclude)
+    finally:
+        fastrec.set_num_threads(old)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    check_items = items[keep]
+    ref_s, ref_i = topk_ref(queries, check_items, 60, ids=keep, exclude=exclude)
+    if precision == "fp32" or index.rerank:
+        assert_topk_matches(got[0], got[1], check_items, queries, ref_s, ref_i, item_ids=keep, exclude=exclude,
+                            min_recall=1.0 if precision == "fp32" else 0.98)
+
+
 def test_nbytes_and_repr(rng):
     items, _ = data(rng, 1000, 64, 1)
     small = fastrec.ItemIndex(items, precision="int8", rerank=False)

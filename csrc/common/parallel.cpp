@@ -1,6 +1,6 @@
 // A small persistent thread pool. Workers sleep on a condition variable between calls; the
-// calling thread always takes part, and a worker only if it joins while there is work left,
-// so a call never waits for a worker that is still waking up. One call runs on the pool at a
+// calling thread always takes part, and a worker only if it joins before the caller has run
+// out of work to take, so a call never waits for a worker that is still waking up. One call runs on the pool at a
 // time; a concurrent call (another Python thread) or a nested one runs inline on its own
 // thread instead.
 #include "fastrec/parallel.h"
@@ -47,8 +47,9 @@ inline void cpu_relax() {
 
 // Who takes part in a call: the caller always; a worker only if it joins while the call is
 // open. gate = (generation << 32) | kClosed | number of workers that joined. The caller closes
-// the gate once no work is left to hand out and then waits for the workers that joined, and
-// for those only: a worker that was asleep (waking a vCPU on a VM can take tens of
+// the gate when its own part ends (it found no chunk left, or it has run every share no worker
+// had claimed) and then waits for the workers that joined, and for those only (one that joins
+// just before the close finds nothing left and counts out at once): a worker that was asleep (waking a vCPU on a VM can take tens of
 // microseconds) and comes late finds the gate closed and goes back to waiting, instead of
 // holding up a call the caller has already finished alone.
 constexpr uint64_t kClosed = uint64_t{1} << 31;
@@ -103,7 +104,9 @@ class Pool {
     job_.finished.store(0, std::memory_order_relaxed);
     job_.error = nullptr;
     const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
-    job_.gate.store((gen & 0xffffffffu) << 32, std::memory_order_relaxed);
+    // (release: a worker that matched this gate without having seen this generation_, possible
+    // only after 2^32 calls, still sees the job's fields)
+    job_.gate.store((gen & 0xffffffffu) << 32, std::memory_order_release);
     keep_workers_off_caller_cpu();
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -187,6 +190,12 @@ class Pool {
 #if defined(__GLIBCXX__)
     catch (abi::__forced_unwind&) {  // thread cancellation must run on, not be swallowed
       job_.next.store(job_.n, std::memory_order_relaxed);
+      {
+        // The call is incomplete (this thread's chunk stopped half way): the caller raises
+        // rather than return a partial result.
+        std::lock_guard<std::mutex> lk(job_.error_mu);
+        if (!job_.error) job_.error = std::make_exception_ptr(std::runtime_error("a thread exited inside a fastrec kernel; the call did not finish"));
+      }
       throw;
     }
 #endif
