@@ -124,13 +124,15 @@ def _sync(a: _cuda.DeviceArray) -> None:
 
 def _snapshot_rows(snap) -> np.ndarray:
     """The live float32 rows of a snapshot, in ascending-id order (snap.sorted_ids)."""
+    from .index import _float_rows  # (index imports this module lazily, on a device search)
+
     n = snap.live
     dim = snap.segments[0].block.dim if snap.segments else 0
     rows = np.empty((n, dim), np.float32)
     for s, seg in enumerate(snap.segments):
         sel = snap.where[:, 0] == s
         if sel.any():
-            rows[sel] = seg.block.to_float()[snap.where[sel, 1]]
+            rows[sel] = _float_rows(seg)[snap.where[sel, 1]]
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -463,6 +464,54 @@ def test_thread_splits_agree(rng, isa, precision, Q):
     if precision == "fp32" or index.rerank:
         assert_topk_matches(got[0], got[1], check_items, queries, ref_s, ref_i, item_ids=keep, exclude=exclude,
                             min_recall=1.0 if precision == "fp32" else 0.98)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_read_only_mapped_items_are_borrowed_not_copied(rng, tmp_path, precision):
+    """Items nobody can change (a file mapped read-only, bytes) are reranked where they are; the
+    index keeps no float32 copy, and every operation gives what an index over a copy gives."""
+    items, queries = data(rng, 3000, 16, 12)
+    path = tmp_path / "items.f32"
+    items.tofile(path)
+    sources = {"memmap": np.memmap(path, dtype=np.float32, mode="r", shape=items.shape),
+               "bytes": np.frombuffer(items.tobytes(), np.float32).reshape(items.shape)}
+    for name, src in sources.items():
+        ids = np.arange(3000, dtype=np.int64) * 3
+        borrowed = fastrec.ItemIndex(src, ids=ids, precision=precision)
+        copied = fastrec.ItemIndex(items.copy(), ids=ids, precision=precision)
+        assert borrowed._snap.segments[0].rows is not None, name
+        assert copied._snap.segments[0].rows is None
+        assert borrowed.nbytes == copied.nbytes - items.nbytes, name
+        huge = queries * np.float32(1e36)  # (searched exactly in float64, from the borrowed rows)
+        for index in (borrowed, copied):
+            index.remove(ids[::3])  # tombstones over the borrowed segment
+            index.add(items[:40] * 2, np.arange(40) + 100_000)  # a second, owned segment
+        for q in (queries, huge):
+            for a, b in zip(borrowed.search(q, 30, exclude=[ids[:50]] * 12), copied.search(q, 30, exclude=[ids[:50]] * 12)):
+                np.testing.assert_array_equal(a, b)
+        clone = pickle.loads(pickle.dumps(borrowed))
+        np.testing.assert_array_equal(clone.search(queries, 30)[1], copied.search(queries, 30)[1])
+        borrowed.remove(ids[1:2000:3])  # mostly tombstones: rebuilt into an owned segment
+        copied.remove(ids[1:2000:3])
+        np.testing.assert_array_equal(borrowed.search(queries, 30)[1], copied.search(queries, 30)[1])
+    del sources
+
+
+def test_only_immutable_items_are_borrowed(rng):
+    """A writable array, a read-only array that owns its memory (anyone may make it writable
+    again) and a read-only view of a writable buffer may all change after the build: copied."""
+    items = rng.standard_normal((200, 8)).astype(np.float32)
+    owner = items.copy()
+    owner.flags.writeable = False
+    view_of_writable = np.frombuffer(bytearray(items.tobytes()), np.float32).reshape(items.shape)
+    view_of_writable.flags.writeable = False
+    for src in (items, owner, view_of_writable, items[:, :].view()):
+        index = fastrec.ItemIndex(src, precision="int8")
+        assert index._snap.segments[0].rows is None
+    # without a rerank (or at fp32, whose panels are the only copy) there is nothing to borrow
+    frozen = np.frombuffer(items.tobytes(), np.float32).reshape(items.shape)
+    for kwargs in ({"precision": "int8", "rerank": False}, {"precision": "fp32"}):
+        assert fastrec.ItemIndex(frozen, **kwargs)._snap.segments[0].rows is None
 
 
 def test_nbytes_and_repr(rng):

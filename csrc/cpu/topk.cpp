@@ -315,7 +315,7 @@ void topk_search(const std::vector<SegmentRef>& segments, const TopKRequest& req
   bool int8 = false, all_int8 = true;
   for (const SegmentRef& s : segments) {
     if (s.block->dim() != D) throw std::invalid_argument("item block dimension differs from the queries'");
-    if (req.rerank && !s.block->has_f32()) throw std::invalid_argument("rerank needs the float32 rows");
+    if (req.rerank && !s.block->has_f32() && !s.rows) throw std::invalid_argument("rerank needs the float32 rows");
     total += s.block->size();
     panels += s.block->npanels();
     int8 = int8 || s.block->precision() == ItemPrecision::kInt8;
@@ -432,7 +432,8 @@ void topk_search(const std::vector<SegmentRef>& segments, const TopKRequest& req
           const float* qv = req.queries + q * D;
           for (Cand& c : merged) {
             int64_t step = 1;
-            const float* x = segments[static_cast<size_t>(c.seg)].block->f32_row(c.row, &step);
+            const SegmentRef& seg = segments[static_cast<size_t>(c.seg)];
+            const float* x = seg.rows ? seg.rows + c.row * D : seg.block->f32_row(c.row, &step);
             double acc = 0.0;
             for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(qv[d]) * static_cast<double>(x[d * step]);
             c.score = static_cast<float>(acc);

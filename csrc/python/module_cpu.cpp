@@ -483,12 +483,14 @@ std::shared_ptr<ItemBlock> make_item_block(py::handle items, int precision, bool
 
 // (ids and removed as py::object: a sequence may hand out new objects, which a borrowed handle
 // would not keep alive)
+// rows: per block, None or the float32 rows (N x D) the rerank reads where the block keeps none.
 py::tuple topk_search_py(py::handle blocks_obj, const std::vector<py::object>& ids,
                          const std::vector<py::object>& removed, py::handle queries, int64_t k, int64_t candidates,
-                         bool rerank, py::handle exclude_ids, py::handle exclude_offsets) {
+                         bool rerank, py::handle exclude_ids, py::handle exclude_offsets,
+                         const std::vector<py::object>& rows) {
   const std::vector<std::shared_ptr<ItemBlock>> blocks = held_list<ItemBlock>(blocks_obj, "blocks", "ItemBlock");
-  if (ids.size() != blocks.size() || removed.size() != blocks.size()) {
-    throw py::value_error("blocks, ids and removed must have the same length");
+  if (ids.size() != blocks.size() || removed.size() != blocks.size() || (!rows.empty() && rows.size() != blocks.size())) {
+    throw py::value_error("blocks, ids, removed (and rows) must have the same length");
   }
   py::array qa = require(queries, kNpyFloat32, "queries", "float32", 2);
   const int64_t Q = qa.shape(0), D = qa.shape(1);
@@ -506,6 +508,14 @@ py::tuple topk_search_py(py::handle blocks_obj, const std::vector<py::object>& i
       if (ra.shape(0) != blocks[i]->size()) throw py::value_error("removed must have one flag per item");
       keep.push_back(ra);
       segs[i].removed = static_cast<const uint8_t*>(ra.data());
+    }
+    if (!rows.empty() && !rows[i].is_none()) {
+      py::array xa = require(rows[i], kNpyFloat32, "rows", "float32", 2);
+      if (xa.shape(0) != blocks[i]->size() || xa.shape(1) != blocks[i]->dim()) {
+        throw py::value_error("rows must be the block's items, one float32 row of its dimension each");
+      }
+      keep.push_back(xa);
+      segs[i].rows = static_cast<const float*>(xa.data());
     }
   }
   TopKRequest req;
@@ -608,7 +618,7 @@ PYBIND11_MODULE(_C, m) {
       "DLRM dot interaction: [bottom, dot(v_i, v_j) for i > j] per sample (v_0 = bottom, v_t = emb table t-1).");
   m.def("topk_search", &topk_search_py, py::arg("blocks"), py::arg("ids"), py::arg("removed"), py::arg("queries"),
         py::arg("k"), py::arg("candidates"), py::arg("rerank"), py::arg("exclude_ids") = py::none(),
-        py::arg("exclude_offsets") = py::none());
+        py::arg("exclude_offsets") = py::none(), py::arg("rows") = std::vector<py::object>());
 
   m.def("embedding_bags", &embedding_bags_py, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
         py::arg("modes"), py::arg("per_sample_weights"), py::arg("padding_idx"), py::arg("convert") = py::none());

@@ -99,6 +99,9 @@ struct SegmentRef {
   const ItemBlock* block = nullptr;
   const int64_t* ids = nullptr;      // external ids, one per item
   const uint8_t* removed = nullptr;  // 1 = removed (skipped); may be null
+  // The float32 rows for the rerank (N x D, row-major) when the block keeps none of its own:
+  // the caller's read-only mapping of them, borrowed. Null: the block's.
+  const float* rows = nullptr;
 };
 
 struct TopKRequest {
