@@ -344,7 +344,8 @@ class ItemIndex:
             (1.5k + 16 of them for int8, k + k/8 + 16 for fp16, k + 16 for fp32). Rows nobody can
             change (read-only views of a read-only buffer: a file mapped with ACCESS_READ, as
             :func:`fastrec.load` maps a model, ``np.memmap(mode="r")``, bytes) are read where they
-            are, not copied; ``nbytes`` counts only what the index owns. Results then
+            are, not copied; ``nbytes`` counts only what the index owns. Such a file must not be
+            rewritten in place while an index reads it (as for a loaded model's tables). Results then
             equal an exact search up to ties whenever the true top k are among those candidates:
             on every embedding set measured (Gaussian, log-normal norms, cosine, MovieLens), but
             not when items differ by far less than what they share. int8 keeps one scale per
