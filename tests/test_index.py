@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import mmap
 import os
 import pickle
 import platform
@@ -150,29 +152,29 @@ def test_int8_dimension_limit():
     assert scores[0, 0] == D
 
 
-def test_fp16_items_below_the_normal_range_warn_without_rerank(rng):
+def test_fp16_items_below_the_normal_range_warn(rng):
     """An item whose every value is below float16's normal range (6.1e-05) keeps few bits as
-    float16 (none below 6e-08): without a rerank its scores and rank came out coarse or 0, and
-    nothing said so. Now a RuntimeWarning names how many items; rerank=True rescores them in
-    float32, so it stays quiet, as do items of ordinary size and all-zero items."""
+    float16 (none below 6e-08): its scores and rank came out coarse or 0, and nothing said so.
+    Now a RuntimeWarning names how many items, with or without a rerank (which rescores only
+    the candidates the coarse scores picked); items of ordinary size and all-zero items are
+    quiet, and so is int8 (a scale per item)."""
     items = rng.standard_normal((6, 8)).astype(np.float32)
     items[2] = 0.0
     tiny = items.copy()
     tiny[1] *= 1e-8  # 2 items: tiny, and 2e-8 times item 4
     tiny[4] = tiny[1] * 2
-    with pytest.warns(RuntimeWarning, match=r"2 item\(s\) have every value below float16's normal range"):
-        index = fastrec.ItemIndex(tiny, precision="fp16", rerank=False)
+    for rerank in (False, True):
+        with pytest.warns(RuntimeWarning, match=r"2 item\(s\) have every value below float16's normal range"):
+            index = fastrec.ItemIndex(tiny, precision="fp16", rerank=rerank)
     scores, ids = index.search(tiny[4:5] * 1e8, 6)  # (the result itself: coarse, as the warning says)
     assert scores.shape == (1, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastrec.ItemIndex(items, precision="fp16", rerank=False)  # ordinary values, one zero item
-        fastrec.ItemIndex(tiny, precision="fp16", rerank=True)
-        fastrec.ItemIndex(tiny, precision="int8", rerank=False)
         q = tiny[[1, 4]] * 1e8  # queries along the two tiny items
         want = np.argsort(-(q.astype(np.float64) @ tiny.T.astype(np.float64)), axis=1)[:, :4]
-        _, got = fastrec.ItemIndex(tiny, precision="fp16").search(q, 4)  # rerank is the default
-        assert np.array_equal(got, want)  # rescored in float32: the tiny items rank right
+        _, got = fastrec.ItemIndex(tiny, precision="int8").search(q, 4)
+        assert np.array_equal(got, want)  # a scale per item: the tiny items rank right
         quiet = fastrec.ItemIndex(items, precision="fp16", rerank=False)
     with pytest.warns(RuntimeWarning, match=r"1 item\(s\)"):
         quiet.add(tiny[1:2], [10])
@@ -497,6 +499,30 @@ def test_read_only_mapped_items_are_borrowed_not_copied(rng, tmp_path, precision
     del sources
 
 
+def test_a_borrowed_mapping_stays_open(rng, tmp_path):
+    """The index pins the read-only mapping it reranks from: closing it (a `with mmap.mmap(...)`
+    block ending) raised nothing and left the index reading unmapped memory (a segfault at the
+    next search). Now the close raises BufferError and searches go on; once the index is gone,
+    the mapping closes."""
+    items = rng.standard_normal((500, 8)).astype(np.float32)
+    path = tmp_path / "rows.f32"
+    items.tofile(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    rows = np.ndarray(items.shape, np.float32, buffer=mm)  # (numpy itself does not pin mm here)
+    index = fastrec.ItemIndex(rows, precision="int8")
+    assert index._snap.segments[0].rows is not None
+    want = fastrec.ItemIndex(items, precision="int8").search(items[:3], 5)
+    del rows
+    with pytest.raises(BufferError):
+        mm.close()
+    for a, b in zip(index.search(items[:3], 5), want):
+        np.testing.assert_array_equal(a, b)
+    del index
+    gc.collect()
+    mm.close()
+
+
 def test_only_immutable_items_are_borrowed(rng):
     """A writable array, a read-only array that owns its memory (anyone may make it writable
     again) and a read-only view of a writable buffer may all change after the build: copied."""
@@ -505,9 +531,15 @@ def test_only_immutable_items_are_borrowed(rng):
     owner.flags.writeable = False
     view_of_writable = np.frombuffer(bytearray(items.tobytes()), np.float32).reshape(items.shape)
     view_of_writable.flags.writeable = False
-    for src in (items, owner, view_of_writable, items[:, :].view()):
+    buf = bytearray(items.tobytes())  # a read-only memoryview of writable memory: its owner writes on
+    through_readonly_view = np.frombuffer(memoryview(buf).toreadonly(), np.float32).reshape(items.shape)
+    anon = mmap.mmap(-1, items.nbytes)  # an anonymous (writable) mapping, seen read-only
+    anon[:] = items.tobytes()
+    anon_view = np.frombuffer(memoryview(anon).toreadonly(), np.float32).reshape(items.shape)
+    for src in (items, owner, view_of_writable, items[:, :].view(), through_readonly_view, anon_view):
         index = fastrec.ItemIndex(src, precision="int8")
         assert index._snap.segments[0].rows is None
+    del index, anon_view
     # without a rerank (or at fp32, whose panels are the only copy) there is nothing to borrow
     frozen = np.frombuffer(items.tobytes(), np.float32).reshape(items.shape)
     for kwargs in ({"precision": "int8", "rerank": False}, {"precision": "fp32"}):
