@@ -8,7 +8,7 @@ import os
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -361,9 +361,9 @@ class ItemIndex:
             :func:`fastrec.load` maps a model, ``np.memmap(mode="r")``, bytes) are read where they
             are, not copied; ``nbytes`` counts only what the index owns. Such a file must not be
             rewritten in place while an index reads it (as for a loaded model's tables), and its
-            mapping cannot be closed until the index is gone (``mmap.close()`` raises BufferError). Results then
-            equal an exact search up to ties whenever the true top k are among those candidates:
-            on every embedding set measured (Gaussian, log-normal norms, cosine, MovieLens), but
+            mapping cannot be closed until the index is gone (``mmap.close()`` raises
+            BufferError). Results then equal an exact search up to ties whenever the true top k
+            are among those candidates: on every embedding set measured (Gaussian, log-normal norms, cosine, MovieLens), but
             not when items differ by far less than what they share. int8 keeps one scale per
             item, so a large common component (uncentred embeddings, a mean 100x the spread)
             leaves few levels for the differences (recall@10 0.65 in such a test), as does one
@@ -542,7 +542,7 @@ class ItemIndex:
                 seg = segments[s]
                 removed = np.zeros(seg.ids.shape[0], np.uint8) if seg.removed is None else seg.removed.copy()
                 removed[where[where[:, 0] == s, 1]] = 1
-                segments[s] = _Segment(seg.block, seg.ids, removed, seg.amax, seg.rows, seg.pin)
+                segments[s] = replace(seg, removed=removed)
             total = sum(s.ids.shape[0] for s in segments)
             rebuilt = snap.live - ids.shape[0] < total // 2  # mostly tombstones: rebuild
             if rebuilt:
@@ -575,7 +575,7 @@ def _restore_index(cls, items, ids, precision: str, rerank: bool, amax: float) -
     index = cls(items, ids=ids, precision=precision, rerank=rerank)
     # max |x| still counts removed rows in the original (it decides which queries are searched
     # exactly in float64): the copy keeps it, so that it returns the same results.
-    segments = tuple(_Segment(s.block, s.ids, s.removed, max(s.amax, amax), s.rows, s.pin) for s in index._snap.segments)
+    segments = tuple(replace(s, amax=max(s.amax, amax)) for s in index._snap.segments)
     index._snap = _snapshot(segments)
     return index
 

@@ -1,8 +1,8 @@
 // A small persistent thread pool. Workers sleep on a condition variable between calls; the
 // calling thread always takes part, and a worker only if it joins before the caller has run
-// out of work to take, so a call never waits for a worker that is still waking up. One call runs on the pool at a
-// time; a concurrent call (another Python thread) or a nested one runs inline on its own
-// thread instead.
+// out of work to take, so a call never waits for a worker that is still waking up. One call
+// runs on the pool at a time; a concurrent call (another Python thread) or a nested one runs
+// inline on its own thread instead.
 #include "fastrec/parallel.h"
 
 #include <pthread.h>
@@ -49,9 +49,9 @@ inline void cpu_relax() {
 // open. gate = (generation << 32) | kClosed | number of workers that joined. The caller closes
 // the gate when its own part ends (it found no chunk left, or it has run every share no worker
 // had claimed) and then waits for the workers that joined, and for those only (one that joins
-// just before the close finds nothing left and counts out at once): a worker that was asleep (waking a vCPU on a VM can take tens of
-// microseconds) and comes late finds the gate closed and goes back to waiting, instead of
-// holding up a call the caller has already finished alone.
+// just before the close finds nothing left and counts out at once): a worker that was asleep
+// (waking a vCPU on a VM can take tens of microseconds) and comes late finds the gate closed
+// and goes back to waiting, instead of holding up a call the caller has already finished.
 constexpr uint64_t kClosed = uint64_t{1} << 31;
 constexpr uint64_t kJoinedMask = kClosed - 1;
 
@@ -194,7 +194,10 @@ class Pool {
         // The call is incomplete (this thread's chunk stopped half way): the caller raises
         // rather than return a partial result.
         std::lock_guard<std::mutex> lk(job_.error_mu);
-        if (!job_.error) job_.error = std::make_exception_ptr(std::runtime_error("a thread exited inside a fastrec kernel; the call did not finish"));
+        if (!job_.error) {
+          job_.error = std::make_exception_ptr(
+              std::runtime_error("a thread exited inside a fastrec kernel; the call did not finish"));
+        }
       }
       throw;
     }

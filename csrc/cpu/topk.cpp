@@ -253,7 +253,9 @@ void scan(const Search& s, ThreadState& ts, int64_t q0, int64_t nq, int64_t buf0
           job.rows = rows;
           job.a_scale = qa_scale + qb;
           job.b = &sub;
-          for (int64_t r = 0; r < rows; ++r) ts.thr[static_cast<size_t>(r)] = ts.bufs[static_cast<size_t>(buf0 + qb + r)].thr;
+          for (int64_t r = 0; r < rows; ++r) {
+            ts.thr[static_cast<size_t>(r)] = ts.bufs[static_cast<size_t>(buf0 + qb + r)].thr;
+          }
           job.thr = ts.thr.data();
           job.hits = ts.hits.data();
           const int64_t nh = s.kt.topk_s8(job);
@@ -393,9 +395,8 @@ void topk_search(const std::vector<SegmentRef>& segments, const TopKRequest& req
     auto run = [&](int64_t t, int64_t n) {
       if (split_queries) {
         const int64_t i0 = nq * t / n, i1 = nq * (t + 1) / n;
-        const bool q8 = !qa.empty();  // (float catalogues: no quantized queries)
-        scan(s, states[static_cast<size_t>(t)], q0 + i0, i1 - i0, i0, q8 ? qa.data() + i0 * Kp : nullptr,
-             q8 ? qa_scale.data() + i0 : nullptr, Kp, 0, panels);
+        scan(s, states[static_cast<size_t>(t)], q0 + i0, i1 - i0, i0, qa.data() + i0 * Kp, qa_scale.data() + i0, Kp,
+             0, panels);  // (all int8: the queries are quantized)
       } else {
         const int64_t g0 = panels * t / n, g1 = panels * (t + 1) / n;
         scan(s, states[static_cast<size_t>(t)], q0, nq, 0, qa.data(), qa_scale.data(), Kp, g0, g1);

@@ -12,9 +12,10 @@ void set_num_threads(int n);
 
 // Runs fn(begin, end) over [0, n) split into chunks of about `grain` items, on the pool.
 // The calling thread takes part; a worker joins if it arrives before the caller has run out
-// of chunks to take (the call never waits for a worker that is still waking up). Calls from several threads at once are safe: when the pool
-// is busy with another call, or when this call comes from inside a pool task, the work runs
-// on the calling thread alone, so there is never nested or oversubscribed parallelism.
+// of chunks to take (the call never waits for a worker that is still waking up). Calls from
+// several threads at once are safe: when the pool is busy with another call, or when this
+// call comes from inside a pool task, the work runs on the calling thread alone, so there is
+// never nested or oversubscribed parallelism.
 // fn should not throw (kernels record errors and the caller raises after the pass); if it does
 // (an allocation), the first exception is rethrown on the calling thread once every thread is
 // done with fn.
