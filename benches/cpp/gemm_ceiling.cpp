@@ -5,7 +5,7 @@
 // again and again, on each thread at once with its own data. Not part of the build; used for
 // BENCHMARKS.md's int8 section (Zen 4, 2026-11-24).
 //
-//   g++ -O2 -std=c++17 -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -I csrc/include -o /tmp/gemm_ceiling benches/cpp/gemm_ceiling.cpp -lpthread
+//   g++ -O2 -std=c++17 -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -I csrc/include -o /tmp/gemm_ceiling benches/cpp/gemm_ceiling.cpp csrc/common/cpu_features.cpp -lpthread
 //   /tmp/gemm_ceiling <threads>
 #include <chrono>
 #include <cstdint>

@@ -184,15 +184,22 @@ void column_kblock(const GemmJob& j, int64_t m0, int64_t m1, int64_t nb, int64_t
 // Long rows (K > 512): a 4-panel weight slice of the whole K no longer fits in L1 (it is
 // 64 KB at K = 1024) and every 6-row tile would stream it from L2 again. Blocking K into
 // 256-byte slices keeps a 16 KB slice in L1 while all rows of the job pass over it; the int32
-// partial sums (60 rows x 64 channels, 15 KB) wait in a stack buffer between slices.
+// partial sums (60 rows x 64 channels, 15 KB) wait in a stack buffer between slices. That won
+// on the Intel Xeon it was tuned on. On AMD Zen 4, streaming the whole panel from L2 for every
+// tile was faster: 128 rows x K x N on 2 threads, whole K against 64-group slices (interleaved
+// runs of the kernel alone, benches/cpp/gemm_ceiling.cpp's method), K=1024 N=1024 1.07x,
+// K=1024 N=512 1.06x, K=2048 N=1024 1.10x, K=4096 N=512 1.07x, K=8192 N=256 1.08x; 1024 rows
+// x 1024 x 1024 1.06x. There slices are 1024 groups (a 256 KB panel), so K <= 8192 runs whole.
 constexpr int64_t kKGroupsPerBlock = 64;
+constexpr int64_t kKGroupsPerBlockAmd = 1024;
 constexpr int64_t kRowsPerChunk = 60;  // ten 6-row tiles
 
 bool gemm_kblocked(const GemmJob& j) {
   const int64_t kg = j.b->Kp / 4;
   if (j.nb1 - j.nb0 < 4) return false;
   // Up to 2 slices' worth of K runs as one slice: no partial sums to keep.
-  const int64_t slice = kg <= 2 * kKGroupsPerBlock ? kg : kKGroupsPerBlock;
+  const int64_t block = cpu_features().amd ? kKGroupsPerBlockAmd : kKGroupsPerBlock;
+  const int64_t slice = kg <= 2 * block ? kg : block;
   alignas(64) int32_t part[kRowsPerChunk * 64];
   const int64_t full_end = j.nb0 + (j.nb1 - j.nb0) / 4 * 4;
   for (int64_t m0 = j.m0; m0 < j.m1; m0 += kRowsPerChunk) {
