@@ -6,12 +6,15 @@
 // BENCHMARKS.md's int8 section (Zen 4, 2026-11-24).
 //
 //   g++ -O2 -std=c++17 -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -I csrc/include -o /tmp/gemm_ceiling benches/cpp/gemm_ceiling.cpp csrc/common/cpu_features.cpp -lpthread
-//   /tmp/gemm_ceiling <threads>
+//   /tmp/gemm_ceiling <threads>            # the peak and the kernel's rate on each shape
+//   /tmp/gemm_ceiling <threads> kslices    # K-slice sizes compared, interleaved
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -29,6 +32,9 @@ void gemm_s8(const GemmJob&) {
 }
 }  // namespace ref
 }  // namespace fastrec
+// k-groups per K slice for the `kslices` comparison (0: the kernel's own choice by vendor).
+static int64_t g_k_slice = 0;
+#define FASTREC_GEMM_K_SLICE_GROUPS g_k_slice
 #include "../../csrc/cpu/avx512/gemm_avx512vnni.cpp"
 
 using fastrec::Epilogue;
@@ -118,11 +124,56 @@ static double kernel_rate(int threads, int64_t M, int64_t K, int64_t N, int64_t 
   return static_cast<double>(threads) * M * K * N * reps / s;
 }
 
+// `kslices`: the kernel with K in slices of 64 k-groups (the Xeon's choice) against the whole K
+// and 512-group slices, interleaved (the order rotates each round), 40 rounds of ~0.3 G
+// multiply-adds per thread; speed relative to the 64-group slices, median and IQR of rounds.
+static void compare_k_slices(int threads) {
+  const int64_t choices[] = {64, int64_t{1} << 30, 512, 64};
+  const char* names[] = {"64-group slices", "whole K", "512-group slices", "64-group again"};
+  const int nv = 4;
+  const int64_t shapes[][3] = {{128, 1024, 1024}, {128, 1024, 512}, {128, 2048, 1024}, {128, 4096, 512},
+                               {128, 8192, 256},  {1024, 1024, 1024}, {16, 1024, 1024}};
+  for (const auto& s : shapes) {
+    std::vector<Problem*> ps;
+    for (int t = 0; t < threads; ++t) ps.push_back(new Problem(s[0], s[1], s[2], 1u + static_cast<unsigned>(t)));
+    const int64_t reps = std::max<int64_t>(1, 300000000LL / (s[0] * s[1] * s[2]));
+    std::vector<std::vector<double>> speed(nv);
+    for (int round = 0; round < 40; ++round) {
+      double secs[nv];
+      for (int i = 0; i < nv; ++i) {
+        const int v = (i + round) % nv;
+        g_k_slice = choices[v];
+        const auto t0 = Clock::now();
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] { for (int64_t r = 0; r < reps; ++r) fastrec::avx512vnni::gemm_s8(ps[t]->j); });
+        }
+        for (auto& th : pool) th.join();
+        secs[v] = std::chrono::duration<double>(Clock::now() - t0).count();
+      }
+      for (int v = 0; v < nv; ++v) speed[v].push_back(secs[0] / secs[v]);
+    }
+    for (int v = 0; v < nv; ++v) {
+      std::vector<double>& r = speed[v];
+      std::sort(r.begin(), r.end());
+      std::printf("M=%-4lld K=%-5lld N=%-5lld %-17s %.3fx (IQR %.3f-%.3f)\n", static_cast<long long>(s[0]),
+                  static_cast<long long>(s[1]), static_cast<long long>(s[2]), names[v], r[r.size() / 2],
+                  r[r.size() / 4], r[3 * r.size() / 4]);
+    }
+    for (Problem* p : ps) delete p;
+  }
+  g_k_slice = 0;
+}
+
 int main(int argc, char** argv) {
   const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
   if (threads < 1 || threads > 256) {
-    std::fprintf(stderr, "usage: %s <threads>\n", argv[0]);
+    std::fprintf(stderr, "usage: %s <threads> [kslices]\n", argv[0]);
     return 2;
+  }
+  if (argc > 2 && std::string(argv[2]) == "kslices") {
+    compare_k_slices(threads);
+    return 0;
   }
   const double top = peak(threads);
   std::printf("vpdpbusd peak, %d thread(s): %.0f GMAC/s\n", threads, top / 1e9);

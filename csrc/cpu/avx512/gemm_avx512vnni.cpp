@@ -186,19 +186,26 @@ void column_kblock(const GemmJob& j, int64_t m0, int64_t m1, int64_t nb, int64_t
 // 256-byte slices keeps a 16 KB slice in L1 while all rows of the job pass over it; the int32
 // partial sums (60 rows x 64 channels, 15 KB) wait in a stack buffer between slices. That won
 // on the Intel Xeon it was tuned on. On AMD Zen 4, streaming the whole panel from L2 for every
-// tile was faster: 128 rows x K x N on 2 threads, whole K against 64-group slices (interleaved
-// runs of the kernel alone, benches/cpp/gemm_ceiling.cpp's method), K=1024 N=1024 1.07x,
-// K=1024 N=512 1.06x, K=2048 N=1024 1.10x, K=4096 N=512 1.07x, K=8192 N=256 1.08x; 1024 rows
-// x 1024 x 1024 1.06x. There slices are 1024 groups (a 256 KB panel), so K <= 8192 runs whole.
+// tile was faster: rows x K x N on 2 threads, whole K against 64-group slices, interleaved
+// (`gemm_ceiling 2 kslices`, benches/cpp/): 128 x 1024 x 1024 1.06x, 128 x 1024 x 512 1.06x,
+// 128 x 2048 x 1024 1.09x, 128 x 4096 x 512 1.07x, 128 x 8192 x 256 1.06x, 1024 x 1024 x 1024
+// 1.04x, 16 x 1024 x 1024 1.03x. There slices are 1024 groups (a 256 KB panel), so K <= 8192
+// runs whole.
 constexpr int64_t kKGroupsPerBlock = 64;
 constexpr int64_t kKGroupsPerBlockAmd = 1024;
 constexpr int64_t kRowsPerChunk = 60;  // ten 6-row tiles
+// > 0: this many k-groups a slice whatever the vendor. benches/cpp/gemm_ceiling.cpp (which
+// compiles this file in) defines it as a variable to compare slice sizes in one process.
+#ifndef FASTREC_GEMM_K_SLICE_GROUPS
+#define FASTREC_GEMM_K_SLICE_GROUPS 0
+#endif
 
 bool gemm_kblocked(const GemmJob& j) {
   const int64_t kg = j.b->Kp / 4;
   if (j.nb1 - j.nb0 < 4) return false;
   // Up to 2 slices' worth of K runs as one slice: no partial sums to keep.
-  const int64_t block = cpu_features().amd ? kKGroupsPerBlockAmd : kKGroupsPerBlock;
+  const int64_t forced = FASTREC_GEMM_K_SLICE_GROUPS;
+  const int64_t block = forced > 0 ? forced : cpu_features().amd ? kKGroupsPerBlockAmd : kKGroupsPerBlock;
   const int64_t slice = kg <= 2 * block ? kg : block;
   alignas(64) int32_t part[kRowsPerChunk * 64];
   const int64_t full_end = j.nb0 + (j.nb1 - j.nb0) / 4 * 4;
