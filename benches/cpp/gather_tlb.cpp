@@ -1,0 +1,55 @@
+// Standalone fp32 gather loop (the kernel's: prefetcht2 128 ids ahead, straight-line): ids
+// uniform over K rows of each of 8 tables of 1M x 64 fp32 rows (16 bytes past a line), the K
+// rows either contiguous (rows 0..K-1: few pages) or scattered over the table (a random
+// permutation: one page each), B=2048 bags of 32 ids, one thread. Same bytes in cache, more
+// pages: the difference is address translation. Not part of the build; used for BENCHMARKS.md's
+// embedding notes (Zen 4, 2026-11-24).
+//
+//   g++ -O3 -mavx512f -mavx512vl -mavx512bw -mavx512dq -o gather_tlb gather_tlb.cpp -lpthread
+//   ./gather_tlb
+#include <immintrin.h>
+#include <chrono>
+#include <cstdio>
+#include "gather_common.h"
+static inline void pf2(uintptr_t a) { asm volatile("prefetcht2 %0" : : "m"(*reinterpret_cast<const char*>(a))); }
+static void gather(const float* base, const int32_t* ind, int64_t n, int L, float* out) {
+  const int PD = 128;
+  for (int64_t b = 0; b < n / L; b++) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t p = b * L; p < (b + 1) * L; p++) {
+      if (p + PD < n) {
+        const uintptr_t r = reinterpret_cast<uintptr_t>(base + static_cast<int64_t>(ind[p + PD]) * 64);
+        pf2(r); pf2(r + 64); pf2(r + 128); pf2(r + 192); pf2(r + 255);
+      }
+      const float* r = base + static_cast<int64_t>(ind[p]) * 64;
+      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(r)); a1 = _mm512_add_ps(a1, _mm512_loadu_ps(r + 16));
+      a2 = _mm512_add_ps(a2, _mm512_loadu_ps(r + 32)); a3 = _mm512_add_ps(a3, _mm512_loadu_ps(r + 48));
+    }
+    _mm512_storeu_ps(out + b * 64, a0); _mm512_storeu_ps(out + b * 64 + 16, a1);
+    _mm512_storeu_ps(out + b * 64 + 32, a2); _mm512_storeu_ps(out + b * 64 + 48, a3);
+  }
+}
+int main() {
+  const int64_t R = 1000000, T = 8, B = 2048, L = 32, N = B * L;
+  float* tab = make_tables(R, T, 16);
+  std::mt19937_64 g(1);
+  std::vector<int32_t> perm(R);
+  for (int64_t i = 0; i < R; i++) perm[i] = static_cast<int32_t>(i);
+  std::shuffle(perm.begin(), perm.end(), g);
+  std::vector<float> out(B * 64);
+  for (int K : {1000, 4000, 16000, 64000}) {
+    for (int scattered = 0; scattered < 2; scattered++) {
+      std::vector<int32_t> ids(N * T);
+      std::uniform_int_distribution<int> u(0, K - 1);
+      for (auto& x : ids) { const int k = u(g); x = scattered ? perm[k] : k; }
+      std::vector<double> ts;
+      for (int rep = 0; rep < 30; rep++) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int t = 0; t < T; t++) gather(tab + static_cast<int64_t>(t) * R * 64, ids.data() + t * N, N, L, out.data());
+        ts.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::sort(ts.begin(), ts.end());
+      std::printf("K=%6d %s: %.2f ms  %.1f ns/row\n", K, scattered ? "scattered " : "contiguous", ts[15], ts[15] * 1e6 / (N * T));
+    }
+  }
+}
