@@ -7,29 +7,10 @@
 //
 //   g++ -O3 -mavx512f -mavx512vl -mavx512bw -mavx512dq -o gather_overlap gather_overlap.cpp -lpthread
 //   ./gather_overlap <threads> <HOT, e.g. 12000: about what the 32 MB L3 holds of 8 tables>
-#include <immintrin.h>
 #include <chrono>
 #include <cstdio>
 #include <thread>
 #include "gather_common.h"
-static inline void pf2(uintptr_t a) { asm volatile("prefetcht2 %0" : : "m"(*reinterpret_cast<const char*>(a))); }
-static void gather(const float* base, const int32_t* ind, int64_t n, int L, float* out) {
-  const int PD = 128;
-  for (int64_t b = 0; b < n / L; b++) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t p = b * L; p < (b + 1) * L; p++) {
-      if (p + PD < n) {
-        const uintptr_t r = reinterpret_cast<uintptr_t>(base + static_cast<int64_t>(ind[p + PD]) * 64);
-        pf2(r); pf2(r + 64); pf2(r + 128); pf2(r + 192); pf2(r + 255);
-      }
-      const float* r = base + static_cast<int64_t>(ind[p]) * 64;
-      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(r)); a1 = _mm512_add_ps(a1, _mm512_loadu_ps(r + 16));
-      a2 = _mm512_add_ps(a2, _mm512_loadu_ps(r + 32)); a3 = _mm512_add_ps(a3, _mm512_loadu_ps(r + 48));
-    }
-    _mm512_storeu_ps(out + b * 64, a0); _mm512_storeu_ps(out + b * 64 + 16, a1);
-    _mm512_storeu_ps(out + b * 64 + 32, a2); _mm512_storeu_ps(out + b * 64 + 48, a3);
-  }
-}
 int main(int argc, char** argv) {
   const int nthr = argc > 1 ? atoi(argv[1]) : 1, HOT = argc > 2 ? atoi(argv[2]) : 12000;
   const int64_t R = 1000000, T = 8, B = 2048, L = 32, NR = 8;
@@ -64,7 +45,7 @@ int main(int argc, char** argv) {
       for (int tt = 0; tt < nthr; tt++) {
         th.emplace_back([&, tt] {
           for (int tb = tt; tb < T; tb += nthr) {
-            gather(tab + static_cast<int64_t>(tb) * R * 64, I.data() + (static_cast<int64_t>(req) * T + tb) * per, per, L,
+            gather_straight(tab + static_cast<int64_t>(tb) * R * 64, I.data() + (static_cast<int64_t>(req) * T + tb) * per, per, L,
                    out.data() + tt * B * 64);
           }
         });

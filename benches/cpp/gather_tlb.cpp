@@ -7,28 +7,9 @@
 //
 //   g++ -O3 -mavx512f -mavx512vl -mavx512bw -mavx512dq -o gather_tlb gather_tlb.cpp -lpthread
 //   ./gather_tlb
-#include <immintrin.h>
 #include <chrono>
 #include <cstdio>
 #include "gather_common.h"
-static inline void pf2(uintptr_t a) { asm volatile("prefetcht2 %0" : : "m"(*reinterpret_cast<const char*>(a))); }
-static void gather(const float* base, const int32_t* ind, int64_t n, int L, float* out) {
-  const int PD = 128;
-  for (int64_t b = 0; b < n / L; b++) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t p = b * L; p < (b + 1) * L; p++) {
-      if (p + PD < n) {
-        const uintptr_t r = reinterpret_cast<uintptr_t>(base + static_cast<int64_t>(ind[p + PD]) * 64);
-        pf2(r); pf2(r + 64); pf2(r + 128); pf2(r + 192); pf2(r + 255);
-      }
-      const float* r = base + static_cast<int64_t>(ind[p]) * 64;
-      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(r)); a1 = _mm512_add_ps(a1, _mm512_loadu_ps(r + 16));
-      a2 = _mm512_add_ps(a2, _mm512_loadu_ps(r + 32)); a3 = _mm512_add_ps(a3, _mm512_loadu_ps(r + 48));
-    }
-    _mm512_storeu_ps(out + b * 64, a0); _mm512_storeu_ps(out + b * 64 + 16, a1);
-    _mm512_storeu_ps(out + b * 64 + 32, a2); _mm512_storeu_ps(out + b * 64 + 48, a3);
-  }
-}
 int main() {
   const int64_t R = 1000000, T = 8, B = 2048, L = 32, N = B * L;
   float* tab = make_tables(R, T, 16);
@@ -45,7 +26,7 @@ int main() {
       std::vector<double> ts;
       for (int rep = 0; rep < 30; rep++) {
         const auto t0 = std::chrono::steady_clock::now();
-        for (int t = 0; t < T; t++) gather(tab + static_cast<int64_t>(t) * R * 64, ids.data() + t * N, N, L, out.data());
+        for (int t = 0; t < T; t++) gather_straight(tab + static_cast<int64_t>(t) * R * 64, ids.data() + t * N, N, L, out.data());
         ts.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       }
       std::sort(ts.begin(), ts.end());
