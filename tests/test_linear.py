@@ -32,7 +32,7 @@ def _ref_quantize_rows(x):
 
 
 # (8196, 64): K split into slices with partial sums between them on every CPU (AMD runs K up
-# to 8192 whole, other vendors split from K = 512).
+# to 8192 whole, other vendors split K above 512).
 @pytest.mark.parametrize("K,N", SHAPES + [(1024, 1024), (13, 512), (8196, 64)])
 @pytest.mark.parametrize("B", [0, 1, 3, 33, 257])
 def test_int32_accumulation_is_exact(isa, rng, K, N, B):
