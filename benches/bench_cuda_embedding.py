@@ -57,7 +57,7 @@ def copy_bandwidth_gbs() -> float:
     x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
     x.fill_(1.0)
     ms = _events_median(lambda: x.clone(), warmup=3, reps=20, budget_s=2.0)
-    del x
+    x = None  # (not del: the lambda closes over x)
     torch.cuda.empty_cache()
     return 2 * (1 << 30) / (ms * 1e-3) / 1e9
 
@@ -153,8 +153,9 @@ def run(args) -> dict:
                     r["speedup_vs_torch_fp16"] = times["torch-fp16"] / r["ms"]
                 print(f"D={D} B={B} pooling={pooling}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()),
                       flush=True)
-                del ids, offsets, slices
-        del fp32, fp16, q8, q4
+                # (None rather than del: the timed lambdas close over these names)
+                ids = offsets = slices = impls = None
+        fp32 = fp16 = q8 = q4 = None
         torch.cuda.empty_cache()
     return {"device": props.name, "sms": props.multi_processor_count, "copy_GB_per_s": copy_gbs,
             "fastrec": fastrec.__version__, "torch": torch.__version__, "results": results}
