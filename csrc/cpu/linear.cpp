@@ -155,6 +155,15 @@ constexpr int64_t kMaxTilesPerTask = 10;
 // on 2 threads, row tasks ran the 1024-1024-512-256-1 MLP 15-25% faster from 8 rows up and
 // the small 13-512-256-128 one up to 1.5x faster (BENCHMARKS.md, "Row tasks from 8 rows").
 constexpr int64_t kRowTaskRowsPerThread = 4;
+// Up to this many tiles a thread (144 rows), one task per thread with the rows split evenly
+// beats tasks of at most kMaxTilesPerTask whole tiles, whose sums per thread came out uneven
+// (B=128 on 2 threads: tasks of 30, 36, 30 and 32 rows; B=256: 42 x 5 and 46). Measured on 2
+// threads (same build, the threshold switched by a temporary environment variable, interleaved,
+// 20 rounds, BENCHMARKS.md "One task per thread up to 144 rows"): the 1024-1024-512-256-1 MLP
+// 1.068x faster at B=128, 1.023x at 160, 1.034x at 200, 1.015x at 256, 0.994x at 288 (the
+// largest batch it applies to on 2 threads); the bench's DLRM 1.083x at B=128, 1.031x at 200,
+// 1.036x at 270. Below 120 rows on 2 threads nothing changes (one task per thread already).
+constexpr int64_t kMaxTilesPerEvenTask = 24;
 
 bool row_tasks_pay(int64_t M) {
   const int64_t nt = get_num_threads();
@@ -167,9 +176,11 @@ RowTasks::RowTasks(int64_t M_, int64_t macs_per_row) : M(M_) {
   tiles = (M + kTileRows - 1) / kTileRows;
   tasks = (tiles + kMaxTilesPerTask - 1) / kMaxTilesPerTask;
   if (parallel) tasks = (tasks + nt - 1) / nt * nt;  // the threads end together
-  // At most one task per thread: the rows are split evenly (16 rows on 2 threads: 8 + 8, not
-  // one 6-row tile + 10 rows). More tasks: whole tiles each.
-  even = tasks <= nt;
+  // At most one task per thread, or up to kMaxTilesPerEvenTask tiles a thread on the pool:
+  // one task per thread, the rows split evenly (16 rows on 2 threads: 8 + 8, not one 6-row
+  // tile + 10 rows). More: whole tiles a task.
+  even = tasks <= nt || (parallel && tiles <= nt * kMaxTilesPerEvenTask);
+  if (even && parallel) tasks = nt;
   tasks = std::min(tasks, even ? M : tiles);
 }
 
