@@ -236,8 +236,8 @@ def test_large_batch_parallel_matches_single_thread(rng):
 
 # B covers one thread's serial path, the per-layer channel split (fewer than 4 rows a thread:
 # a static split at B=3, tasks at B=6, wide layers so that both wake the pool), rows split
-# evenly (one task a thread) and the row-parallel path with task boundaries that are not
-# multiples of the 6-row tile.
+# evenly (one task a thread: B=37, 71, and 150, past the 10-tile task size), task boundaries
+# that are not multiples of the 6-row tile, and whole-tile tasks claimed dynamically (B=1031).
 @pytest.mark.parametrize("B", [3, 6, 9, 37, 71, 150, 1031])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_mlp_equals_layer_by_layer(isa, rng, B, threads):
