@@ -45,8 +45,8 @@ int main(int argc, char** argv) {
       for (int tt = 0; tt < nthr; tt++) {
         th.emplace_back([&, tt] {
           for (int tb = tt; tb < T; tb += nthr) {
-            gather_straight(tab + static_cast<int64_t>(tb) * R * 64, I.data() + (static_cast<int64_t>(req) * T + tb) * per, per, L,
-                   out.data() + tt * B * 64);
+            const int32_t* ids = I.data() + (static_cast<int64_t>(req) * T + tb) * per;
+            gather_straight(tab + static_cast<int64_t>(tb) * R * 64, ids, per, L, out.data() + tt * B * 64);
           }
         });
       }

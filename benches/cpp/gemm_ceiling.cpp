@@ -59,18 +59,21 @@ static void peak_loop(int64_t iters, int32_t* sink) {
   _mm512_storeu_si512(sink, s);
 }
 
-// Best of 7 rounds of `fn(thread)` on every thread at once: seconds of the round's wall time.
+// Seconds of wall time of `fn(thread)` run on every thread at once.
+template <class Fn>
+static double on_threads(int threads, Fn fn) {
+  const auto t0 = Clock::now();
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { fn(t); });
+  for (auto& th : pool) th.join();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Best of 7 rounds of on_threads(threads, fn).
 template <class Fn>
 static double best_round(int threads, Fn fn) {
   double best = 1e30;
-  for (int round = 0; round < 7; ++round) {
-    const auto t0 = Clock::now();
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { fn(t); });
-    for (auto& th : pool) th.join();
-    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (s < best) best = s;
-  }
+  for (int round = 0; round < 7; ++round) best = std::min(best, on_threads(threads, fn));
   return best;
 }
 
@@ -143,13 +146,9 @@ static void compare_k_slices(int threads) {
       for (int i = 0; i < nv; ++i) {
         const int v = (i + round) % nv;
         g_k_slice = choices[v];
-        const auto t0 = Clock::now();
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] { for (int64_t r = 0; r < reps; ++r) fastrec::avx512vnni::gemm_s8(ps[t]->j); });
-        }
-        for (auto& th : pool) th.join();
-        secs[v] = std::chrono::duration<double>(Clock::now() - t0).count();
+        secs[v] = on_threads(threads, [&](int t) {
+          for (int64_t r = 0; r < reps; ++r) fastrec::avx512vnni::gemm_s8(ps[t]->j);
+        });
       }
       for (int v = 0; v < nv; ++v) speed[v].push_back(secs[0] / secs[v]);
     }

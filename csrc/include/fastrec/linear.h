@@ -57,8 +57,9 @@ int64_t int8_layers_on_rows(const Int8Layer* const* layers, const Activation* ac
                             int64_t ldx, int64_t rows, float* y, int* layer = nullptr);
 
 // Row tasks for callers that run a whole pipeline per block of rows (int8 MLPs, the fused
-// DLRM forward): at most 60 rows a task, on the pool a multiple of the thread count; whole
-// 6-row tiles each, or the rows split evenly when there is at most one task per thread.
+// DLRM forward): one task per thread with the rows split evenly up to 144 rows a thread on
+// the pool (or when one task holds them all); above, tasks of at most 60 rows (whole 6-row
+// tiles), on the pool a multiple of the thread count.
 // row_tasks_pay(M): whether M rows are enough for that (one thread, or >= 4 rows a thread);
 // below it, splitting each layer's channels over the threads is faster.
 bool row_tasks_pay(int64_t M);
