@@ -363,15 +363,15 @@ class ItemIndex:
             rewritten in place while an index reads it (as for a loaded model's tables), and its
             mapping cannot be closed until the index is gone (``mmap.close()`` raises
             BufferError). Results then equal an exact search up to ties whenever the true top k
-            are among those candidates: on every embedding set measured (Gaussian, log-normal norms, cosine, MovieLens), but
-            not when items differ by far less than what they share. int8 keeps one scale per
-            item, so a large common component (uncentred embeddings, a mean 100x the spread)
-            leaves few levels for the differences (recall@10 0.65 in such a test), as does one
-            column far larger than the rest (a folded item bias 60x the other columns: recall@100
-            0.97 over 50,000 items); fp32 loses
-            order only where float32 rounding cancels (query and item terms ~1e8 times the
-            scores). Centre such items (subtract the mean item: every score of a query shifts
-            by the same amount, the ranking does not change) or use fp16 / fp32.
+            are among those candidates: on every embedding set measured (Gaussian, log-normal
+            norms, cosine, MovieLens), but not when items differ by far less than what they share.
+            int8 keeps one scale per item, so a large common component (uncentred embeddings, a
+            mean 100x the spread) leaves few levels for the differences (recall@10 0.65 in such a
+            test), as does one column far larger than the rest (a folded item bias 60x the other
+            columns: recall@100 0.97 over 50,000 items); fp32 loses order only where float32
+            rounding cancels (query and item terms ~1e8 times the scores). Centre such items
+            (subtract the mean item: every score of a query shifts by the same amount, the
+            ranking does not change) or use fp16 / fp32.
             ``rerank=False`` saves the float32 copy for int8 / fp16.
 
     ``search`` is safe to call from many threads, also while another thread calls ``add`` or
