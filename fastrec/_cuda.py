@@ -144,6 +144,31 @@ def stream(a: DeviceArray) -> int:
         return int(cupy.cuda.get_current_stream().ptr)
 
 
+def capturing(framework: str, device: int) -> bool:
+    """Whether the caller's current stream on ``device`` is capturing a CUDA graph."""
+    if framework == "torch":
+        import torch
+
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_current_stream_capturing())
+    import cupy
+
+    with cupy.cuda.Device(device):
+        s = cupy.cuda.get_current_stream()
+        is_capturing = getattr(s, "is_capturing", None)  # (CuPy >= 10)
+        return bool(is_capturing()) if is_capturing is not None else False
+
+
+def refuse_capture(framework: str, device: int, what: str) -> None:
+    """ValueError when the caller is capturing a CUDA graph on ``device``. Called before anything
+    is enqueued, so the capture stays valid: ``what`` reads a result back to the host (a bounds,
+    NaN / Inf or overflow check) or copies host inputs, and a capture cannot wait for the GPU."""
+    if capturing(framework, device):
+        raise ValueError(f"{what} waits for the GPU (it reads its checks back to the host), which a CUDA graph "
+                         "capture cannot do: call it outside the capture (only Int8Linear / Int8MLP with "
+                         "check_finite=False can be captured)")
+
+
 def empty(like: DeviceArray, shape, dtype) -> DeviceArray:
     """An uninitialised array of ``like``'s framework on ``like``'s device."""
     dtype = np.dtype(dtype)

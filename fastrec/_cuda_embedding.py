@@ -311,6 +311,7 @@ def embedding_bag(weight, indices, offsets, code: int, per_sample_weights, paddi
     from .ops import _check_bag_shapes, _padding_code
 
     idx = _index_view(indices, "indices")
+    _cuda.refuse_capture(idx.framework, idx.device, "embedding_bag")
     if offsets is None:
         _check_bag_shapes(idx.shape, None)
         B, L = idx.shape
@@ -330,6 +331,7 @@ def embedding_bags(tables, indices, offsets, codes, per_sample_weights, padding_
     from .ops import _padding_codes
 
     idx = _index_view(indices, "indices")
+    _cuda.refuse_capture(idx.framework, idx.device, "embedding_bags")
     off = _index_view(offsets, "offsets")
     if len(idx.shape) != 1:
         raise ValueError(f"indices must be 1-D, got {len(idx.shape)}-D")

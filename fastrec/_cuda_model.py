@@ -137,6 +137,7 @@ class _Torch:
 
         self.t = torch
         self.linear = torch.nn.functional.linear
+        self.index = index
         self.device = torch.device("cuda", index)
 
     def context(self):
@@ -487,6 +488,7 @@ class CudaModel:
     # ---- the public calls (Model's methods branch here) ----------------------------------
     def score(self, dense, sparse):
         fw, g = self.fw, self.group
+        _cuda.refuse_capture(fw.name, fw.index, "Model.score")
         with fw.context():
             x = self._dense(dense, self.dense_width)
             B = x.shape[0]
@@ -507,6 +509,7 @@ class CudaModel:
             return out.reshape(B)
 
     def _tower(self, g, mlp, normalize: bool, sparse):
+        _cuda.refuse_capture(self.fw.name, self.fw.index, "Model.user_vectors / item_vectors")
         with self.fw.context():
             x, _ = self._pool(g, sparse)
             y, over = self._run_mlp(mlp, x)

@@ -298,6 +298,7 @@ def search(index, snap, queries, k, exclude):
     from .index import _candidates, _check_k, _exact_search
 
     a, single = _queries(queries, index.dim)
+    _cuda.refuse_capture(a.framework, a.device, "ItemIndex.search")
     k = _check_k(k)
     dev = _device_index(index, snap, a)
     keep = _candidates(k, index.precision, index.rerank)
@@ -324,6 +325,7 @@ def topk(queries, items, k: int, *, exclude=None):
     if x.shape[1] < 1:
         raise ValueError("items must have at least one column")
     a, single = _queries(queries, x.shape[1])
+    _cuda.refuse_capture(a.framework, a.device, "topk")
     if a.device != x.device:
         raise ValueError(f"queries are on device {a.device}, items on device {x.device}")
     n, D = x.shape

@@ -294,6 +294,44 @@ def test_result_type_device_and_stream(to_device, rng):
     _check(out, ops.embedding_bag(W, indices, offsets), to_device)
 
 
+def _capture(x):
+    """A context manager that captures a CUDA graph on x's framework's current stream."""
+    import contextlib
+
+    if _framework(x) == "torch":
+        import torch
+
+        return torch.cuda.graph(torch.cuda.CUDAGraph())
+    import cupy
+
+    @contextlib.contextmanager
+    def cupy_capture():
+        s = cupy.cuda.Stream(non_blocking=True)
+        with s:
+            s.begin_capture()
+            try:
+                yield
+            finally:
+                s.end_capture()
+    return cupy_capture()
+
+
+def test_graph_capture_is_refused_before_anything_is_enqueued(to_device, rng):
+    """The bounds check reads a flag back to the host, which a capture cannot wait for: a
+    ValueError before any work is queued (the capture ends cleanly), not a CUDA error."""
+    W = to_device(rng.standard_normal((100, 16)).astype(np.float32))
+    indices, offsets = random_csr(rng, 20, 100)
+    idx, off = to_device(indices), to_device(offsets)
+    idx2 = to_device(np.concatenate([indices, indices]))  # two tables, table-major
+    off2 = to_device(np.concatenate([offsets, offsets[1:] + offsets[-1]]))
+    expect = to_host(ops.embedding_bag(W, idx, off))  # warm-up outside the capture
+    for call in (lambda: ops.embedding_bag(W, idx, off), lambda: ops.embedding_bags([W, W], idx2, off2)):
+        with pytest.raises(ValueError, match="CUDA graph capture"):
+            with _capture(idx):
+                call()
+    np.testing.assert_array_equal(to_host(ops.embedding_bag(W, idx, off)), expect)
+
+
 def test_many_threads_at_once(to_device, rng):
     """8 threads, each on its own stream, over every common row format, with errors mixed in."""
     W = rng.standard_normal((5000, 64)).astype(np.float32)

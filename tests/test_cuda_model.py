@@ -223,6 +223,22 @@ def test_torch_side_stream_and_threads(rng, model_dir):
 
 
 @needs_cuda
+def test_graph_capture_is_refused(rng, model_dir):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    m, tensors, ref = build_dlrm(rng, precision="int8", storages=("q8", "fp32", "q8"), bottom=(64,), top=(32,))
+    gpu = fastrec.load(model_dir(m, tensors), device="cuda", framework="torch")
+    dense = torch.from_numpy(rng.standard_normal((4, 5)).astype(np.float32)).cuda()
+    sparse = _on_device(random_sparse(rng, ref["features"], ref["rows"], 4), lambda a: torch.from_numpy(a).cuda())
+    expect = to_host(gpu.score(dense, sparse))
+    with pytest.raises(ValueError, match="CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            gpu.score(dense, sparse)
+    np.testing.assert_array_equal(to_host(gpu.score(dense, sparse)), expect)
+
+
+@needs_cuda
 def test_cross_framework_inputs(rng, model_dir):
     """A CuPy model takes torch CUDA tensors (and the other way round), zero-copy; results are in
     the model's framework."""

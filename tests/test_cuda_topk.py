@@ -132,8 +132,25 @@ def test_ties_by_smaller_id(to_device, rng, precision):
 
 
 @needs_cuda
-def test_all_equal_scores_overflow_retry(to_device, rng):
-    # every score ties: thresholds cannot cut anything, buffers overflow, the retry must be exact
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_ties_across_many_stages(to_device, rng, precision):
+    # 30,000 copies of each of 7 rows (shuffled): every stage after the first meets items that
+    # tie its threshold, which must lose to the kept smaller rows exactly as on the CPU
+    base = rng.standard_normal((7, 16)).astype(np.float32)
+    items = np.ascontiguousarray(base[rng.permutation(np.repeat(np.arange(7), 30_000))])
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    index = ItemIndex(items, precision=precision)
+    for k in (10, 700):
+        s, i = index.search(to_device(queries), k)
+        cs, ci = index.search(queries, k)
+        np.testing.assert_array_equal(to_host(i), ci)
+        np.testing.assert_allclose(to_host(s), cs, rtol=1e-6, atol=1e-6)
+
+
+@needs_cuda
+def test_all_equal_scores(to_device, rng):
+    # every score ties: after the first stage no item passes the threshold (each would lose the
+    # tie to a smaller row already kept), so nothing overflows; the smallest rows win
     items = np.ones((100_000, 4), np.float32)
     index = ItemIndex(items, precision="fp32")
     s, i = index.search(to_device(np.ones((3, 4), np.float32)), 10)
@@ -179,6 +196,21 @@ def test_non_default_stream_torch(rng):
         i2 = i.clone()
     st.synchronize()
     np.testing.assert_array_equal(i2.cpu().numpy(), index.search(queries, 20)[1])
+
+
+@needs_cuda
+def test_graph_capture_is_refused(rng):
+    """search reads overflow flags back to the host: a ValueError before anything is queued."""
+    torch = pytest.importorskip("torch")
+    items, queries = _data(rng, 3000, 16, 4)
+    index = ItemIndex(items)
+    dq = torch.from_numpy(queries).cuda()
+    expect = index.search(dq, 5)[1].cpu().numpy()  # warm-up outside the capture: uploads the index
+    for call in (lambda: index.search(dq, 5), lambda: fastrec.ops.topk(dq, torch.from_numpy(items).cuda(), 5)):
+        with pytest.raises(ValueError, match="CUDA graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                call()
+    np.testing.assert_array_equal(index.search(dq, 5)[1].cpu().numpy(), expect)
 
 
 @needs_cuda

@@ -2,8 +2,8 @@
 // See topk.h for the algorithm. Kernels:
 //   prep_queries_kernel  per-row int8 quantization / fp16 conversion of the queries + NaN/Inf flag
 //   score_mma_kernel     int8 (mma m16n8k32 s8) / fp16 (mma m16n8k16 f16, f32 accumulate) scoring
-//                        of a range of items against 64 queries per block; scores >= the query's
-//                        threshold are appended to its candidate buffer
+//                        of a range of items against 64 queries per block; scores that pass the
+//                        query's threshold (passes()) are appended to its candidate buffer
 //   score_f32_kernel     the same with fp32 FMA (16 queries x 512 items per block step)
 //   select_kernel        per query: drop exclusions, radix-select the keep-th best key, compact
 //                        (stage) or rerank + sort + write the k best (final)
@@ -74,6 +74,14 @@ __device__ __forceinline__ float key_score(u64 key) {
 __device__ __forceinline__ int64_t key_row(u64 key) {
   return static_cast<int64_t>(0xFFFFFFFFu - static_cast<unsigned>(key & 0xFFFFFFFFull));
 }
+
+// Whether score s enters its query's candidates, given the query's threshold th: any score
+// >= th while th is -inf (the kept set is not full yet: -inf scores count too, NaN never), and
+// only scores > th once a stage has filled it. Stages score items in increasing row order, so an
+// item that only ties the keep-th best score has a larger row than that kept key and loses the
+// tie (the smaller row wins): appending it could not change the result, and with >= a
+// catalogue of equal scores overflowed every stage's buffer and re-ran with 4x the room.
+__device__ __forceinline__ bool passes(float s, float th) { return th == -INFINITY ? s >= th : s > th; }
 
 __device__ __forceinline__ void append(unsigned* count, u64* keys, int64_t cap, int row, float s, int64_t item) {
   const unsigned pos = atomicAdd(count + row, 1u);
@@ -220,7 +228,7 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(
             } else {
               s = __fmul_rn(static_cast<float>(acc[mt][nt][2 * h + e]), qs[2 * mt + h]);
             }
-            if (s >= th[2 * mt + h] && item < i1 && r < Qc) append(count, keys, cap, r, s, item);
+            if (passes(s, th[2 * mt + h]) && item < i1 && r < Qc) append(count, keys, cap, r, s, item);
           }
       }
   }
@@ -280,7 +288,7 @@ __global__ void __launch_bounds__(kF32Threads) score_f32_kernel(const float* __r
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t item = base + 128 * warp + 32 * j + lane;
-        if (acc[r][j] >= th[r] && item < i1) append(count, keys, cap, q0 + r, acc[r][j], item);
+        if (passes(acc[r][j], th[r]) && item < i1) append(count, keys, cap, q0 + r, acc[r][j], item);
       }
   }
 }
@@ -542,6 +550,7 @@ void allow_smem(const void* fn, int device, int smem_optin, int64_t bytes) {
 int64_t topk_max_keep() { return kMaxKeep; }
 
 int64_t topk_cap(int64_t keep, int64_t n, int64_t growth) {
+  keep = std::min(keep, std::max<int64_t>(n, 1));  // as search clamps it: a k far above n needs no room
   int64_t cap = round_up(std::max<int64_t>(8 * keep, 4096), kItemAlign);
   for (int64_t g = 1; g < growth && cap < n + keep; g *= 2) cap *= 2;
   return std::min<int64_t>(cap, round_up(n + keep, kItemAlign) + kItemAlign);

@@ -14,8 +14,10 @@
 //             query's threshold to that score. The keep-th best of any subset of the catalogue
 //             is a lower bound of the keep-th best of the whole, so no true candidate is lost;
 //   stage j   the next, geometrically larger range of items is scored in one fused pass (IMMA
-//             int8 / HMMA fp16 tensor cores, FMA for fp32); only scores >= the threshold are
-//             appended (atomic counter) to the query's bounded buffer; then select again;
+//             int8 / HMMA fp16 tensor cores, FMA for fp32); only scores above the threshold
+//             (>= while it is -inf) are appended (atomic counter) to the query's bounded buffer:
+//             a later item that only ties the threshold has a larger row than the kept key and
+//             would lose the tie; then select again;
 //   final     the last select keeps `keep`, optionally reranks them in float64 over the float32
 //             rows, sorts (bitonic, shared memory) and writes the k best, padding with (-inf, -1).
 // A buffer that overflows (more than `cap` scores passed a threshold) is detected and reported
