@@ -458,12 +458,25 @@ struct Slot {
 class SlotPool {
  public:
   Slot acquire(int device, cudaStream_t stream) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (static_cast<size_t>(device) >= free_.size()) free_.resize(device + 1);
+      std::vector<Slot>& f = free_[device];
+      if (!f.empty()) {
+        Slot s = f.back();
+        f.pop_back();
+        return s;
+      }
+    }
+    // None free: a new block, made ready without the lock (it waits for the caller's stream,
+    // which other threads' calls, on any device, must not wait for). Threads that grow at once
+    // each add a block.
+    std::vector<Slot> block = new_block(stream);
+    Slot s = block.back();
+    block.pop_back();
     std::lock_guard<std::mutex> lock(mu_);
-    if (static_cast<size_t>(device) >= free_.size()) free_.resize(device + 1);
-    std::vector<Slot>& f = free_[device];
-    if (f.empty()) grow(f, stream);
-    Slot s = f.back();
-    f.pop_back();
+    std::vector<Slot>& f = free_[device];  // (free_ only grows: the resize above still holds)
+    f.insert(f.end(), block.begin(), block.end());
     return s;
   }
   void release(int device, Slot s) {
@@ -473,14 +486,16 @@ class SlotPool {
 
  private:
   static constexpr int kSlotsPerBlock = 64;
-  void grow(std::vector<Slot>& f, cudaStream_t stream) {
+  static std::vector<Slot> new_block(cudaStream_t stream) {
     unsigned long long *dev = nullptr, *host = nullptr;
     const size_t bytes = kSlotsPerBlock * 2 * sizeof(unsigned long long);
     FASTREC_CUDA_CHECK(cudaMalloc(&dev, bytes));
     FASTREC_CUDA_CHECK(cudaMallocHost(&host, bytes));
     FASTREC_CUDA_CHECK(cudaMemsetAsync(dev, 0xFF, bytes, stream));
     FASTREC_CUDA_CHECK(cudaStreamSynchronize(stream));  // ready before any other stream uses them
-    for (int i = 0; i < kSlotsPerBlock; ++i) f.push_back(Slot{dev + 2 * i, host + 2 * i});
+    std::vector<Slot> block;
+    for (int i = 0; i < kSlotsPerBlock; ++i) block.push_back(Slot{dev + 2 * i, host + 2 * i});
+    return block;
   }
   std::mutex mu_;
   std::vector<std::vector<Slot>> free_;  // per device; never freed (the driver may be gone at exit)
