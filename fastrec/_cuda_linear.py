@@ -22,6 +22,9 @@ row holding NaN or Inf comes out as a row of NaN.
 CUDA graphs: with ``check_finite=False`` a call only enqueues kernels, so torch.cuda.graph / CuPy
 stream capture can record it (call it once before capturing, so the weights are uploaded); with
 ``check_finite=True`` a call inside a capture raises ValueError before enqueueing anything.
+A captured graph holds the device weights' addresses: keep the Int8Linear / Int8MLP alive for
+as long as the graph may be replayed (the device copy is freed with the object, after a
+device-wide synchronize).
 """
 
 from __future__ import annotations
