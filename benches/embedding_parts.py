@@ -27,11 +27,11 @@ def _requests(kind: str, rng):
     from benchutils import ZipfSampler, split_per_table, table_major_offsets
 
     off = table_major_offsets([L] * T, B)
+    samplers = [ZipfSampler(ROWS, 1.05, seed=100 + t) for t in range(T)]
     reqs = []
     for _ in range(POOL):
         parts = []
-        for t in range(T):
-            z = ZipfSampler(ROWS, 1.05, seed=100 + t)
+        for z in samplers:
             if kind == "zipf":
                 x = z(rng, B * L)
             elif kind == "uniform":

@@ -155,7 +155,7 @@ def capturing(framework: str, device: int) -> bool:
 
     with cupy.cuda.Device(device):
         s = cupy.cuda.get_current_stream()
-        is_capturing = getattr(s, "is_capturing", None)  # (CuPy >= 10)
+        is_capturing = getattr(s, "is_capturing", None)  # (older CuPy lacks it)
         return bool(is_capturing()) if is_capturing is not None else False
 
 
@@ -167,6 +167,14 @@ def refuse_capture(framework: str, device: int, what: str) -> None:
         raise ValueError(f"{what} waits for the GPU (it reads its checks back to the host), which a CUDA graph "
                          "capture cannot do: call it outside the capture (only Int8Linear / Int8MLP with "
                          "check_finite=False can be captured)")
+
+
+def refuse_capture_for(x, what: str) -> None:
+    """refuse_capture on the device of x, a caller's array, before anything (a view's copy
+    kernel, say) is queued for it; nothing for host arrays."""
+    fw = _framework(x)
+    if fw is not None:
+        refuse_capture(fw, _device_index(x, fw), what)
 
 
 def empty(like: DeviceArray, shape, dtype) -> DeviceArray:

@@ -310,8 +310,8 @@ def embedding_bag(weight, indices, offsets, code: int, per_sample_weights, paddi
     """ops.embedding_bag on the GPU (mode already parsed, weights/mode already checked)."""
     from .ops import _check_bag_shapes, _padding_code
 
+    _cuda.refuse_capture_for(indices, "embedding_bag")
     idx = _index_view(indices, "indices")
-    _cuda.refuse_capture(idx.framework, idx.device, "embedding_bag")
     if offsets is None:
         _check_bag_shapes(idx.shape, None)
         B, L = idx.shape
@@ -330,8 +330,8 @@ def embedding_bags(tables, indices, offsets, codes, per_sample_weights, padding_
     """ops.embedding_bags on the GPU (tables, modes and weights/mode already checked)."""
     from .ops import _padding_codes
 
+    _cuda.refuse_capture_for(indices, "embedding_bags")
     idx = _index_view(indices, "indices")
-    _cuda.refuse_capture(idx.framework, idx.device, "embedding_bags")
     off = _index_view(offsets, "offsets")
     if len(idx.shape) != 1:
         raise ValueError(f"indices must be 1-D, got {len(idx.shape)}-D")

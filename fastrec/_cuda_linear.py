@@ -72,8 +72,13 @@ def layer_weights(lin, device: int):
         device, lin.weight_int8, lin.weight_scale, lin.bias))
 
 
-def _plan(obj, key, device: int, layers, codes):
-    """The C++ plan for ``layers`` on ``device``, cached on ``obj`` under ``key``."""
+def _plan(obj, key, device: int, layers, codes, framework: str | None = None):
+    """The C++ plan for ``layers`` on ``device``, cached on ``obj`` under ``key``. Making it uploads
+    the weights (an allocation and a host copy): refused inside a CUDA graph capture on
+    ``framework``'s current stream, where it would invalidate the capture."""
+    if framework is not None and obj._cuda_plans.get(key) is None and _cuda.capturing(framework, device):
+        raise ValueError("the first call on a device uploads the weights, which a CUDA graph capture cannot "
+                         "record: call it once before capturing")
     return _cached(obj._cuda_plans, key, lambda: _cuda.module().Int8LinearPlan(
         [layer_weights(lin, device) for lin in layers], list(codes)))
 
@@ -93,14 +98,14 @@ def int8_linear(x, lin, activation=None, *, check_finite: bool = True):
 
     code = _activation_code(activation)
     a = _input(x, lin.in_features)
-    plan = _plan(lin, (a.device, code), a.device, [lin], [code])
+    plan = _plan(lin, (a.device, code), a.device, [lin], [code], a.framework)
     return _run(plan, a, lin.out_features, check_finite)
 
 
 def int8_mlp(x, mlp, *, check_finite: bool = True):
     """The MLP's layers on a device array x (float32 (B, in_features)), back to back on the stream."""
     a = _input(x, mlp.in_features)
-    plan = _plan(mlp, a.device, a.device, mlp.layers, mlp._codes)
+    plan = _plan(mlp, a.device, a.device, mlp.layers, mlp._codes, a.framework)
     return _run(plan, a, mlp.out_features, check_finite)
 
 

@@ -297,8 +297,8 @@ def search(index, snap, queries, k, exclude):
     """ItemIndex.search for device queries (the hook in fastrec/index.py calls this)."""
     from .index import _candidates, _check_k, _exact_search
 
+    _cuda.refuse_capture_for(queries, "ItemIndex.search")
     a, single = _queries(queries, index.dim)
-    _cuda.refuse_capture(a.framework, a.device, "ItemIndex.search")
     k = _check_k(k)
     dev = _device_index(index, snap, a)
     keep = _candidates(k, index.precision, index.rerank)
@@ -317,6 +317,8 @@ def topk(queries, items, k: int, *, exclude=None):
     """ops.topk for device arrays: exact fp32 top-k of queries (Q, D) against items (N, D)."""
     from .index import _candidates
 
+    _cuda.refuse_capture_for(queries, "topk")
+    _cuda.refuse_capture_for(items, "topk")
     x = _cuda.view(items, "items")
     if x.dtype != np.float32:
         raise TypeError(f"items must be float32, got {x.dtype}")
@@ -325,7 +327,6 @@ def topk(queries, items, k: int, *, exclude=None):
     if x.shape[1] < 1:
         raise ValueError("items must have at least one column")
     a, single = _queries(queries, x.shape[1])
-    _cuda.refuse_capture(a.framework, a.device, "topk")
     if a.device != x.device:
         raise ValueError(f"queries are on device {a.device}, items on device {x.device}")
     n, D = x.shape

@@ -333,6 +333,21 @@ def test_torch_cuda_graph():
             lin(x_static)
 
 
+def test_first_call_inside_a_capture_is_refused():
+    """The first call on a device uploads the weights (an allocation and a copy, which a capture
+    cannot record): a ValueError asking for a call before capturing, and the layer still works."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(19)
+    lin = _layer(rng, 64, 32)
+    x = _x(rng, 8, 64)
+    xd = torch.from_numpy(x).cuda()
+    with pytest.raises(ValueError, match="once before capturing"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            lin(xd, check_finite=False)
+    with scalar_cpu():
+        np.testing.assert_array_equal(lin(xd).cpu().numpy(), lin(x))
+
+
 def test_threads(to_device):
     rng = np.random.default_rng(13)
     lin = _layer(rng, 479, 256)  # first use happens in the threads: one upload, shared

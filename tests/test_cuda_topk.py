@@ -148,13 +148,19 @@ def test_ties_across_many_stages(to_device, rng, precision):
 
 
 @needs_cuda
-def test_all_equal_scores(to_device, rng):
+def test_all_equal_scores(to_device, rng, monkeypatch):
     # every score ties: after the first stage no item passes the threshold (each would lose the
-    # tie to a smaller row already kept), so nothing overflows; the smallest rows win
-    items = np.ones((100_000, 4), np.float32)
-    index = ItemIndex(items, precision="fp32")
+    # tie to a kept smaller id), so no buffer overflows and the search runs once; smallest ids win
+    from fastrec import _cuda_topk
+
+    runs = []
+    real_run = _cuda_topk._run
+    monkeypatch.setattr(_cuda_topk, "_run", lambda *a: runs.append(a[-1]) or real_run(*a))
+    ids = rng.permutation(100_000).astype(np.int64) * 2 + 5
+    index = ItemIndex(np.ones((100_000, 4), np.float32), ids=ids, precision="fp32")
     s, i = index.search(to_device(np.ones((3, 4), np.float32)), 10)
-    np.testing.assert_array_equal(to_host(i), np.tile(np.arange(10), (3, 1)))
+    np.testing.assert_array_equal(to_host(i), np.tile(np.sort(ids)[:10], (3, 1)))
+    assert runs == [1]  # growth 1 only: no overflow retry
 
 
 @needs_cuda
@@ -205,8 +211,9 @@ def test_graph_capture_is_refused(rng):
     items, queries = _data(rng, 3000, 16, 4)
     index = ItemIndex(items)
     dq = torch.from_numpy(queries).cuda()
+    dx = torch.from_numpy(items).cuda()
     expect = index.search(dq, 5)[1].cpu().numpy()  # warm-up outside the capture: uploads the index
-    for call in (lambda: index.search(dq, 5), lambda: fastrec.ops.topk(dq, torch.from_numpy(items).cuda(), 5)):
+    for call in (lambda: index.search(dq, 5), lambda: fastrec.ops.topk(dq, dx, 5)):
         with pytest.raises(ValueError, match="CUDA graph capture"):
             with torch.cuda.graph(torch.cuda.CUDAGraph()):
                 call()
