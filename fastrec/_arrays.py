@@ -98,7 +98,12 @@ def aligned_empty(shape, dtype=np.float32, *, alignment: int = 64) -> np.ndarray
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must not have negative sizes, got {shape}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = dtype.itemsize
+    for s in shape:  # Python ints: no int64 wrap-around for absurd shapes
+        nbytes *= s
+    if nbytes > np.iinfo(np.intp).max - alignment:
+        raise MemoryError(f"an array of shape {shape} and dtype {dtype} takes {nbytes} bytes, more than any "
+                          "machine can address")
     raw = np.empty(nbytes + alignment, dtype=np.uint8)
     start = (-raw.ctypes.data) % alignment
     return raw[start:start + nbytes].view(dtype).reshape(shape)

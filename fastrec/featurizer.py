@@ -667,6 +667,8 @@ class Featurizer:
             spec = json.loads(text)
         except (ValueError, TypeError) as e:
             raise FeaturizerSpecError(f"featurizer spec: not valid JSON: {e}") from None
+        except RecursionError:  # (a deeply nested document: no spec nests more than a few levels)
+            raise FeaturizerSpecError("featurizer spec: JSON nested too deeply") from None
         return cls.from_spec(spec, backend=backend)
 
     def to_spec(self) -> dict:

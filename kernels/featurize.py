@@ -177,6 +177,10 @@ def lookup(ids, keys, rows, oov: int, *, backend: str = "auto") -> np.ndarray:
     """int64 rows of int64 ``ids`` in the sorted unique int64 ``keys`` (``rows[k]`` for a match,
     ``oov`` otherwise)."""
     ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    keys = np.ascontiguousarray(keys, dtype=np.int64).reshape(-1)
+    rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+    if rows.shape[0] != keys.shape[0]:  # (the Numba loop reads rows[k] for a matching key k)
+        raise ValueError(f"rows must have one entry per key ({keys.shape[0]}), got {rows.shape[0]}")
     out = np.empty(ids.shape[0], dtype=np.int64)
     if use_numba(backend):
         _numba("lookup")(ids, keys, rows, np.int64(oov), out)

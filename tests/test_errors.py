@@ -308,6 +308,9 @@ def test_inputs_are_read_alike_across_entry_points():
     for shape in ("12", (2.7, 3), 5.0):
         with pytest.raises(TypeError, match="shape"):
             aligned_empty(shape)
+    for shape in ((2**33, 2**31), (2**32 + 1, 2**32)):  # element counts past int64: no wrap-around
+        with pytest.raises(MemoryError, match="more than any machine can address"):
+            aligned_empty(shape)
     for dim in (6.9, "6"):
         with pytest.raises(TypeError, match="dim must be an int"):
             QuantizedTable(np.zeros((3, 12), np.uint8), 8, dim)

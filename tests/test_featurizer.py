@@ -364,6 +364,8 @@ def test_spec_not_an_object(bad):
         Featurizer.from_spec(bad)
     with pytest.raises(FeaturizerSpecError, match="JSON"):
         Featurizer.from_json("{not json")
+    with pytest.raises(FeaturizerSpecError, match="nested too deeply"):  # was RecursionError
+        Featurizer.from_json("[" * 100_000 + "]" * 100_000)
 
 
 def test_bad_backend():
@@ -620,6 +622,9 @@ def test_numba_and_numpy_identical():
                                   fk.lookup(ids, keys, rows, -7, backend="numpy"))
     np.testing.assert_array_equal(fk.lookup(ids, keys[:0], rows[:0], 3, backend="numba"),
                                   fk.lookup(ids, keys[:0], rows[:0], 3, backend="numpy"))
+    for backend in ("numba", "numpy"):  # rows shorter than keys: the Numba loop read past them
+        with pytest.raises(ValueError, match="one entry per key"):
+            fk.lookup(ids, keys, rows[:2], -7, backend=backend)
     bounds = np.unique(rng.normal(0, 100, 33))
     v = np.concatenate([x[:, 0], bounds, [np.nan, np.inf, -np.inf]])
     np.testing.assert_array_equal(fk.bucketize(v, bounds, 99, backend="numba"),
