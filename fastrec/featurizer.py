@@ -830,7 +830,8 @@ class Featurizer:
         * ``standardize``: mean and std of the observed (finite) values (std 1 when constant);
         * ``lookup``: the vocabulary, values seen at least ``min_count`` times, most frequent
           first (hot rows together), at most ``max_vocab`` of them (both ints >= 1;
-          ``max_vocab=None``: no limit); oov_row ``len(vocab)``;
+          ``max_vocab=None``: no limit; ints outside int64 are left out, as transform maps them
+          to the oov row); oov_row ``len(vocab)``;
         * ``bucketize``: boundaries at the ``1/k .. (k-1)/k`` quantiles of the observed values
           (``k = num_buckets``, duplicates dropped);
         * ``hash``: nothing to fit; ``num_rows`` must be given.
@@ -875,10 +876,13 @@ class Featurizer:
                 elif isinstance(values, np.ndarray):
                     values = values.tolist()
                 counts = Counter(values)
-                vocab = [v for v, c in counts.items() if c >= k_min]
+                # (an int outside int64 is no vocabulary key: transform maps it to oov_row)
+                vocab = [v for v, c in counts.items()
+                         if c >= k_min and (t == "str" or -(2**63) <= v < 2**63)]
                 if not vocab:
                     raise ValueError(f"{what}: no value occurs at least min_count={k_min} times, so the "
-                                     "vocabulary would be empty (lower min_count)")
+                                     "vocabulary would be empty (lower min_count; ints outside int64 "
+                                     "are never keys)")
                 vocab.sort(key=lambda v: (-counts[v], v))
                 if k_max is not None:
                     vocab = vocab[:k_max]

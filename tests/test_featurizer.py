@@ -574,6 +574,16 @@ def test_fit_statistics_of_values_near_the_float64_limit():
     assert (d["mean"], d["std"]) == (float(x.mean()), float(x.std()))
 
 
+def test_fit_leaves_ints_outside_int64_out_of_the_vocabulary():
+    # they are never keys (transform maps them to the oov row); fit failed on its own spec
+    fz = Featurizer.fit({"c": [2**63, 1, 1, -(2**64), 5]}, sparse={"c": "lookup"})
+    assert fz.to_spec()["sparse"][0]["vocab"] == [1, 5]
+    _, (ids, _) = fz.transform({"c": [2**63, 1, 5, 7]})
+    np.testing.assert_array_equal(ids, [2, 0, 1, 2])
+    with pytest.raises(ValueError, match="outside int64"):
+        Featurizer.fit({"c": [2**63, 2**64]}, sparse={"c": "lookup"})
+
+
 def test_fit_with_min_count_that_keeps_no_value():
     # was a FeaturizerSpecError about "$.sparse[0].vocab" (a field the caller never wrote)
     with pytest.raises(ValueError, match="no value occurs at least min_count=2"):
