@@ -154,9 +154,7 @@ def capturing(framework: str, device: int) -> bool:
     import cupy
 
     with cupy.cuda.Device(device):
-        s = cupy.cuda.get_current_stream()
-        is_capturing = getattr(s, "is_capturing", None)  # (older CuPy lacks it)
-        return bool(is_capturing()) if is_capturing is not None else False
+        return bool(cupy.cuda.get_current_stream().is_capturing())
 
 
 def refuse_capture(framework: str, device: int, what: str) -> None:

@@ -194,14 +194,19 @@ def test_matrix_factorisation(rng, model_dir, dev):
 
 # ---- streams, threads, warm-up ------------------------------------------------------------
 
-@needs_cuda
-def test_torch_side_stream_and_threads(rng, model_dir):
+def _torch_int8_dlrm(rng, model_dir):
+    """(torch, a small int8 DLRM loaded on cuda:0 with torch, its reference dict); skips
+    where torch has no CUDA."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA here")
     m, tensors, ref = build_dlrm(rng, precision="int8", storages=("q8", "fp32", "q8"), bottom=(64,), top=(32,))
-    path = model_dir(m, tensors)
-    gpu = fastrec.load(path, device=torch.device("cuda", 0), framework="torch")
+    return torch, fastrec.load(model_dir(m, tensors), device=torch.device("cuda", 0), framework="torch"), ref
+
+
+@needs_cuda
+def test_torch_side_stream_and_threads(rng, model_dir):
+    torch, gpu, ref = _torch_int8_dlrm(rng, model_dir)
     gpu.warmup()
     cases = []
     for B in (1, 5, 64, 300):
@@ -224,11 +229,7 @@ def test_torch_side_stream_and_threads(rng, model_dir):
 
 @needs_cuda
 def test_graph_capture_is_refused(rng, model_dir):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA here")
-    m, tensors, ref = build_dlrm(rng, precision="int8", storages=("q8", "fp32", "q8"), bottom=(64,), top=(32,))
-    gpu = fastrec.load(model_dir(m, tensors), device="cuda", framework="torch")
+    torch, gpu, ref = _torch_int8_dlrm(rng, model_dir)
     dense = torch.from_numpy(rng.standard_normal((4, 5)).astype(np.float32)).cuda()
     sparse = _on_device(random_sparse(rng, ref["features"], ref["rows"], 4), lambda a: torch.from_numpy(a).cuda())
     expect = to_host(gpu.score(dense, sparse))

@@ -48,11 +48,11 @@ using Clock = std::chrono::steady_clock;
 // multiply-add: on the Zen 4, both give 64 multiply-adds a cycle).
 template <class Vec>
 static void peak_loop(int64_t iters, int32_t* sink) {
-  Vec a, b, c[12];
+  Vec a, b, c0;
   std::memset(&a, 1, sizeof(a));
   std::memset(&b, 2, sizeof(b));
-  std::memset(c, 0, sizeof(c));
-  Vec c0 = c[0], c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  std::memset(&c0, 0, sizeof(c0));
+  Vec c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
   for (int64_t i = 0; i < iters; ++i) {
 #define FASTREC_D(x) asm volatile("vpdpbusd %1, %2, %0" : "+v"(x) : "v"(a), "v"(b));
     FASTREC_D(c0) FASTREC_D(c1) FASTREC_D(c2) FASTREC_D(c3) FASTREC_D(c4) FASTREC_D(c5)

@@ -77,10 +77,11 @@ __device__ __forceinline__ int64_t key_row(u64 key) {
 
 // Whether score s enters its query's candidates, given the query's threshold th: any score
 // >= th while th is -inf (the kept set is not full yet, or its keep-th best score is -inf:
-// -inf scores count too, NaN never), and only scores > th otherwise. Stages score items in increasing row order, so an
-// item that only ties the keep-th best score has a larger row than that kept key and loses the
-// tie (the smaller row wins): appending it could not change the result, and with >= a
-// catalogue of equal scores overflowed every stage's buffer and re-ran with 4x the room.
+// -inf scores count too, NaN never), and only scores > th otherwise. Stages score items in
+// increasing row order, so an item that only ties the keep-th best score has a larger row than
+// that kept key and loses the tie (the smaller row wins): appending it could not change the
+// result, and with >= a catalogue of equal scores overflowed every stage's buffer and re-ran
+// with 4x the room.
 __device__ __forceinline__ bool passes(float s, float th) { return th == -INFINITY ? s >= th : s > th; }
 
 __device__ __forceinline__ void append(unsigned* count, u64* keys, int64_t cap, int row, float s, int64_t item) {
