@@ -60,7 +60,9 @@ def info() -> dict:
         "cpu_features": dict(_C.cpu_features()),
         "int8_gemm": _C.gemm_variant(),
         "cpu_vendor_amd": bool(_C._cpu_vendor_amd()),
+        "cpu_family": int(_C._cpu_family()),
         "embedding_l1_prefetch": bool(_C._embedding_l1_prefetch()),
+        "embedding_float_l1_prefetch": bool(_C._embedding_float_l1_prefetch()),
         "num_threads": fastrec.get_num_threads(),
         "cpus_available": _config.available_cpus(),
         "openmp": build["openmp"],
@@ -87,9 +89,11 @@ def format_info(d: dict) -> str:
     if d["cpu_isa"] == "scalar":
         lines.append("  embedding prefetch : none (the scalar reference kernels)")
     else:
-        l1 = "on" if d["embedding_l1_prefetch"] else "off"
+        l1 = "+ L1 16 ids ahead" if d["embedding_l1_prefetch"] else "only"
+        fl = "L1, 64 ids ahead" if d["embedding_float_l1_prefetch"] else "L2, 128 ids ahead"
         vendor = "AMD" if d["cpu_vendor_amd"] else "not AMD"
-        lines.append(f"  embedding prefetch : L2, 128 ids ahead; L1 for quantized rows {l1} (CPU vendor: {vendor})")
+        lines.append(f"  embedding prefetch : float rows {fl}; quantized rows L2, 128 ids ahead {l1} "
+                     f"(CPU: {vendor}, family {d['cpu_family']})")
     lines.append(f"  threads            : {d['num_threads']} of {d['cpus_available']} CPUs available")
     lines.append(f"  OpenMP             : {'yes' if d['openmp'] else 'no'} (thread pool: {d['thread_pool']})")
     lines.append(f"  compiler           : {d['compiler']}")

@@ -259,6 +259,39 @@ def test_fast_path_with_and_without_l1_prefetch(isa, rng, l1_prefetch, kind, dim
     assert _C._embedding_l1_prefetch() == (not _C._cpu_vendor_amd())
 
 
+@pytest.mark.parametrize("float_l1", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dim", [3, 64, 130])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_fast_path_of_float_rows_with_either_prefetch(isa, rng, float_l1, dtype, dim, misaligned):
+    """Float rows' far prefetch goes into L2 128 ids ahead, or into L1 64 ahead (the default on
+    AMD Zen 5 and later); both variants must agree with the oracle on any CPU, with bags longer
+    and shorter than either distance, an empty bag, and rows that start mid cache line."""
+    from fastrec import _C
+
+    W = rng.standard_normal((3000, dim)).astype(dtype)
+    if misaligned:  # rows 4 bytes past the allocation's start: every row straddles lines
+        buf = np.empty(W.nbytes + 64, np.uint8)
+        start = (-buf.ctypes.data) % 64 + 4
+        W2 = buf[start:start + W.nbytes].view(dtype).reshape(W.shape)
+        W2[...] = W
+        W = W2
+    lengths = np.array([200, 0, 1, 70, 129, 3], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    indices = rng.integers(0, 3000, int(offsets[-1]))
+    psw = rng.random(len(indices)).astype(np.float32)
+    _C._set_embedding_float_l1_prefetch(float_l1)
+    try:
+        assert _C._embedding_float_l1_prefetch() == bool(float_l1)
+        for mode, w in (("sum", None), ("sum", psw), ("mean", None), ("max", None)):
+            out = ops.embedding_bag(W, indices, offsets, mode=mode, per_sample_weights=w)
+            ref = testing.embedding_bag_ref(W, indices, offsets, mode=mode, per_sample_weights=w)
+            testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    finally:
+        _C._set_embedding_float_l1_prefetch(-1)
+    assert _C._embedding_float_l1_prefetch() == (_C._cpu_vendor_amd() and _C._cpu_family() >= 26)
+
+
 @pytest.mark.parametrize("bits, big, w", [(8, 1e30, 1e10), (4, 6e4, 1e34)])
 def test_large_weights_on_wide_quantized_rows(isa, rng, bits, big, w):
     """A per-sample weight times a quantized row's value is finite here, while the weight

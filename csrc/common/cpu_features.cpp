@@ -30,8 +30,11 @@ CpuFeatures detect() {
   cpuid(0, 0, r);
   const unsigned max_leaf = r[0];
   f.amd = r[1] == 0x68747541u && r[3] == 0x69746e65u && r[2] == 0x444d4163u;  // "Auth" "enti" "cAMD"
-  if (max_leaf < 7) return f;
+  if (max_leaf < 1) return f;
   cpuid(1, 0, r);
+  const unsigned base_family = (r[0] >> 8) & 0xf;
+  f.family = static_cast<int>(base_family == 0xf ? base_family + ((r[0] >> 20) & 0xff) : base_family);
+  if (max_leaf < 7) return f;
   const bool osxsave = (r[2] >> 27) & 1;
   const bool fma = (r[2] >> 12) & 1;
   const bool f16c = (r[2] >> 29) & 1;

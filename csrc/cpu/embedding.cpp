@@ -108,6 +108,19 @@ bool embedding_l1_prefetch() {
 
 void set_embedding_l1_prefetch(int mode) { l1_prefetch_mode.store(mode < 0 ? -1 : (mode != 0), std::memory_order_relaxed); }
 
+namespace {
+std::atomic<int> float_l1_prefetch_mode{-1};
+}  // namespace
+
+bool embedding_float_l1_prefetch() {
+  const int mode = float_l1_prefetch_mode.load(std::memory_order_relaxed);
+  return mode < 0 ? cpu_features().amd && cpu_features().family >= 26 : mode != 0;
+}
+
+void set_embedding_float_l1_prefetch(int mode) {
+  float_l1_prefetch_mode.store(mode < 0 ? -1 : (mode != 0), std::memory_order_relaxed);
+}
+
 void keep_first_error(const BagError& e, BagError* first) {
   if (e.position >= 0 && (first->position < 0 || e.position < first->position)) *first = e;
 }

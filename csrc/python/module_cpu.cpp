@@ -741,6 +741,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_embedding_l1_prefetch", &set_embedding_l1_prefetch, py::arg("mode"),
         "Tests only: 1 / 0 force the embedding kernels' L1 prefetch of quantized rows on / off, -1 restores the default.");
   m.def("_embedding_l1_prefetch", &embedding_l1_prefetch);
+  m.def("_set_embedding_float_l1_prefetch", &set_embedding_float_l1_prefetch, py::arg("mode"),
+        "Tests only: 1 / 0 force the far prefetch of float rows into L1 (64 ids ahead) / L2 (128 ahead), -1 restores the default.");
+  m.def("_embedding_float_l1_prefetch", &embedding_float_l1_prefetch);
+  m.def("_cpu_family", [] { return cpu_features().family; });
   m.def("_set_pool_join_delay_us", &set_pool_join_delay_for_tests, py::arg("us"),
         "Tests only: pool workers sleep this long before joining a call (a worker slow to wake).");
   m.def("_cpu_vendor_amd", [] { return cpu_features().amd; });

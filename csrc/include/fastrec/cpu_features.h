@@ -11,6 +11,7 @@ struct CpuFeatures {
   bool avx512 = false;    // AVX-512 F/BW/VL/DQ, with OS support for ZMM state
   bool avx512_vnni = false;
   bool amd = false;       // vendor AuthenticAMD (a few prefetch choices differ by vendor)
+  int family = 0;         // display family (cpuid leaf 1: base family + extended family); AMD Zen 4 = 25, Zen 5 = 26
 };
 
 // Detected once (cpuid + xgetbv); cheap to call afterwards.

@@ -46,6 +46,11 @@ BagJob bag_job(const MultiBagArgs& a, const int64_t* off, int64_t B, int64_t t, 
 // and -1 restores the default (for tests, which run both paths on any CPU).
 bool embedding_l1_prefetch();
 void set_embedding_l1_prefetch(int mode);
+// Whether the fast path's far prefetch of float (fp32 / fp16) rows goes into L1, 64 ids ahead,
+// instead of into L2, 128 ahead: by default on AMD family 26 (Zen 5) and later only; the
+// setter as above.
+bool embedding_float_l1_prefetch();
+void set_embedding_float_l1_prefetch(int mode);
 // Keeps the error with the lowest position in *first.
 void keep_first_error(const BagError& e, BagError* first);
 // Throws the std::out_of_range for a bad id that every embedding entry point raises.
