@@ -6,13 +6,14 @@
     python benches/paired.py --bench embedding --case zipf    # cases whose name holds "zipf"
     python benches/paired.py --bench linear --case mlp        # int8 linear layers / MLPs
     python benches/paired.py --bench embedding --case 8bit --l1-variants
-                              # + fastrec with its L1 prefetch of quantized rows forced on / off
+                              # + fastrec with its L1 prefetch forced on / off (fp32 cases: float rows)
 
 pytest-benchmark (benches/report.py) times each implementation in one block, one after the
 other. On a shared VM whose speed drifts by +-30% over tens of seconds, a slow spell that
 falls on one block moves that ratio by as much. Here every round runs each implementation for a
 few calls (the order rotates from round to round, with a 0.3 s pause before each block so
-that torch's spinning OpenMP workers are idle), and the ratio is taken within the round:
+that torch's spinning OpenMP workers are idle, then 10 ms of untimed calls of the block's own
+implementation, --warmup-ms, so that each is timed at full speed), and the ratio is taken within the round:
 peer's median call / fastrec's median call. The report gives the median of the per-round
 ratios and their interquartile range, and p50 / p99 over all of each implementation's calls.
 
@@ -46,8 +47,22 @@ def _block(fn, calls: int) -> list:
     return ts
 
 
-def paired(fns: dict, rounds: int, calls: int, pause: float = 0.3) -> dict:
-    """{impl: per-round lists of call times in seconds}; fns are zero-argument callables."""
+def _warm_up(fn, seconds: float) -> int:
+    """Untimed calls of fn for about `seconds` (none for 0); returns how many ran."""
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+        n += 1
+    return n
+
+
+def paired(fns: dict, rounds: int, calls: int, pause: float = 0.3, warmup: float = 0.0) -> dict:
+    """{impl: per-round lists of call times in seconds}; fns are zero-argument callables.
+
+    Before each timed block: `pause` seconds of sleep (torch's OpenMP workers stop spinning),
+    then `warmup` seconds of untimed calls of the same implementation (the CPUs come back up to
+    speed after the sleep; see main's --warmup-ms)."""
     names = list(fns)
     for name in names:  # warm-up
         _block(fns[name], 2)
@@ -55,6 +70,7 @@ def paired(fns: dict, rounds: int, calls: int, pause: float = 0.3) -> dict:
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             time.sleep(pause)
+            _warm_up(fns[name], warmup)
             times[name].append(_block(fns[name], calls))
     return times
 
@@ -95,15 +111,19 @@ def model_cases(batches, calls: int):
         yield f"model B={batch}", fns, calls if batch >= 1000 else 8 * calls  # single requests: more calls
 
 
-def _with_l1_prefetch(fn, mode: int):
+def _with_l1_prefetch(fn, mode: int, rows: str = "quantized"):
+    """fn with one of the embedding kernels' prefetch switches forced on (1) or off (0): the L1
+    prefetch of quantized rows, or the far prefetch of float rows into L1 (instead of L2)."""
     from fastrec import _C
 
+    switch = _C._set_embedding_l1_prefetch if rows == "quantized" else _C._set_embedding_float_l1_prefetch
+
     def call():
-        _C._set_embedding_l1_prefetch(mode)
+        switch(mode)
         try:
             return fn()
         finally:
-            _C._set_embedding_l1_prefetch(-1)
+            switch(-1)
     return call
 
 
@@ -134,8 +154,9 @@ def embedding_cases(case_filter: str, calls: int, l1_variants: bool = False):
             fn = functools.partial(_next_request, run, cycle)
             fns[impl] = fn
             if impl == "fastrec" and l1_variants:
-                fns["fastrec-L1-on"] = _with_l1_prefetch(fn, 1)
-                fns["fastrec-L1-off"] = _with_l1_prefetch(fn, 0)
+                rows = "quantized" if precision == "8bit" else "float"
+                fns["fastrec-L1-on"] = _with_l1_prefetch(fn, 1, rows)
+                fns["fastrec-L1-off"] = _with_l1_prefetch(fn, 0, rows)
         yield label, fns, n
 
 
@@ -188,8 +209,15 @@ def main(argv=None) -> int:
     p.add_argument("--case", default="", help="embedding / linear: only cases whose name contains this")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=5, help="calls per implementation per round (more for small requests)")
+    p.add_argument("--warmup-ms", type=float, default=10.0,
+                   help="untimed calls for this long after each block's pause, before its timed calls "
+                        "(default 10; 0 times from the first call after the pause, as runs before "
+                        "2026-11-24 ~21:30 UTC did). On the Zen 5 VM calls after a 0.3 s sleep ran up "
+                        "to 2x slow and took ~8 ms of calls to reach full speed, torch's and fastrec's "
+                        "alike, which counted against whichever library makes shorter calls")
     p.add_argument("--l1-variants", action="store_true",
-                   help="embedding: also time fastrec with its L1 prefetch of quantized rows forced on and off "
+                   help="embedding: also time fastrec with its L1 prefetch forced on and off (8-bit cases: the "
+                        "L1 prefetch of quantized rows; fp32 cases: the far prefetch of float rows into L1 instead of L2) "
                         "(each call also sets and resets the switch: two extra calls into _C, ~2%% of a B=1 call)")
     args = p.parse_args(argv)
     sys.path.insert(0, HERE)
@@ -213,7 +241,7 @@ def main(argv=None) -> int:
         # torch runs under inference_mode, entered once (as the pytest benches do), not per call:
         # the context costs ~1.5 us, 5-10% of a torch call at B=1. Nothing else reads it.
         with torch.inference_mode():
-            times = paired(fns, args.rounds, calls)
+            times = paired(fns, args.rounds, calls, warmup=args.warmup_ms / 1e3)
         print()
         print(report(label, times), flush=True)
     print(f"\nload after: {os.getloadavg()}")

@@ -37,3 +37,15 @@ def test_report_p50_is_over_all_calls():
     text = paired.report(270, {"fastrec": base, "peer": peer})
     assert "| fastrec | 2.000 ms |" in text
     assert "| peer | 4.000 ms |" in text
+
+
+def test_warm_up_calls_are_untimed_and_come_before_each_block():
+    paired = _paired()
+    log = []
+    fns = {"fastrec": lambda: log.append("a"), "peer": lambda: log.append("b")}
+    times = paired.paired(fns, rounds=3, calls=4, pause=0.0, warmup=0.002)
+    assert [len(b) for b in times["fastrec"]] == [4, 4, 4]
+    assert [len(b) for b in times["peer"]] == [4, 4, 4]
+    # 2 first calls each, then per block: warm-up calls (at least one in 2 ms) and the 4 timed ones
+    assert log.count("a") > 2 + 3 * 4 and log.count("b") > 2 + 3 * 4
+    assert paired._warm_up(lambda: log.append("c"), 0.0) == 0
