@@ -129,6 +129,11 @@ class QuantizedTable(_C.PackedTable):
     """
 
     def __init__(self, data, bits, dim, layout="fbgemm"):
+        if _C._packed_table_initialised(self):
+            # (the C++ side would ignore a second __init__: the call would seem to succeed and
+            # leave the table as it was)
+            raise TypeError("this QuantizedTable is already initialised; a table cannot be re-initialised "
+                            "in place: build a new one (QuantizedTable(...), from_float or from_fbgemm)")
         data = np.asarray(data)
         if data.dtype != np.uint8:
             raise TypeError(f"packed table data must be uint8, got {data.dtype}")

@@ -209,6 +209,20 @@ def test_objects_whose_init_never_ran_raise_instead_of_crashing():
         _C.int8_linear(x, 5, 0)
 
 
+def test_reinitialising_a_quantized_table_is_refused(rng):
+    # pybind11 ignores a second __init__: the call used to return quietly, the table unchanged
+    W = rng.standard_normal((10, 8)).astype(np.float32)
+    t = QuantizedTable.from_float(W, bits=8)
+    other = QuantizedTable.from_float(np.zeros((5, 8), np.float32), bits=4)
+    before = t.data.copy()
+    with pytest.raises(TypeError, match="already initialised"):
+        t.__init__(other.data, 4, 8)
+    assert (t.bits, t.num_rows, t.dim) == (8, 10, 8) and np.array_equal(t.data, before)
+    fresh = QuantizedTable.__new__(QuantizedTable)  # a first __init__ on a bare instance still works
+    fresh.__init__(other.data, 4, 8)
+    assert (fresh.bits, fresh.num_rows) == (4, 5)
+
+
 def test_internal_entry_points_check_their_arguments(rng):
     # fastrec's Python layer never makes these calls; _C must still refuse them cleanly
     t = np.ones((5, 4), np.float32)

@@ -35,14 +35,21 @@ namespace {
 // `cls.__new__(cls)`): pybind11 would hand out its unconstructed storage, and reading it
 // crashed. TypeError for an object of another type too.
 template <class T>
-T& initialised(py::handle self, const char* what) {
-  if (!py::isinstance<T>(self)) throw py::type_error(std::string("expected a ") + what);
+bool is_initialised(py::handle self) {
+  if (!py::isinstance<T>(self)) return false;
   auto* inst = reinterpret_cast<py::detail::instance*>(self.ptr());
   auto vh = inst->get_value_and_holder(py::detail::get_type_info(typeid(T)), /*throw_if_missing=*/false);
-  if (!vh || !vh.holder_constructed()) {
+  return vh && vh.holder_constructed();
+}
+
+template <class T>
+T& initialised(py::handle self, const char* what) {
+  if (!py::isinstance<T>(self)) throw py::type_error(std::string("expected a ") + what);
+  if (!is_initialised<T>(self)) {
     throw py::type_error(std::string(what) + " is not initialised (its __init__ was never called)");
   }
-  return *vh.template value_ptr<T>();
+  auto* inst = reinterpret_cast<py::detail::instance*>(self.ptr());
+  return *inst->get_value_and_holder(py::detail::get_type_info(typeid(T))).template value_ptr<T>();
 }
 
 // A sequence of T objects (Int8LayerCore, ItemBlock) as shared pointers: TypeError for None,
@@ -748,6 +755,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_pool_join_delay_us", &set_pool_join_delay_for_tests, py::arg("us"),
         "Tests only: pool workers sleep this long before joining a call (a worker slow to wake).");
   m.def("_cpu_vendor_amd", [] { return cpu_features().amd; });
+  m.def("_packed_table_initialised", &is_initialised<PackedTable>, py::arg("obj"),
+        "Whether obj is a PackedTable whose __init__ has run (pybind11 ignores a second __init__).");
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); }, py::arg("name"));
   m.def("available_isas", [] {
     std::vector<std::string> out;
