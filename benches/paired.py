@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-ms", type=float, default=10.0,
                    help="untimed calls for this long after each block's pause, before its timed calls "
                         "(default 10; 0 times from the first call after the pause, as runs before "
-                        "2026-11-24 ~21:30 UTC did). On the Zen 5 VM calls after a 0.3 s sleep ran up "
+                        "2026-11-24 ~21:15 UTC did). On the Zen 5 VM calls after a 0.3 s sleep ran up "
                         "to 2x slow and took ~8 ms of calls to reach full speed, torch's and fastrec's "
                         "alike, which counted against whichever library makes shorter calls")
     p.add_argument("--l1-variants", action="store_true",
