@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from . import _C, _cuda
-from .tables import QuantizedTable
+from .tables import QuantizedTable, _refuse_reinit
 
 MIXED_MESSAGE = (
     "{what} is a host array while other inputs are CUDA arrays: pass the ids, offsets, weights and "
@@ -50,6 +50,7 @@ class DeviceQuantizedTable(QuantizedTable):
     """
 
     def __init__(self, data, bits, dim, layout="fbgemm"):
+        _refuse_reinit(self)
         dev = device_view(data, "packed table data")
         if dev.dtype != np.uint8:
             raise TypeError(f"packed table data must be uint8, got {dev.dtype}")

@@ -118,6 +118,15 @@ def _quantize_nbit(w: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def _refuse_reinit(table) -> None:
+    """TypeError for a second __init__ on a (host or device) quantized table: the C++ side
+    ignores it, so the call would seem to succeed and leave the table as it was (or, for a
+    device table, its new rows read with the old row format)."""
+    if _C._packed_table_initialised(table):
+        raise TypeError(f"this {type(table).__name__} is already initialised; a table cannot be re-initialised "
+                        "in place: build a new one (QuantizedTable(...), from_float, from_fbgemm or to_device)")
+
+
 class QuantizedTable(_C.PackedTable):
     """An embedding table stored row-wise quantized (8, 4 or 2 bits per value).
 
@@ -129,11 +138,7 @@ class QuantizedTable(_C.PackedTable):
     """
 
     def __init__(self, data, bits, dim, layout="fbgemm"):
-        if _C._packed_table_initialised(self):
-            # (the C++ side would ignore a second __init__: the call would seem to succeed and
-            # leave the table as it was)
-            raise TypeError("this QuantizedTable is already initialised; a table cannot be re-initialised "
-                            "in place: build a new one (QuantizedTable(...), from_float or from_fbgemm)")
+        _refuse_reinit(self)
         data = np.asarray(data)
         if data.dtype != np.uint8:
             raise TypeError(f"packed table data must be uint8, got {data.dtype}")

@@ -39,13 +39,27 @@ def test_report_p50_is_over_all_calls():
     assert "| peer | 4.000 ms |" in text
 
 
-def test_warm_up_calls_are_untimed_and_come_before_each_block():
+def test_warm_up_calls_are_untimed_and_come_before_each_block(monkeypatch):
     paired = _paired()
     log = []
+    real_warm_up = paired._warm_up
+
+    def warm_up(fn, seconds):
+        log.append("W")
+        return real_warm_up(fn, seconds)
+
+    monkeypatch.setattr(paired, "_warm_up", warm_up)
     fns = {"fastrec": lambda: log.append("a"), "peer": lambda: log.append("b")}
     times = paired.paired(fns, rounds=3, calls=4, pause=0.0, warmup=0.002)
     assert [len(b) for b in times["fastrec"]] == [4, 4, 4]
     assert [len(b) for b in times["peer"]] == [4, 4, 4]
-    # 2 first calls each, then per block: warm-up calls (at least one in 2 ms) and the 4 timed ones
-    assert log.count("a") > 2 + 3 * 4 and log.count("b") > 2 + 3 * 4
-    assert paired._warm_up(lambda: log.append("c"), 0.0) == 0
+    # two untimed first calls each, then every block: its warm-up marker, at least one warm-up
+    # call and the 4 timed calls, all of the block's own implementation, before the next marker
+    assert log[:4] == ["a", "a", "b", "b"]
+    assert log[4] == "W"
+    blocks = "".join(log[5:]).split("W")
+    assert len(blocks) == 3 * 2
+    for k, block in enumerate(blocks):
+        impl = "ab"[(k % 2 + k // 2) % 2]  # the order rotates from round to round
+        assert set(block) == {impl} and len(block) >= 1 + 4, (k, block)
+    assert real_warm_up(lambda: log.append("c"), 0.0) == 0 and "c" not in log

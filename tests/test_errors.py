@@ -223,6 +223,24 @@ def test_reinitialising_a_quantized_table_is_refused(rng):
     assert (fresh.bits, fresh.num_rows) == (4, 5)
 
 
+def test_reinitialising_a_device_quantized_table_is_refused(rng, monkeypatch):
+    # The device table's __init__ set its device rows even though the C++ side ignored the
+    # second __init__: new rows read with the old row format. Checked without a GPU: the
+    # device-array view is stubbed with the host array.
+    from types import SimpleNamespace
+
+    from fastrec import _cuda_embedding
+
+    monkeypatch.setattr(_cuda_embedding, "device_view",
+                        lambda x, name: SimpleNamespace(dtype=x.dtype, shape=x.shape, obj=x, device=0))
+    a = QuantizedTable.from_float(rng.standard_normal((10, 8)).astype(np.float32), bits=8).data
+    b = QuantizedTable.from_float(rng.standard_normal((1000, 64)).astype(np.float32), bits=4).data
+    t = _cuda_embedding.DeviceQuantizedTable(a, 8, 8)
+    with pytest.raises(TypeError, match="DeviceQuantizedTable is already initialised"):
+        t.__init__(b, 4, 64)
+    assert (t.bits, t.dim, t.num_rows) == (8, 8, 10) and t.data is a
+
+
 def test_internal_entry_points_check_their_arguments(rng):
     # fastrec's Python layer never makes these calls; _C must still refuse them cleanly
     t = np.ones((5, 4), np.float32)
