@@ -112,7 +112,7 @@ def test_cuda_not_required():
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 prefetch instructions")
 def test_embedding_kernels_keep_their_prefetches():
-    """The embedding kernels prefetch rows ahead with prefetcht2 (volatile asm). GCC once
+    """The embedding kernels prefetch rows ahead with prefetcht2 / prefetcht0 (volatile asm). GCC once
     deleted every one of them after a refactor (a prefetch changes no result), which no result
     test can see and which made DRAM-bound gathers 2-3x slower: look for them in the binary."""
     objdump = shutil.which("objdump")
@@ -123,6 +123,9 @@ def test_embedding_kernels_keep_their_prefetches():
     # ~1600 per x86 ISA level in this build, almost all in the per-row loops (the bursts at the
     # start of each job are a few hundred): a build that lost the loops' prefetches falls far short.
     assert out.count("prefetcht2") >= 1000, "the embedding kernels' row prefetches are missing from the build"
+    # prefetcht0: the L1 prefetches of quantized rows and the far prefetch of float rows into L1
+    # (Zen 5's plan): 3690 in this build, 2340 in one without the float rows' L1 variant.
+    assert out.count("prefetcht0") >= 3000, "the float rows' L1 prefetches are missing from the build"
 
 
 def test_info_into_a_closed_pipe_prints_no_traceback():
