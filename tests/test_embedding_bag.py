@@ -232,6 +232,14 @@ def test_careful_path_all_kinds(isa, rng, kind, mode, dim):
         testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
+def _assert_every_pooling_matches_oracle(table, indices, offsets, psw, *, atol):
+    """sum, weighted sum, mean and max of the bags against the float64 oracle."""
+    for mode, w in (("sum", None), ("sum", psw), ("mean", None), ("max", None)):
+        out = ops.embedding_bag(table, indices, offsets, mode=mode, per_sample_weights=w)
+        ref = testing.embedding_bag_ref(table, indices, offsets, mode=mode, per_sample_weights=w)
+        testing.assert_close(out, ref, rtol=1e-5, atol=atol)
+
+
 @pytest.mark.parametrize("l1_prefetch", [0, 1])
 @pytest.mark.parametrize("kind", ["q8", "q4", "q2"])
 @pytest.mark.parametrize("dim", [3, 64, 130])
@@ -250,10 +258,7 @@ def test_fast_path_with_and_without_l1_prefetch(isa, rng, l1_prefetch, kind, dim
     _C._set_embedding_l1_prefetch(l1_prefetch)
     try:
         assert _C._embedding_l1_prefetch() == bool(l1_prefetch)
-        for mode, w in (("sum", None), ("sum", psw), ("mean", None), ("max", None)):
-            out = ops.embedding_bag(table, indices, offsets, mode=mode, per_sample_weights=w)
-            ref = testing.embedding_bag_ref(table, indices, offsets, mode=mode, per_sample_weights=w)
-            testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+        _assert_every_pooling_matches_oracle(table, indices, offsets, psw, atol=1e-4)
     finally:
         _C._set_embedding_l1_prefetch(-1)
     assert _C._embedding_l1_prefetch() == (not _C._cpu_vendor_amd())
@@ -288,10 +293,7 @@ def test_fast_path_of_float_rows_with_either_prefetch(isa, rng, float_l1, dtype,
     _C._set_embedding_float_l1_prefetch(float_l1)
     try:
         assert _C._embedding_float_l1_prefetch() == bool(float_l1)
-        for mode, w in (("sum", None), ("sum", psw), ("mean", None), ("max", None)):
-            out = ops.embedding_bag(W, indices, offsets, mode=mode, per_sample_weights=w)
-            ref = testing.embedding_bag_ref(W, indices, offsets, mode=mode, per_sample_weights=w)
-            testing.assert_close(out, ref, rtol=1e-5, atol=atol)
+        _assert_every_pooling_matches_oracle(W, indices, offsets, psw, atol=atol)
     finally:
         _C._set_embedding_float_l1_prefetch(-1)
     assert _C._embedding_float_l1_prefetch() == (_C._cpu_vendor_amd() and _C._cpu_family() >= 26)

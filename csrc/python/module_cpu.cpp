@@ -31,29 +31,30 @@ using namespace fastrec;
 
 namespace {
 
-// The C++ object behind `self`, refusing an instance whose __init__ never ran (made with
-// `cls.__new__(cls)`): pybind11 would hand out its unconstructed storage, and reading it
-// crashed. TypeError for an object of another type too.
-// (On every call's path, once per table: one type lookup, not two. Reading the C++ object
-// after a separate is_initialised() made the 26-table B=1 request ~1 us slower.)
+// The C++ object behind `self`, an instance of T, or nullptr while its __init__ has not run
+// (made with `cls.__new__(cls)`: pybind11 would hand out its unconstructed storage, and
+// reading it crashed). One type lookup: initialised() runs once per table on every call's path.
+template <class T>
+T* constructed(py::handle self) {
+  auto* inst = reinterpret_cast<py::detail::instance*>(self.ptr());
+  auto vh = inst->get_value_and_holder(py::detail::get_type_info(typeid(T)), /*throw_if_missing=*/false);
+  return vh && vh.holder_constructed() ? vh.template value_ptr<T>() : nullptr;
+}
+
+// The C++ object behind `self`: TypeError for an object of another type or one whose
+// __init__ never ran.
 template <class T>
 T& initialised(py::handle self, const char* what) {
   if (!py::isinstance<T>(self)) throw py::type_error(std::string("expected a ") + what);
-  auto* inst = reinterpret_cast<py::detail::instance*>(self.ptr());
-  auto vh = inst->get_value_and_holder(py::detail::get_type_info(typeid(T)), /*throw_if_missing=*/false);
-  if (!vh || !vh.holder_constructed()) {
-    throw py::type_error(std::string(what) + " is not initialised (its __init__ was never called)");
-  }
-  return *vh.template value_ptr<T>();
+  T* obj = constructed<T>(self);
+  if (obj == nullptr) throw py::type_error(std::string(what) + " is not initialised (its __init__ was never called)");
+  return *obj;
 }
 
 // Whether self is a T whose __init__ has run (pybind11 ignores a second __init__).
 template <class T>
 bool is_initialised(py::handle self) {
-  if (!py::isinstance<T>(self)) return false;
-  auto* inst = reinterpret_cast<py::detail::instance*>(self.ptr());
-  auto vh = inst->get_value_and_holder(py::detail::get_type_info(typeid(T)), /*throw_if_missing=*/false);
-  return vh && vh.holder_constructed();
+  return py::isinstance<T>(self) && constructed<T>(self) != nullptr;
 }
 
 // A sequence of T objects (Int8LayerCore, ItemBlock) as shared pointers: TypeError for None,
