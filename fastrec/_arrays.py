@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def check_index_dtype(dtype, name: str) -> None:
+    """TypeError unless ``dtype`` is int32 or int64 (ids and offsets, host or device)."""
+    if dtype != np.int64 and dtype != np.int32:
+        raise TypeError(f"{name} must be int32 or int64, got {dtype}")
+
+
 def as_numpy(x):
     """A numpy array for x: torch tensors (any device) are moved to the CPU without a copy
     when already there, bfloat16 (which numpy lacks) becomes float32; anything else goes

@@ -15,10 +15,12 @@ Nothing here imports torch or CuPy: their arrays are only met when a caller pass
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
 from . import _C, _cuda
+from ._arrays import check_index_dtype
 from .tables import QuantizedTable, _refuse_reinit
 
 MIXED_MESSAGE = (
@@ -60,6 +62,11 @@ class DeviceQuantizedTable(QuantizedTable):
         # the same width; the rows themselves stay on the GPU.
         _C.PackedTable.__init__(self, np.empty((0, dev.shape[1]), dtype=np.uint8), int(bits), int(dim), layout)
         self._dev = dev
+        # What the launcher takes, worked out once: the table cannot be re-initialised, so
+        # these never change (a call then costs a tuple read per table, not ~3 us of lookups).
+        tbe = self.layout == "tbe"
+        kind = {8: _KIND_Q8_HALF if tbe else _KIND_Q8, 4: _KIND_Q4, 2: _KIND_Q2}[self.bits]
+        self._head = (dev.ptr, int(dev.shape[0]), int(self.dim), int(self.row_stride), kind, tbe)
 
     @property
     def data(self):
@@ -238,34 +245,66 @@ def any_device_table(tables) -> bool:
     return False
 
 
-class _Table:
-    """A table as the launcher takes it."""
+def _general_head(t, index: int, device: int):
+    """(head, keep) for table ``index`` of any kind the GPU op takes: ``head`` is the
+    launcher's (ptr, rows, dim, row_stride, kind, tbe), ``keep`` the array it points into (a
+    contiguous copy of a strided table, or a bfloat16 table's float32 copy, must outlive the
+    call). Raises the op's TypeError / ValueError for anything else."""
+    if isinstance(t, DeviceQuantizedTable):
+        _same_device(t._dev, f"table {index}", device)
+        return t._head, t
+    if isinstance(t, QuantizedTable):
+        raise TypeError(MIXED_MESSAGE.format(what=f"table {index} (a host QuantizedTable; use .to_device())"))
+    dev = device_view(t, f"table {index}")
+    if dev.dtype == np.float32:
+        kind = _KIND_F32
+    elif dev.dtype == np.float16:
+        kind = _KIND_F16
+    else:
+        raise TypeError(f"table {index} must be float32 or float16 (or a QuantizedTable), got {dev.dtype}")
+    if len(dev.shape) != 2:
+        raise ValueError(f"table {index} must be 2-D (rows, dim), got {len(dev.shape)}-D")
+    _same_device(dev, f"table {index}", device)
+    rows, dim = dev.shape
+    return (dev.ptr, int(rows), int(dim), int(dim) * dev.dtype.itemsize, kind, False), dev
 
-    __slots__ = ("args", "rows", "dim", "keep")
 
-    def __init__(self, t, index: int, device: int):
-        if isinstance(t, DeviceQuantizedTable):
-            dev = t._dev
-            bits, tbe = t.bits, t.layout == "tbe"
-            kind = {8: _KIND_Q8_HALF if tbe else _KIND_Q8, 4: _KIND_Q4, 2: _KIND_Q2}[bits]
-            rows, dim, stride = t.num_rows, t.dim, t.row_stride
-        else:
-            if isinstance(t, QuantizedTable):
-                raise TypeError(MIXED_MESSAGE.format(what=f"table {index} (a host QuantizedTable; use .to_device())"))
-            dev = device_view(t, f"table {index}")
-            if dev.dtype == np.float32:
-                kind = _KIND_F32
-            elif dev.dtype == np.float16:
-                kind = _KIND_F16
-            else:
-                raise TypeError(f"table {index} must be float32 or float16 (or a QuantizedTable), got {dev.dtype}")
-            if len(dev.shape) != 2:
-                raise ValueError(f"table {index} must be 2-D (rows, dim), got {len(dev.shape)}-D")
-            rows, dim = dev.shape
-            stride, tbe = dim * dev.dtype.itemsize, False
-        _same_device(dev, f"table {index}", device)
-        self.rows, self.dim, self.keep = int(rows), int(dim), dev
-        self.args = [dev.ptr, self.rows, self.dim, int(stride), kind, tbe, 0, -1]
+_TORCH_FLOAT_KINDS: dict = {}  # torch.float32 / torch.float16 -> (kind, bytes a value), on first use
+
+
+def _torch_float_head(t, device: int):
+    """The launcher's head of a 2-D contiguous float32 / float16 CUDA tensor on ``device``, read
+    straight off the tensor (~0.5 us, against ~4 us through a DeviceArray); None for any other
+    tensor, which then takes :func:`_general_head` (its copies, checks and messages)."""
+    if not _TORCH_FLOAT_KINDS:
+        import torch
+
+        _TORCH_FLOAT_KINDS.update({torch.float32: (_KIND_F32, 4), torch.float16: (_KIND_F16, 2)})
+    kind = _TORCH_FLOAT_KINDS.get(t.dtype)
+    if kind is None or not t.is_cuda or t.dim() != 2 or not t.is_contiguous() or t.get_device() != device:
+        return None
+    rows, dim = t.shape
+    return (t.data_ptr(), rows, dim, dim * kind[1], kind[0], False)
+
+
+def _table_heads(tables, device: int):
+    """(heads, keep): the launcher's head of every table, and the arrays to keep alive."""
+    torch = sys.modules.get("torch")
+    tensor = torch.Tensor if torch is not None else None
+    heads, keep = [], []
+    for i, t in enumerate(tables):
+        if type(t) is DeviceQuantizedTable and t._dev.device == device:
+            heads.append(t._head)
+            continue
+        if tensor is not None and isinstance(t, tensor):  # (Parameters too: nn.Embedding weights)
+            head = _torch_float_head(t, device)
+            if head is not None:
+                heads.append(head)
+                continue
+        head, k = _general_head(t, i, device)
+        heads.append(head)
+        keep.append(k)
+    return heads, keep
 
 
 def _same_device(a: _cuda.DeviceArray, name: str, device: int) -> None:
@@ -275,15 +314,14 @@ def _same_device(a: _cuda.DeviceArray, name: str, device: int) -> None:
 
 
 def _index_view(x, name: str) -> _cuda.DeviceArray:
-    from .ops import _check_index_dtype
-
     v = device_view(x, name)
-    _check_index_dtype(v.dtype, name)
+    check_index_dtype(v.dtype, name)
     return v
 
 
-def _launch(tables, codes, pads, idx, off, fixed_len, num_offsets, per_sample_weights):
-    """Runs the kernel for normalised inputs; returns the output array of idx's framework."""
+def _launch(heads, codes, pads, idx, off, fixed_len, num_offsets, per_sample_weights):
+    """Runs the kernel for normalised inputs (``heads`` from :func:`_table_heads`); returns the
+    output array of idx's framework."""
     n = idx.size
     psw = None
     if per_sample_weights is not None:
@@ -292,15 +330,13 @@ def _launch(tables, codes, pads, idx, off, fixed_len, num_offsets, per_sample_we
         psw = device_view(per_sample_weights, "per_sample_weights")
         _check_weights(psw.dtype, psw.shape, n, idx.shape)
         _same_device(psw, "per_sample_weights", idx.device)
-    T = len(tables)
+    T = len(heads)
     if (num_offsets - 1) % T != 0:
         raise ValueError(f"offsets must have length T*B + 1 (T={T} tables), got length {num_offsets}")
     B = (num_offsets - 1) // T
-    for t, c, p in zip(tables, codes, pads):
-        t.args[6], t.args[7] = c, p
-    out = _cuda.empty(idx, (B, sum(t.dim for t in tables)), np.float32)
+    out = _cuda.empty(idx, (B, sum(h[2] for h in heads)), np.float32)
     _embedding_backend().embedding_bags(
-        [t.args for t in tables], idx.ptr, n, idx.dtype == np.int64,
+        [h + (c, p) for h, c, p in zip(heads, codes, pads)], idx.ptr, n, idx.dtype == np.int64,
         0 if off is None else off.ptr, num_offsets, off is not None and off.dtype == np.int64,
         -1 if fixed_len is None else fixed_len, 0 if psw is None else psw.ptr, out.ptr,
         idx.device, _cuda.stream(idx))
@@ -322,9 +358,11 @@ def embedding_bag(weight, indices, offsets, code: int, per_sample_weights, paddi
         _check_bag_shapes(idx.shape, off.shape)
         _same_device(off, "offsets", idx.device)
         fixed_len, num_offsets = None, off.shape[0]
-    table = _Table(weight, 0, idx.device)
-    pad = _padding_code(padding_idx, table.rows)
-    return _launch([table], (code,), (pad,), idx, off, fixed_len, num_offsets, per_sample_weights)
+    heads, keep = _table_heads((weight,), idx.device)
+    pad = _padding_code(padding_idx, heads[0][1])
+    out = _launch(heads, (code,), (pad,), idx, off, fixed_len, num_offsets, per_sample_weights)
+    del keep  # (alive until the launcher, which waits for the kernel, has returned)
+    return out
 
 
 def embedding_bags(tables, indices, offsets, codes, per_sample_weights, padding_idx):
@@ -339,6 +377,8 @@ def embedding_bags(tables, indices, offsets, codes, per_sample_weights, padding_
     if len(off.shape) != 1:
         raise ValueError(f"offsets must be 1-D, got {len(off.shape)}-D")
     _same_device(off, "offsets", idx.device)
-    views = [_Table(t, i, idx.device) for i, t in enumerate(tables)]
-    pads = _padding_codes(padding_idx, len(views), lambda t: views[t].rows)
-    return _launch(views, codes, pads, idx, off, None, off.shape[0], per_sample_weights)
+    heads, keep = _table_heads(tables, idx.device)
+    pads = _padding_codes(padding_idx, len(heads), lambda t: heads[t][1])
+    out = _launch(heads, codes, pads, idx, off, None, off.shape[0], per_sample_weights)
+    del keep  # (alive until the launcher, which waits for the kernel, has returned)
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C, _cuda, _cuda_embedding
-from ._arrays import as_numpy, float_input, native
+from ._arrays import as_numpy, check_index_dtype, float_input, native
 from .tables import QuantizedTable
 
 __all__ = ["embedding_bag", "embedding_bags", "int8_linear", "topk"]
@@ -27,11 +27,6 @@ def _mode_code(mode) -> int:
         raise ValueError(f"mode must be one of 'sum', 'mean', 'max', got {mode!r}") from None
 
 
-def _check_index_dtype(dtype, name: str) -> None:
-    if dtype != np.int64 and dtype != np.int32:
-        raise TypeError(f"{name} must be int32 or int64, got {dtype}")
-
-
 def _index_array(x, name: str) -> np.ndarray:
     """An int32/int64 ndarray (no copy when it already is one; ndarray subclasses as plain arrays)."""
     if type(x) is not np.ndarray:
@@ -40,7 +35,7 @@ def _index_array(x, name: str) -> np.ndarray:
             x = x.astype(np.int64)
     if x.dtype != np.int64 and x.dtype != np.int32:
         x = native(x)  # byte-swapped int32 / int64 (as tables are): one native copy
-        _check_index_dtype(x.dtype, name)
+        check_index_dtype(x.dtype, name)
     return x
 
 

@@ -428,6 +428,25 @@ def test_bad_offsets_multi_table(to_device):
         ops.embedding_bags([to_device(W), to_device(W)], idx, to_device(np.array([0, 2, 1, 2, 3])))
 
 
+def test_torch_fast_path_reads_tables_as_the_general_path_does(to_device, rng):
+    # _table_heads reads torch float tables straight off the tensor; anything it does not take
+    # must fall back to the general path (copies, errors) and be None here.
+    from fastrec import _cuda_embedding as ce
+
+    if _framework(to_device(np.zeros(1))) != "torch":
+        pytest.skip("the fast path is for torch tensors")
+    import torch
+
+    W = rng.standard_normal((9, 6)).astype(np.float32)
+    for t in (to_device(W), to_device(W.astype(np.float16)), torch.nn.Parameter(to_device(W))):
+        dev = t.get_device()
+        assert ce._torch_float_head(t, dev) == ce._general_head(t, 0, dev)[0]
+    t = to_device(W)
+    for other in (t[:, ::2], t.to(torch.bfloat16), t.double(), t.reshape(-1), t.cpu()):
+        assert ce._torch_float_head(other, t.get_device()) is None
+    assert ce._torch_float_head(t, t.get_device() + 1) is None
+
+
 def test_bad_types_and_shapes(to_device):
     W = np.arange(40, dtype=np.float32).reshape(10, 4)
     idx = np.array([1, 2, 3], dtype=np.int64)

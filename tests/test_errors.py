@@ -232,13 +232,15 @@ def test_reinitialising_a_device_quantized_table_is_refused(rng, monkeypatch):
     from fastrec import _cuda_embedding
 
     monkeypatch.setattr(_cuda_embedding, "device_view",
-                        lambda x, name: SimpleNamespace(dtype=x.dtype, shape=x.shape, obj=x, device=0))
+                        lambda x, name: SimpleNamespace(dtype=x.dtype, shape=x.shape, obj=x, device=0,
+                                                        ptr=x.ctypes.data))
     a = QuantizedTable.from_float(rng.standard_normal((10, 8)).astype(np.float32), bits=8).data
     b = QuantizedTable.from_float(rng.standard_normal((1000, 64)).astype(np.float32), bits=4).data
     t = _cuda_embedding.DeviceQuantizedTable(a, 8, 8)
     with pytest.raises(TypeError, match="DeviceQuantizedTable is already initialised"):
         t.__init__(b, 4, 64)
     assert (t.bits, t.dim, t.num_rows) == (8, 8, 10) and t.data is a
+    assert t._head == (a.ctypes.data, 10, 8, a.shape[1], 2, False)  # what the launcher gets: a's rows, 8-bit
 
 
 def test_internal_entry_points_check_their_arguments(rng):

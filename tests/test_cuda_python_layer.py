@@ -1,0 +1,176 @@
+"""The Python layer of the CUDA embedding op (fastrec/_cuda_embedding.py), on a machine without a
+GPU: what it hands the launcher, checked by running those arguments through the CPU op.
+
+CPU torch tensors stand in for CUDA tensors (``torch.Tensor.is_cuda`` reads True for the test's
+duration), and the launcher is replaced by :class:`HostLauncher`, which rebuilds the tables,
+ids, offsets and weights from the raw pointers and sizes it is given and pools them with the CPU
+op into the output pointer. A wrong pointer, row count, stride, row kind, mode or padding code
+changes the result, so these tests hold the argument marshalling (the torch fast path, the
+general path's copies, DeviceQuantizedTable's precomputed launch arguments) to the CPU op.
+The kernels themselves are tested on a GPU (tests/test_cuda_embedding.py).
+"""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from fastrec import QuantizedTable, _cuda, _cuda_embedding, ops, testing
+from test_embedding_bags import _kjt
+from test_quantized_table import _to_tbe
+
+torch = pytest.importorskip("torch")
+
+_KIND_DTYPES = {0: np.float32, 1: np.float16}
+_KIND_BITS = {2: 8, 3: 4, 4: 2, 5: 8}
+_MODES = ("sum", "mean", "max")
+
+
+def _host(ptr: int, nbytes: int) -> np.ndarray:
+    """The nbytes of host memory at ptr, as a writable uint8 array (no copy)."""
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=np.uint8)
+
+
+class HostLauncher:
+    """``_C_cuda.embedding_bags``'s signature, run by the CPU op on host pointers."""
+
+    def __init__(self):
+        self.calls = []
+
+    def embedding_bags(self, tables, indices, num_indices, indices_int64, offsets, num_offsets, offsets_int64,
+                       fixed_len, per_sample_weights, out, device, stream):
+        self.calls.append(tables)
+        host_tables, modes, pads = [], [], []
+        for ptr, rows, dim, stride, kind, tbe, mode, pad in tables:
+            data = _host(ptr, rows * stride)
+            if kind in _KIND_DTYPES:
+                assert stride == dim * np.dtype(_KIND_DTYPES[kind]).itemsize
+                host_tables.append(data.view(_KIND_DTYPES[kind]).reshape(rows, dim))
+            else:
+                assert tbe or kind != 5  # (kind 5: 8-bit rows with fp16 scale and bias, TBE only)
+                layout = "tbe" if tbe else "fbgemm"
+                host_tables.append(QuantizedTable(data.reshape(rows, stride), _KIND_BITS[kind], dim, layout))
+            modes.append(_MODES[mode])
+            pads.append(None if pad < 0 else pad)
+        ids = _host(indices, num_indices * (8 if indices_int64 else 4)).view(np.int64 if indices_int64 else np.int32)
+        psw = None if not per_sample_weights else _host(per_sample_weights, num_indices * 4).view(np.float32)
+        if fixed_len >= 0:
+            B = num_offsets - 1
+            res = ops.embedding_bag(host_tables[0], ids.reshape(B, fixed_len), mode=modes[0],
+                                    per_sample_weights=None if psw is None else psw.reshape(B, fixed_len),
+                                    padding_idx=pads[0])
+        else:
+            off = _host(offsets, num_offsets * (8 if offsets_int64 else 4)).view(np.int64 if offsets_int64 else np.int32)
+            res = ops.embedding_bags(host_tables, ids, off, modes=modes, per_sample_weights=psw, padding_idx=pads)
+        _host(out, res.nbytes).view(np.float32)[:] = res.reshape(-1)
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    """CPU tensors pass for CUDA tensors on 'device' -1 (their get_device()); the launcher is a
+    HostLauncher; no stream or graph capture to ask torch about."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True), raising=False)
+    monkeypatch.setattr(_cuda, "stream", lambda a: 0)
+    monkeypatch.setattr(_cuda, "refuse_capture_for", lambda x, what: None)
+    host = HostLauncher()
+    monkeypatch.setattr(_cuda_embedding, "_embedding_backend", lambda: host)
+    return host
+
+
+def _tables(rng):
+    """(host tables, the same tables as the GPU op takes them) in every format: torch float32 and
+    float16, a strided and a bfloat16 tensor (copied by the general path), a Parameter, and
+    8/4/2-bit QuantizedTables in both layouts on the 'device'."""
+    dims = [8, 3, 64, 16, 5, 12, 7, 9, 24, 6]
+    Ws = [rng.standard_normal((int(rng.integers(5, 40)), d)).astype(np.float32) for d in dims]
+    host, dev = [], []
+    host.append(Ws[0]); dev.append(torch.from_numpy(Ws[0].copy()))
+    host.append(Ws[1].astype(np.float16)); dev.append(torch.from_numpy(Ws[1].astype(np.float16)))
+    wide = np.zeros((Ws[2].shape[0], 2 * Ws[2].shape[1]), np.float32)
+    wide[:, ::2] = Ws[2]
+    host.append(Ws[2]); dev.append(torch.from_numpy(wide)[:, ::2])  # strided: a contiguous copy
+    bf = torch.from_numpy(Ws[3]).to(torch.bfloat16)
+    host.append(bf.float().numpy()); dev.append(bf)  # bfloat16: a float32 copy, as on the CPU
+    host.append(Ws[4]); dev.append(torch.nn.Parameter(torch.from_numpy(Ws[4].copy())))
+    for W, bits, tbe in zip(Ws[5:], (8, 4, 2, 8, 4), (False, False, False, True, True)):
+        qt = QuantizedTable.from_float(W, bits=bits)
+        if tbe:
+            qt = QuantizedTable.from_fbgemm(_to_tbe(qt.to_fbgemm(), bits, qt.dim, 16), bits, layout="tbe", dim=qt.dim)
+        host.append(qt)
+        dev.append(_cuda_embedding.DeviceQuantizedTable(torch.from_numpy(qt.data.copy()), qt.bits, qt.dim, qt.layout))
+    return host, dev
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_many_tables_reach_the_launcher_as_the_cpu_op_reads_them(launcher, rng, dtype, weighted):
+    host, dev = _tables(rng)
+    T, B = len(host), 7
+    rows = [t.shape[0] if isinstance(t, np.ndarray) else t.num_rows for t in host]
+    idx, off = _kjt(rng, T, B, rows, dtype=dtype)
+    psw = rng.standard_normal(idx.shape[0]).astype(np.float32) if weighted else None
+    modes = "sum" if weighted else [_MODES[t % 3] for t in range(T)]
+    pads = [None if t % 4 else int(rng.integers(0, rows[t])) for t in range(T)]
+    want = ops.embedding_bags(host, idx, off, modes=modes, per_sample_weights=psw, padding_idx=pads)
+    got = ops.embedding_bags(dev, torch.from_numpy(idx), torch.from_numpy(off), modes=modes,
+                             per_sample_weights=None if psw is None else torch.from_numpy(psw), padding_idx=pads)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    testing.assert_close(got.numpy(), want, rtol=1e-6, atol=1e-6)
+    assert len(launcher.calls) == 1 and len(launcher.calls[0]) == T
+    # Tensors the op can read in place are passed in place; the strided and bfloat16 ones are copies.
+    ptrs = [head[0] for head in launcher.calls[0]]
+    assert ptrs[0] == dev[0].data_ptr() and ptrs[1] == dev[1].data_ptr() and ptrs[4] == dev[4].data_ptr()
+    assert ptrs[2] != dev[2].data_ptr() and ptrs[3] != dev[3].data_ptr()
+    assert all(ptrs[t] == dev[t].data.data_ptr() for t in range(5, T))
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8", "q4-tbe"])
+def test_one_table_with_2d_ids_and_with_offsets(launcher, rng, kind):
+    W = rng.standard_normal((30, 10)).astype(np.float32)
+    if kind == "f32":
+        host, dev = W, torch.from_numpy(W.copy())
+    elif kind == "f16":
+        host = W.astype(np.float16)
+        dev = torch.from_numpy(host.copy())
+    else:
+        host = QuantizedTable.from_float(W, bits=int(kind[1]))
+        if kind.endswith("tbe"):
+            host = QuantizedTable.from_fbgemm(_to_tbe(host.to_fbgemm(), host.bits, host.dim, 16), host.bits,
+                                              layout="tbe", dim=host.dim)
+        dev = _cuda_embedding.DeviceQuantizedTable(torch.from_numpy(host.data.copy()), host.bits, host.dim, host.layout)
+    ids2 = rng.integers(0, 30, size=(6, 4))
+    for mode in _MODES:
+        want = ops.embedding_bag(host, ids2, mode=mode, padding_idx=3)
+        got = ops.embedding_bag(dev, torch.from_numpy(ids2), mode=mode, padding_idx=3)
+        testing.assert_close(got.numpy(), want, rtol=1e-6, atol=1e-6)
+    idx = rng.integers(0, 30, size=17)
+    off = np.array([0, 0, 5, 9, 17])
+    want = ops.embedding_bag(host, idx, off, mode="mean")
+    got = ops.embedding_bag(dev, torch.from_numpy(idx), torch.from_numpy(off), mode="mean")
+    testing.assert_close(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_errors_of_the_general_path_are_kept(launcher):
+    idx, off = torch.tensor([1, 2]), torch.tensor([0, 1, 2])
+    W = torch.zeros((4, 3))
+    with pytest.raises(TypeError, match="table 1 must be float32 or float16"):
+        ops.embedding_bags([W, W.double()], idx, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="table 0 must be 2-D"):
+        ops.embedding_bag(W.reshape(-1), idx, off)
+    with pytest.raises(TypeError, match="host QuantizedTable"):
+        ops.embedding_bags([W, QuantizedTable.from_float(np.zeros((4, 3), np.float32))], idx, off)
+    with pytest.raises(TypeError, match="indices must be int32 or int64"):
+        ops.embedding_bag(W, idx.float(), off)
+    assert not launcher.calls  # refused before anything reached the launcher
+
+
+def test_a_quantized_tables_launch_arguments_are_worked_out_once(launcher):
+    qt = QuantizedTable.from_float(np.ones((4, 8), np.float32), bits=4)
+    dev = _cuda_embedding.DeviceQuantizedTable(torch.from_numpy(qt.data.copy()), 4, 8)
+    head = dev._head
+    assert head == (dev.data.data_ptr(), 4, 8, qt.row_stride, 3, False)
+    ops.embedding_bag(dev, torch.tensor([[0, 3]]))
+    ops.embedding_bag(dev, torch.tensor([[1, 2]]))
+    assert [c[0][:6] for c in launcher.calls] == [head, head]
