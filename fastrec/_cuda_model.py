@@ -39,7 +39,7 @@ import warnings
 
 import numpy as np
 
-from . import _cuda, ops
+from . import _cuda, _cuda_embedding
 from ._arrays import as_numpy, float_input
 from .linear import Int8MLP
 from .model import _FloatMLP, _Int8MLPRunner, _host_ids, _offsets_message
@@ -139,6 +139,7 @@ class _Torch:
         self.linear = torch.nn.functional.linear
         self.index = index
         self.device = torch.device("cuda", index)
+        self.id_dtypes = (torch.int32, torch.int64)
 
     def context(self):
         return contextlib.nullcontext()
@@ -289,8 +290,7 @@ class _DeviceGroup:
 
     def __init__(self, group, tables, fw):
         self.group = group
-        self.tables = list(tables)
-        self.modes = list(group.modes)
+        self.bags = _cuda_embedding.PreparedBags(tables, list(group.modes), fw.index)
         self.columns = None if group.columns is None else fw.upload(group.columns.astype(np.int64))
 
 
@@ -437,6 +437,10 @@ class CudaModel:
 
     def _ids(self, x, what: str):
         """(device int32/int64 1-D array, its length)."""
+        if self.framework == "torch" and type(x) is self.fw.t.Tensor:  # the common case, read off the tensor
+            if (x.is_cuda and x.dtype in self.fw.id_dtypes and x.dim() == 1 and x.is_contiguous()
+                    and x.get_device() == self.index):
+                return x, x.shape[0]
         if not _cuda.is_device_array(x):
             h, n = _host_ids(x, what)
             return self.fw.upload(h), n
@@ -470,7 +474,7 @@ class CudaModel:
 
     def _embed(self, g: _DeviceGroup, sparse, indices, offsets, starts):
         try:
-            out = ops.embedding_bags(g.tables, indices, offsets, modes=g.modes)
+            out = g.bags(indices, offsets)
         except IndexError as exc:
             raise IndexError(g.group._index_message(str(exc), starts)) from None
         except ValueError:

@@ -262,6 +262,13 @@ def test_cross_framework_inputs(rng, model_dir):
 
 # ---- errors -------------------------------------------------------------------------------
 
+def bad_id_request(sparse, ref):
+    """(sparse with an id one past feature C2's table, the IndexError message that names it)."""
+    rows = ref["rows"][1]
+    bad = {**sparse, "C2": (np.array([0, rows]), np.array([0, 0, 1, 2]))}
+    return bad, rf"feature 'C2' \(table 't1'\): id {rows} at position 1 of its indices"
+
+
 @needs_cuda
 def test_dlrm_errors_on_gpu(rng, model_dir, dev):
     fw, to_device = dev
@@ -286,9 +293,7 @@ def test_dlrm_errors_on_gpu(rng, model_dir, dev):
     with pytest.raises(TypeError, match="int32 or int64"):
         gpu.score(dense, {**dsparse, "C1": (to_device(np.zeros(1, np.float32)), to_device(np.array([0, 1, 1, 1])))})
     # a bad id: IndexError naming the feature and table, for every input form
-    rows = ref["rows"][1]
-    bad = {**sparse, "C2": (np.array([0, rows]), np.array([0, 0, 1, 2]))}
-    msg = rf"feature 'C2' \(table 't1'\): id {rows} at position 1 of its indices"
+    bad, msg = bad_id_request(sparse, ref)
     with pytest.raises(IndexError, match=msg):
         gpu.score(dense, bad)
     with pytest.raises(IndexError, match=msg):

@@ -74,6 +74,7 @@ def launcher(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True), raising=False)
     monkeypatch.setattr(_cuda, "stream", lambda a: 0)
     monkeypatch.setattr(_cuda, "refuse_capture_for", lambda x, what: None)
+    monkeypatch.setattr(_cuda, "refuse_capture", lambda framework, device, what: None)
     host = HostLauncher()
     monkeypatch.setattr(_cuda_embedding, "_embedding_backend", lambda: host)
     return host
@@ -174,3 +175,91 @@ def test_a_quantized_tables_launch_arguments_are_worked_out_once(launcher):
     ops.embedding_bag(dev, torch.tensor([[0, 3]]))
     ops.embedding_bag(dev, torch.tensor([[1, 2]]))
     assert [c[0][:6] for c in launcher.calls] == [head, head]
+
+
+# ---- the GPU model runtime (fastrec/_cuda_model.py) on the stand-in --------------------------
+
+
+@pytest.fixture
+def standin_model(launcher, monkeypatch):
+    """A function making the GPU runtime of a loaded (CPU) model on the stand-in: its torch
+    device is the CPU, its 'device' index -1, quantized tables become DeviceQuantizedTables on
+    CPU tensors. Only float MLPs: an int8 MLP needs the compiled CUDA module."""
+    from fastrec import _cuda_model
+
+    class HostTorch(_cuda_model._Torch):
+        def __init__(self, index):
+            super().__init__(0)
+            self.index, self.device = index, torch.device("cpu")
+
+    monkeypatch.setattr(_cuda_model, "_Torch", HostTorch)
+    monkeypatch.setattr(_cuda_model.CudaModel, "_sync", lambda self: None)
+    monkeypatch.setattr(QuantizedTable, "to_device", lambda self, like="torch", device=None:
+                        _cuda_embedding.DeviceQuantizedTable(torch.from_numpy(self.data.copy()), self.bits,
+                                                             self.dim, self.layout))
+    return lambda model: _cuda_model.CudaModel(model, -1, "torch")
+
+
+def _dlrm(rng, tmp_path, precision="fp32", storages=("fp32", "q8", "fp32")):
+    import fastrec
+    from fastrec.io import write_model
+    from test_model_runtime import build_dlrm
+
+    m, tensors, ref = build_dlrm(rng, precision=precision, storages=storages, bottom=(16,), top=(12,))
+    write_model(tmp_path / "m", m, tensors)
+    return fastrec.load(str(tmp_path / "m")), ref
+
+
+def _tensors(sparse):
+    return {f: (torch.from_numpy(i), torch.from_numpy(o)) for f, (i, o) in sparse.items()}
+
+
+@pytest.mark.parametrize("precision,storages", [("fp32", ("fp32", "q8", "fp32")),
+                                                ("fp32", ("q4", "fp32", "q4", "fp16")),
+                                                ("fp16", ("fp16", "fp16", "fp16"))])
+def test_gpu_dlrm_runtime_matches_the_cpu_model(standin_model, launcher, rng, tmp_path, precision, storages):
+    from test_model_runtime import random_sparse, table_major
+
+    cpu, ref = _dlrm(rng, tmp_path, precision, storages)
+    gpu = standin_model(cpu)
+    for B in (0, 1, 3, 17):
+        dense = rng.standard_normal((B, 5)).astype(np.float32)
+        sparse = random_sparse(rng, ref["features"], ref["rows"], B)
+        want = cpu.score(dense, sparse)
+        pair = table_major(sparse, ref["features"])
+        for d, s in ((dense, sparse), (torch.from_numpy(dense), _tensors(sparse)),
+                     (torch.from_numpy(dense), tuple(torch.from_numpy(a) for a in pair)),
+                     (torch.from_numpy(dense), {f: (torch.from_numpy(i.astype(np.int32)), torch.from_numpy(o))
+                                                for f, (i, o) in sparse.items()})):
+            got = gpu.score(d, s)
+            assert isinstance(got, torch.Tensor) and got.shape == (B,)
+            testing.assert_close(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    # one kernel call per score, over every table
+    assert len(launcher.calls) == 16 and all(len(c) == len(storages) for c in launcher.calls)
+
+
+def test_gpu_dlrm_runtime_names_the_feature_of_a_bad_input(standin_model, rng, tmp_path):
+    from test_cuda_model import bad_id_request
+    from test_model_runtime import random_sparse, table_major
+
+    cpu, ref = _dlrm(rng, tmp_path)
+    gpu = standin_model(cpu)
+    dense = torch.from_numpy(rng.standard_normal((3, 5)).astype(np.float32))
+    sparse = random_sparse(rng, ref["features"], ref["rows"], 3)
+    bad, msg = bad_id_request(sparse, ref)
+    with pytest.raises(IndexError, match=msg):
+        gpu.score(dense, bad)
+    with pytest.raises(IndexError, match=msg):
+        gpu.score(dense, _tensors(bad))
+    with pytest.raises(IndexError, match="feature 'C2'"):
+        gpu.score(dense, tuple(torch.from_numpy(a) for a in table_major(bad, ref["features"])))
+    for off in ([1, 1, 2, 2], [0, 1, 1, 1], [0, 2, 1, 2]):
+        with pytest.raises(ValueError, match="C3.*offsets"):
+            gpu.score(dense, {**_tensors(sparse), "C3": (torch.tensor([0, 1]), torch.tensor(off))})
+    with pytest.raises(TypeError, match="int32 or int64"):
+        gpu.score(dense, {**_tensors(sparse), "C1": (torch.zeros(1), torch.tensor([0, 1, 1, 1]))})
+    with pytest.raises(ValueError, match="C2.*bags, expected 3"):
+        gpu.score(dense, {**_tensors(sparse), "C2": (torch.tensor([0]), torch.tensor([0, 1, 1]))})
+    with pytest.raises(ValueError, match="1-D"):
+        gpu.score(dense, {**_tensors(sparse), "C1": (torch.zeros((1, 1), dtype=torch.int64),
+                                                     torch.tensor([0, 1, 1, 1]))})
