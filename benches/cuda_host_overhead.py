@@ -1,0 +1,117 @@
+"""Host-side (Python) cost of fastrec's CUDA calls, measurable on any machine, GPU or not.
+
+    python benches/cuda_host_overhead.py [--tables 26] [--calls 3000]
+
+CPU torch tensors stand in for CUDA tensors (``torch.Tensor.is_cuda`` reads True), the launcher
+is replaced by one that only zero-fills the output, and the model's torch device is the CPU: what
+is left is the work fastrec's Python layer does per call before the kernel is launched (input
+checks, reading tables and ids off their tensors, argument marshalling, output allocation) plus,
+for the model, the torch ops of the forward on tiny CPU tensors (B=4, 16-wide MLPs). On a GPU each
+of those microseconds is spent while the GPU waits, for every call (benches/bench_cuda_*.py time
+a call from before this work to after the kernel).
+
+Cases: ``ops.embedding_bags`` over T float32 torch tables and over T 8-bit DeviceQuantizedTables
+(B=4, one id per bag); a DLRM's ``score`` on the GPU runtime with one table-major (indices,
+offsets) pair and with a dict of T per-feature pairs. Prints the median over 5 repeats of
+microseconds per call. Not a GPU measurement: the kernel, the launch and the bounds-check
+readback are not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _stand_in():
+    import torch
+
+    from fastrec import QuantizedTable, _cuda, _cuda_embedding, _cuda_model
+
+    class ZeroLauncher:
+        @staticmethod
+        def embedding_bags(tables, indices, num_indices, i64, offsets, num_offsets, o64, fixed_len, psw, out,
+                           device, stream):
+            if fixed_len < 0:  # (every call here)
+                rows = (num_offsets - 1) // len(tables)
+                n = rows * sum(t[2] for t in tables)
+                np.frombuffer((ctypes.c_float * n).from_address(out), dtype=np.float32)[:] = 0
+
+    class HostTorch(_cuda_model._Torch):
+        def __init__(self, index):
+            super().__init__(0)
+            self.index, self.device = index, torch.device("cpu")
+
+    torch.Tensor.is_cuda = property(lambda self: True)
+    _cuda.stream = lambda a: 0
+    _cuda.refuse_capture_for = lambda x, what: None
+    _cuda.refuse_capture = lambda framework, device, what: None
+    _cuda_embedding._embedding_backend = lambda: ZeroLauncher
+    _cuda_model._Torch = HostTorch
+    _cuda_model.CudaModel._sync = lambda self: None
+    QuantizedTable.to_device = lambda self, like="torch", device=None: _cuda_embedding.DeviceQuantizedTable(
+        torch.from_numpy(self.data.copy()), self.bits, self.dim, self.layout)
+
+
+def _us_per_call(fn, calls: int) -> float:
+    for _ in range(max(50, calls // 20)):
+        fn()
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tables", type=int, default=26)
+    ap.add_argument("--calls", type=int, default=3000)
+    args = ap.parse_args(argv)
+    _stand_in()
+    import torch
+
+    import fastrec
+    from fastrec import QuantizedTable, _cuda_model, ops
+    from fastrec.io import write_model
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
+    from test_model_runtime import build_dlrm, random_sparse, table_major
+
+    T, B, R, D = args.tables, 4, 1000, 64
+    rng = np.random.default_rng(0)
+    W = [rng.standard_normal((R, D)).astype(np.float32) for _ in range(T)]
+    fp32 = [torch.from_numpy(w) for w in W]
+    q8 = [QuantizedTable.from_float(w, bits=8).to_device() for w in W]
+    ids = torch.from_numpy(rng.integers(0, R, T * B))
+    off = torch.arange(T * B + 1)
+    cases = {
+        f"ops.embedding_bags, {T} fp32 tables": lambda: ops.embedding_bags(fp32, ids, off),
+        f"ops.embedding_bags, {T} 8-bit tables": lambda: ops.embedding_bags(q8, ids, off),
+    }
+    m, tensors, ref = build_dlrm(rng, storages=("fp32",) * T, bottom=(16,), top=(16,))
+    with tempfile.TemporaryDirectory() as d:
+        write_model(d + "/m", m, tensors)
+        model = _cuda_model.CudaModel(fastrec.load(d + "/m"), -1, "torch")
+    sparse = random_sparse(rng, ref["features"], ref["rows"], 4)
+    dense = torch.from_numpy(rng.standard_normal((4, 5)).astype(np.float32))
+    pair = tuple(torch.from_numpy(a) for a in table_major(sparse, ref["features"]))
+    per_feature = {f: (torch.from_numpy(i), torch.from_numpy(o)) for f, (i, o) in sparse.items()}
+    cases[f"DLRM score, {T} features, one table-major pair (B=4)"] = lambda: model.score(dense, pair)
+    cases[f"DLRM score, {T} features, dict of pairs (B=4)"] = lambda: model.score(dense, per_feature)
+    print(f"# fastrec {fastrec.__version__}, torch {torch.__version__}, CPU stand-in (no kernel, no launch)")
+    print("| case | us per call |\n|---|---:|")
+    for name, fn in cases.items():
+        print(f"| {name} | {_us_per_call(fn, args.calls):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
