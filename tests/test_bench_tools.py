@@ -1,9 +1,14 @@
-"""The paired-ratio report of benches/paired.py computes what it says (no timing here)."""
+"""The bench tools: the paired-ratio report of benches/paired.py computes what it says (no timing
+here); benches/cuda_host_overhead.py runs."""
 
 import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,3 +68,14 @@ def test_warm_up_calls_are_untimed_and_come_before_each_block(monkeypatch):
         impl = "ab"[(k % 2 + k // 2) % 2]  # the order rotates from round to round
         assert set(block) == {impl} and len(block) >= 1 + 4, (k, block)
     assert real_warm_up(lambda: log.append("c"), 0.0) == 0 and "c" not in log
+
+
+def test_cuda_host_overhead_runs_and_prints_every_case():
+    # (a subprocess: the script makes CPU tensors pass for CUDA ones for the rest of its process)
+    pytest.importorskip("torch")
+    script = Path(__file__).resolve().parents[1] / "benches" / "cuda_host_overhead.py"
+    res = subprocess.run([sys.executable, str(script), "--calls", "20", "--tables", "3"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and line[2:3] != "c"]
+    assert len(rows) == 4 and all(float(r.rsplit("|", 2)[1]) > 0 for r in rows), res.stdout
