@@ -437,14 +437,15 @@ def test_torch_fast_path_reads_tables_as_the_general_path_does(to_device, rng):
         pytest.skip("the fast path is for torch tensors")
     import torch
 
+    kinds = ce._torch_fast()["kinds"]
     W = rng.standard_normal((9, 6)).astype(np.float32)
     for t in (to_device(W), to_device(W.astype(np.float16)), torch.nn.Parameter(to_device(W))):
         dev = t.get_device()
-        assert ce._torch_float_head(t, dev) == ce._general_head(t, 0, dev)[0]
+        assert ce._torch_float_head(t, dev, kinds) == ce._general_head(t, 0, dev)[0]
     t = to_device(W)
     for other in (t[:, ::2], t.to(torch.bfloat16), t.double(), t.reshape(-1), t.cpu()):
-        assert ce._torch_float_head(other, t.get_device()) is None
-    assert ce._torch_float_head(t, t.get_device() + 1) is None
+        assert ce._torch_float_head(other, t.get_device(), kinds) is None
+    assert ce._torch_float_head(t, t.get_device() + 1, kinds) is None
 
 
 def test_bad_types_and_shapes(to_device):

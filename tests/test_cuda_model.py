@@ -128,7 +128,7 @@ def test_dlrm_interaction_order_and_shared_tables(rng, model_dir, dev):
     ref["rows"].append(ref["rows"][1])
     path = model_dir(m, tensors)
     cpu, gpu = fastrec.load(path), fastrec.load(path, device="cuda", framework=fw)
-    assert gpu._cuda.group.tables[1] is gpu._cuda.group.tables[5]
+    assert gpu._cuda.group.bags.tables[1] is gpu._cuda.group.bags.tables[5]
     dense = rng.standard_normal((33, 5)).astype(np.float32)
     sparse = random_sparse(rng, ref["features"], ref["rows"], 33)
     expect = cpu.score(dense, sparse)

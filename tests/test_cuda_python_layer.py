@@ -49,7 +49,8 @@ class HostLauncher:
                 assert stride == dim * np.dtype(_KIND_DTYPES[kind]).itemsize
                 host_tables.append(data.view(_KIND_DTYPES[kind]).reshape(rows, dim))
             else:
-                assert tbe or kind != 5  # (kind 5: 8-bit rows with fp16 scale and bias, TBE only)
+                # kind 5: 8-bit TBE rows (fp16 scale and bias); kind 2 (fp32 ones) is never TBE
+                assert (tbe or kind != 5) and not (kind == 2 and tbe)
                 layout = "tbe" if tbe else "fbgemm"
                 host_tables.append(QuantizedTable(data.reshape(rows, stride), _KIND_BITS[kind], dim, layout))
             modes.append(_MODES[mode])
@@ -167,6 +168,18 @@ def test_errors_of_the_general_path_are_kept(launcher):
     assert not launcher.calls  # refused before anything reached the launcher
 
 
+def test_tensor_subclasses_from_outside_torch_are_not_read_as_device_tables(launcher):
+    # (as before the fast path: fastrec takes torch's own tensor types, not a library's wrapper
+    # that may hold no storage of its own)
+    class Wrapped(torch.Tensor):
+        pass
+
+    W = torch.zeros((4, 3)).as_subclass(Wrapped)
+    with pytest.raises(TypeError, match="table 0 is a host array"):
+        ops.embedding_bags([W], torch.tensor([1]), torch.tensor([0, 1]))
+    assert not launcher.calls
+
+
 def test_a_quantized_tables_launch_arguments_are_worked_out_once(launcher):
     qt = QuantizedTable.from_float(np.ones((4, 8), np.float32), bits=4)
     dev = _cuda_embedding.DeviceQuantizedTable(torch.from_numpy(qt.data.copy()), 4, 8)
@@ -206,6 +219,8 @@ def _dlrm(rng, tmp_path, precision="fp32", storages=("fp32", "q8", "fp32")):
     from test_model_runtime import build_dlrm
 
     m, tensors, ref = build_dlrm(rng, precision=precision, storages=storages, bottom=(16,), top=(12,))
+    for i, t in enumerate(m["tables"]):  # one pooling per table, mixed: the launch args keep their order
+        t["pooling"] = ("mean", "sum", "max")[i % 3]
     write_model(tmp_path / "m", m, tensors)
     return fastrec.load(str(tmp_path / "m")), ref
 
@@ -256,7 +271,7 @@ def test_gpu_dlrm_runtime_names_the_feature_of_a_bad_input(standin_model, rng, t
     for off in ([1, 1, 2, 2], [0, 1, 1, 1], [0, 2, 1, 2]):
         with pytest.raises(ValueError, match="C3.*offsets"):
             gpu.score(dense, {**_tensors(sparse), "C3": (torch.tensor([0, 1]), torch.tensor(off))})
-    with pytest.raises(TypeError, match="int32 or int64"):
+    with pytest.raises(TypeError, match=r"sparse\['C1'\] indices must be int32 or int64"):
         gpu.score(dense, {**_tensors(sparse), "C1": (torch.zeros(1), torch.tensor([0, 1, 1, 1]))})
     with pytest.raises(ValueError, match="C2.*bags, expected 3"):
         gpu.score(dense, {**_tensors(sparse), "C2": (torch.tensor([0]), torch.tensor([0, 1, 1]))})
