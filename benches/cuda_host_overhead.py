@@ -11,7 +11,8 @@ of those microseconds is spent while the GPU waits, for every call (benches/benc
 a call from before this work to after the kernel).
 
 Cases: ``ops.embedding_bags`` over T float32 torch tables and over T 8-bit DeviceQuantizedTables
-(B=4, one id per bag); a DLRM's ``score`` on the GPU runtime with one table-major (indices,
+(B=4, one id per bag); an ``Int8Linear`` call (its launch plan replaced by one that launches
+nothing); a DLRM's ``score`` on the GPU runtime with one table-major (indices,
 offsets) pair and with a dict of T per-feature pairs. Prints the median over 5 repeats of
 microseconds per call. Not a GPU measurement: the kernel, the launch and the bounds-check
 readback are not in it.
@@ -48,6 +49,18 @@ def _stand_in():
             super().__init__(0)
             self.index, self.device = index, torch.device("cpu")
 
+    class NoPlan:  # an Int8Linear / Int8MLP launch plan that launches nothing
+        @staticmethod
+        def scratch_bytes(rows):
+            return rows * 1024
+
+        @staticmethod
+        def forward(*args):
+            pass
+
+    from fastrec import _cuda_linear
+
+    _cuda_linear._plan = lambda obj, key, device, layers, codes, framework=None: NoPlan
     torch.Tensor.is_cuda = property(lambda self: True)
     _cuda.stream = lambda a: 0
     _cuda.refuse_capture_for = lambda x, what: None
@@ -97,6 +110,10 @@ def main(argv=None) -> None:
         f"ops.embedding_bags, {T} fp32 tables": lambda: ops.embedding_bags(fp32, ids, off),
         f"ops.embedding_bags, {T} 8-bit tables": lambda: ops.embedding_bags(q8, ids, off),
     }
+    lin = fastrec.Int8Linear.from_float(rng.standard_normal((1024, 479)).astype(np.float32),
+                                        np.zeros(1024, np.float32))
+    x = torch.from_numpy(rng.standard_normal((64, 479)).astype(np.float32))
+    cases["Int8Linear 479x1024, B=64 (no kernel)"] = lambda: lin(x)
     m, tensors, ref = build_dlrm(rng, storages=("fp32",) * T, bottom=(16,), top=(16,))
     with tempfile.TemporaryDirectory() as d:
         write_model(d + "/m", m, tensors)

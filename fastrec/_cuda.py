@@ -177,14 +177,20 @@ def refuse_capture_for(x, what: str) -> None:
         refuse_capture(fw, _device_index(x, fw), what)
 
 
+_TORCH_EMPTY_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+_TORCH_OF_NP: dict = {}  # numpy dtype -> torch dtype (of _TORCH_EMPTY_DTYPES), filled on first use
+
+
 def empty(like: DeviceArray, shape, dtype) -> DeviceArray:
     """An uninitialised array of ``like``'s framework on ``like``'s device."""
     dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(map(int, shape))
     if like.framework == "torch":
-        import torch
+        if not _TORCH_OF_NP:
+            import torch
 
-        t = torch.empty(shape, dtype=_TORCH_DTYPES[dtype.name](), device=like.obj.device)
+            _TORCH_OF_NP.update({np.dtype(n): getattr(torch, n) for n in _TORCH_EMPTY_DTYPES})
+        t = like.obj.new_empty(shape, dtype=_TORCH_OF_NP[dtype])  # (like's device; ~1 us, torch.empty ~3)
         return DeviceArray(t, "torch", t.data_ptr(), shape, dtype, like.device)  # (new: contiguous)
     else:
         import cupy
@@ -208,21 +214,3 @@ def from_host(like: DeviceArray, arr: np.ndarray) -> DeviceArray:
             t = cupy.asarray(arr)
     return view(t)
 
-
-def _torch_dtype(name):
-    def get():
-        import torch
-
-        return getattr(torch, name)
-
-    return get
-
-
-_TORCH_DTYPES = {
-    "float32": _torch_dtype("float32"),
-    "float16": _torch_dtype("float16"),
-    "int8": _torch_dtype("int8"),
-    "uint8": _torch_dtype("uint8"),
-    "int32": _torch_dtype("int32"),
-    "int64": _torch_dtype("int64"),
-}
