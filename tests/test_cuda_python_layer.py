@@ -1,4 +1,4 @@
-"""The Python layer of the CUDA embedding op (fastrec/_cuda_embedding.py), on a machine without a
+"""The Python layer of the CUDA ops and the GPU model runtime, on a machine without a
 GPU: what it hands the launcher, checked by running those arguments through the CPU op.
 
 CPU torch tensors stand in for CUDA tensors (``torch.Tensor.is_cuda`` reads True for the test's
@@ -7,7 +7,9 @@ ids, offsets and weights from the raw pointers and sizes it is given and pools t
 op into the output pointer. A wrong pointer, row count, stride, row kind, mode or padding code
 changes the result, so these tests hold the argument marshalling (the torch fast path, the
 general path's copies, DeviceQuantizedTable's precomputed launch arguments) to the CPU op.
-The kernels themselves are tested on a GPU (tests/test_cuda_embedding.py).
+The GPU model runtime (fastrec/_cuda_model.py) runs on the same stand-in with its torch device
+set to the CPU, and int8 MLPs through :class:`HostInt8LinearPlan` (the CPU Int8MLP over host
+pointers). The kernels themselves are tested on a GPU (tests/test_cuda_*.py).
 """
 
 import ctypes
@@ -278,3 +280,78 @@ def test_gpu_dlrm_runtime_names_the_feature_of_a_bad_input(standin_model, rng, t
     with pytest.raises(ValueError, match="1-D"):
         gpu.score(dense, {**_tensors(sparse), "C1": (torch.zeros((1, 1), dtype=torch.int64),
                                                      torch.tensor([0, 1, 1, 1]))})
+
+
+# ---- int8 MLPs on the stand-in ---------------------------------------------------------------
+
+
+class HostInt8LinearWeights:
+    """``_C_cuda.Int8LinearWeights`` on the host: one layer, kept as a CPU Int8Linear."""
+
+    def __init__(self, device, weight_int8, weight_scale, bias=None):
+        from fastrec import Int8Linear
+
+        self.lin, self.device = Int8Linear(weight_int8, weight_scale, bias), device
+        self.out_features, self.in_features = weight_int8.shape
+
+
+class HostInt8LinearPlan:
+    """``_C_cuda.Int8LinearPlan`` on the host: the CPU Int8MLP over host pointers, with the
+    GPU's NaN / Inf contract (check_finite: ValueError naming the first such input row; without
+    it, such rows come out NaN)."""
+
+    def __init__(self, layers, activations):
+        from fastrec import Int8MLP
+
+        self.mlp = Int8MLP([w.lin for w in layers], [(None, "relu", "sigmoid")[c] for c in activations])
+        self.calls = 0
+
+    def scratch_bytes(self, rows):
+        return 16 * rows
+
+    def forward(self, x, rows, y, scratch, scratch_bytes, stream, check_finite=True):
+        assert scratch_bytes >= self.scratch_bytes(rows)
+        self.calls += 1
+        K = self.mlp.in_features
+        xa = _host(x, rows * K * 4).view(np.float32).reshape(rows, K).copy()
+        bad = ~np.isfinite(xa).all(axis=1)
+        if check_finite and bad.any():
+            raise ValueError(f"input contains NaN or Inf (row {int(np.flatnonzero(bad)[0])})")
+        xa[bad] = 0
+        out = self.mlp(xa)
+        out[bad] = np.nan
+        _host(y, out.nbytes).view(np.float32)[:] = out.reshape(-1)
+
+
+@pytest.fixture
+def int8_module(launcher, monkeypatch):
+    """The compiled CUDA module as the stand-in sees it: int8 layers and the embedding launcher."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(_cuda, "_module", SimpleNamespace(
+        device_count=lambda: 1, Int8LinearWeights=HostInt8LinearWeights, Int8LinearPlan=HostInt8LinearPlan,
+        embedding_bags=launcher.embedding_bags))
+
+
+def test_gpu_int8_dlrm_runtime_matches_the_cpu_model(standin_model, int8_module, launcher, rng, tmp_path):
+    from test_model_runtime import random_sparse, table_major
+
+    cpu, ref = _dlrm(rng, tmp_path, "int8", ("q4", "fp32", "q4"))
+    gpu = standin_model(cpu)
+    for B in (1, 7, 40):
+        dense = rng.standard_normal((B, 5)).astype(np.float32)
+        sparse = random_sparse(rng, ref["features"], ref["rows"], B)
+        want = cpu.score(dense, sparse)
+        pair = tuple(torch.from_numpy(a) for a in table_major(sparse, ref["features"]))
+        for s in (sparse, _tensors(sparse), pair):
+            got = gpu.score(torch.from_numpy(dense), s)
+            # (the interaction runs in torch here: the top MLP's activation codes may differ by
+            # one step from the CPU's, as on a GPU)
+            assert np.abs(got.numpy() - want).max() < 5e-3
+    plans = [gpu.bottom._cuda_plans[-1], gpu.top._cuda_plans[-1]]
+    assert [p.calls for p in plans] == [9, 9]  # one launch plan per MLP, one call per score
+    dense[B // 2, 3] = np.nan  # the bottom MLP does not check; its NaN row reaches the top MLP's check
+    with pytest.raises(ValueError, match=f"NaN or Inf \\(row {B // 2}\\)"):
+        gpu.score(torch.from_numpy(dense), sparse)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cpu.score(dense, sparse)
