@@ -11,9 +11,10 @@ of those microseconds is spent while the GPU waits, for every call (benches/benc
 a call from before this work to after the kernel).
 
 Cases: ``ops.embedding_bags`` over T float32 torch tables and over T 8-bit DeviceQuantizedTables
-(B=4, one id per bag); an ``Int8Linear`` call (its launch plan replaced by one that launches
-nothing); a DLRM's ``score`` on the GPU runtime with one table-major (indices,
-offsets) pair and with a dict of T per-feature pairs. Prints the median over 5 repeats of
+(B=4, one id per bag); an ``Int8Linear`` call (its launch plan replaced by one that only
+zero-fills the output); a float DLRM's ``score`` on the GPU runtime with one table-major (indices,
+offsets) pair and with a dict of T per-feature pairs, and an int8 DLRM's (8-bit tables, int8
+MLPs whose plans only zero-fill their outputs) with the pair. Prints the median over 5 repeats of
 microseconds per call. Not a GPU measurement: the kernel, the launch and the bounds-check
 readback are not in it.
 """
@@ -49,18 +50,22 @@ def _stand_in():
             super().__init__(0)
             self.index, self.device = index, torch.device("cpu")
 
-    class NoPlan:  # an Int8Linear / Int8MLP launch plan that launches nothing
+    class NoPlan:  # an Int8Linear / Int8MLP launch plan that only zero-fills the output
+        def __init__(self, out_features):
+            self.n = out_features
+
         @staticmethod
         def scratch_bytes(rows):
             return rows * 1024
 
-        @staticmethod
-        def forward(*args):
-            pass
+        def forward(self, x, rows, y, *args):
+            np.frombuffer((ctypes.c_float * (rows * self.n)).from_address(y), dtype=np.float32)[:] = 0
 
     from fastrec import _cuda_linear
 
-    _cuda_linear._plan = lambda obj, key, device, layers, codes, framework=None: NoPlan
+    plans = {}  # (a dict lookup per call, as the real _plan's cache)
+    _cuda_linear._plan = lambda obj, key, device, layers, codes, framework=None: plans.setdefault(
+        (id(obj), key), NoPlan(layers[-1].out_features))
     torch.Tensor.is_cuda = property(lambda self: True)
     _cuda.stream = lambda a: 0
     _cuda.refuse_capture_for = lambda x, what: None
@@ -115,15 +120,20 @@ def main(argv=None) -> None:
     x = torch.from_numpy(rng.standard_normal((64, 479)).astype(np.float32))
     cases["Int8Linear 479x1024, B=64 (no kernel)"] = lambda: lin(x)
     m, tensors, ref = build_dlrm(rng, storages=("fp32",) * T, bottom=(16,), top=(16,))
+    m8, tensors8, _ = build_dlrm(rng, precision="int8", storages=("q8",) * T, bottom=(16,), top=(16,))
     with tempfile.TemporaryDirectory() as d:
         write_model(d + "/m", m, tensors)
+        write_model(d + "/m8", m8, tensors8)
         model = _cuda_model.CudaModel(fastrec.load(d + "/m"), -1, "torch")
+        model8 = _cuda_model.CudaModel(fastrec.load(d + "/m8"), -1, "torch")
     sparse = random_sparse(rng, ref["features"], ref["rows"], 4)
     dense = torch.from_numpy(rng.standard_normal((4, 5)).astype(np.float32))
     pair = tuple(torch.from_numpy(a) for a in table_major(sparse, ref["features"]))
     per_feature = {f: (torch.from_numpy(i), torch.from_numpy(o)) for f, (i, o) in sparse.items()}
     cases[f"DLRM score, {T} features, one table-major pair (B=4)"] = lambda: model.score(dense, pair)
     cases[f"DLRM score, {T} features, dict of pairs (B=4)"] = lambda: model.score(dense, per_feature)
+    cases[f"int8 DLRM score, {T} 8-bit tables, one table-major pair (B=4; no MLP kernels)"] = \
+        lambda: model8.score(dense, pair)
     print(f"# fastrec {fastrec.__version__}, torch {torch.__version__}, CPU stand-in (no kernel, no launch)")
     print("| case | us per call |\n|---|---:|")
     for name, fn in cases.items():

@@ -78,4 +78,4 @@ def test_cuda_host_overhead_runs_and_prints_every_case():
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and line[2:3] != "c"]
-    assert len(rows) == 5 and all(float(r.rsplit("|", 2)[1]) > 0 for r in rows), res.stdout
+    assert len(rows) == 6 and all(float(r.rsplit("|", 2)[1]) > 0 for r in rows), res.stdout
