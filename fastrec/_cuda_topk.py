@@ -226,7 +226,11 @@ def _run(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, ex, growth:
     return scores, ids, over
 
 
-def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, exclude):
+def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, exclude, skip=None):
+    """The device search of every row of a; rows in ``skip`` (host indices, or None) are not
+    re-run when their candidate buffers overflow (the caller redoes them on the host: a row
+    whose float32 scores overflow to -inf passes every threshold and would overflow again at
+    any size short of the whole catalogue)."""
     from .index import _check_k
 
     k = _check_k(k)
@@ -236,6 +240,8 @@ def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, excl
         raise ValueError(f"k = {k} is too large for the CUDA top-k (at most {_cuda.module().topk_max_keep()} "
                          "candidates per query); search with host queries instead")
     scores, ids, over = _run(dev, a, k, keep, (d_ids, d_off), 1)
+    if skip is not None and over:
+        over = sorted(set(over).difference(skip.tolist()))
     growth = 1
     while over:  # candidate buffers overflowed: re-run those queries with 4x the room
         growth *= 4
@@ -264,7 +270,7 @@ def _overflow_rows(a: _cuda.DeviceArray, item_amax: float):
     """Host indices of the rows of the device queries ``a`` whose float32 scoring could overflow
     (the CPU's rule, ``index._checked_queries``: D * max|q| * max|x| >= 2**126), or None. One
     reduction on the device and a copy of Q floats. (NaN rows compare False: the device search
-    has refused them by then.)"""
+    refuses them.)"""
     from .index import _SAFE_BOUND
 
     if a.shape[0] == 0 or item_amax == 0.0:
@@ -302,8 +308,8 @@ def search(index, snap, queries, k, exclude):
     k = _check_k(k)
     dev = _device_index(index, snap, a)
     keep = _candidates(k, index.precision, index.rerank)
-    scores, ids = _search_dev(dev, a, k, keep, exclude)  # (refuses NaN / Inf queries)
-    rows = _overflow_rows(a, snap.amax)
+    rows = _overflow_rows(a, snap.amax)  # (first: these rows are searched again on the host below)
+    scores, ids = _search_dev(dev, a, k, keep, exclude, rows)  # (refuses NaN / Inf queries)
     if rows is not None:  # as on the CPU: searched exactly in float64 on the host (rare, slower)
         ex_ids, ex_off = _exclude_host(exclude, a.shape[0])
         s, i = _exact_search(snap, _to_host(a), rows, k, ex_ids, ex_off)
@@ -358,9 +364,9 @@ def topk(queries, items, k: int, *, exclude=None):
     from .index import _check_k
 
     k = _check_k(k)
-    scores, out = _search_dev(dev, a, k, _candidates(k, "fp32", True), exclude)
+    rows = _overflow_rows(a, amax) if n else None  # (first: these rows are searched again on the host below)
+    scores, out = _search_dev(dev, a, k, _candidates(k, "fp32", True), exclude, rows)
     if n:
-        rows = _overflow_rows(a, amax)
         if rows is not None:  # as ops.topk on the CPU: these queries exactly in float64, on the host
             from .index import ItemIndex
 

@@ -2,7 +2,8 @@
 //
 // Weights come in as host numpy arrays (uploaded once per device); activations, outputs and
 // scratch as device pointers (Python ints) allocated by the caller's framework; the stream as an
-// integer handle. The GIL is released around the launches and the finite-check wait.
+// integer handle. The GIL is released around the launches, the finite-check wait and the
+// device wait of deleting a layer's weights.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -38,6 +39,21 @@ py::array_t<T, py::array::c_style> host_array(py::handle obj, const char* what, 
   return a;
 }
 
+// Deleting a layer's weights waits for their device (kernels may still read them; see
+// ~Int8LinearWeights). Python's garbage collector does it with the GIL held: release it, so other
+// Python threads, and host callbacks on the GPU's streams that need the GIL, go on meanwhile.
+// (Kept through interpreter finalization, where ReleaseGil would park the thread.)
+struct DeleteWithoutGil {
+  void operator()(Int8LinearWeights* w) const {
+    if (Py_IsInitialized() && !python_is_finalizing() && PyGILState_Check()) {
+      ReleaseGil release;
+      delete w;
+    } else {
+      delete w;
+    }
+  }
+};
+
 std::shared_ptr<Int8LinearWeights> make_weights(int device, py::handle w, py::handle scale, py::handle bias) {
   auto wa = host_array<int8_t>(w, "weight_int8", 2);
   auto sa = host_array<float>(scale, "weight_scale", 1);
@@ -52,8 +68,12 @@ std::shared_ptr<Int8LinearWeights> make_weights(int device, py::handle w, py::ha
   }
   const int8_t* wp = wa.data();
   const float* sp = sa.data();
-  ReleaseGil release;
-  return std::make_shared<Int8LinearWeights>(device, wp, N, K, sp, bp);
+  Int8LinearWeights* made;
+  {
+    ReleaseGil release;
+    made = new Int8LinearWeights(device, wp, N, K, sp, bp);
+  }
+  return std::shared_ptr<Int8LinearWeights>(made, DeleteWithoutGil{});
 }
 
 }  // namespace
