@@ -649,18 +649,29 @@ void Int8LinearPlan::forward(const float* x, int64_t M, float* y, void* scratch,
   }
 
   const float* in = x;
-  for (size_t i = 0; i < L; ++i) {
-    const Int8LinearWeights& w = *layers_[i];
-    const bool last = i + 1 == L;
-    launch_quantize(in, M, w.K(), w.Kp(), a, a_scale, check_finite ? flags_dev + i * qblocks : nullptr, stream);
-    // The host waits for the last quantization pass only; the last GEMM is already queued then.
-    if (last && check_finite) FASTREC_CUDA_CHECK(cudaEventRecord(done, stream));
-    float* out = last ? y : hidden[i % 2];
-    launch_gemm(GemmArgs{a, a_scale, M, &w, out, nullptr}, acts_[i], stream);
-    in = out;
+  try {
+    for (size_t i = 0; i < L; ++i) {
+      const Int8LinearWeights& w = *layers_[i];
+      const bool last = i + 1 == L;
+      launch_quantize(in, M, w.K(), w.Kp(), a, a_scale, check_finite ? flags_dev + i * qblocks : nullptr, stream);
+      // The host waits for the last quantization pass only; the last GEMM is already queued then.
+      if (last && check_finite) FASTREC_CUDA_CHECK(cudaEventRecord(done, stream));
+      float* out = last ? y : hidden[i % 2];
+      launch_gemm(GemmArgs{a, a_scale, M, &w, out, nullptr}, acts_[i], stream);
+      in = out;
+    }
+    if (check_finite) FASTREC_CUDA_CHECK(cudaEventSynchronize(done));
+  } catch (...) {
+    // Passes queued before the error may still write this thread's flag buffer, which its next
+    // call reuses (perhaps on another stream): let them finish first (the wait's own error, if
+    // any, is dropped: the first one is what the caller gets).
+    if (check_finite) {
+      cudaStreamSynchronize(stream);
+      cudaGetLastError();
+    }
+    throw;
   }
   if (!check_finite) return;
-  FASTREC_CUDA_CHECK(cudaEventSynchronize(done));
   for (size_t i = 0; i < L; ++i) {
     for (int64_t b = 0; b < qblocks; ++b) {
       const int row = flags_host[i * qblocks + b];
