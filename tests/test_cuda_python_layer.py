@@ -355,3 +355,36 @@ def test_gpu_int8_dlrm_runtime_matches_the_cpu_model(standin_model, int8_module,
         gpu.score(torch.from_numpy(dense), sparse)
     with pytest.raises(ValueError, match="NaN or Inf"):
         cpu.score(dense, sparse)
+
+
+# ---- GPU top-k: the retry loop of fastrec/_cuda_topk.py -------------------------------------
+
+
+def test_gpu_topk_reruns_overflowed_queries_except_those_the_host_redoes(launcher, monkeypatch):
+    # A query whose candidate buffer overflowed is searched again with 4x the room; one whose
+    # float32 scores overflow (the host redoes it in float64) must not be: its scores all tie at
+    # -inf, and it would overflow again at any size short of the whole catalogue.
+    from types import SimpleNamespace
+
+    from fastrec import _cuda_topk
+
+    Q, k = 5, 3
+    runs = []
+
+    def run(dev, a, k_, keep, ex, growth):
+        rows = [int(r) for r in a.obj[:, 0]]  # (row r of the queries holds r)
+        runs.append((rows, growth))
+        scores = torch.tensor([[float(r)] * k_ for r in rows])
+        over = [i for i, r in enumerate(rows) if r in (1, 3) and growth < 16]  # until 16x the room
+        return _cuda.view(scores), _cuda.view(torch.zeros((len(rows), k_), dtype=torch.int64)), over
+
+    monkeypatch.setattr(_cuda_topk, "_run", run)
+    monkeypatch.setattr(_cuda, "_module", SimpleNamespace(topk_max_keep=lambda: 4096))
+    a = _cuda.view(torch.arange(Q, dtype=torch.float32)[:, None].repeat(1, 4))
+    dev = SimpleNamespace(n=100)
+    scores, _ = _cuda_topk._search_dev(dev, a, k, 8, None, np.array([3]))
+    assert runs == [([0, 1, 2, 3, 4], 1), ([1], 4), ([1], 16)]
+    assert scores[:, 0].tolist() == [0, 1, 2, 3, 4]  # re-run rows written back in place
+    runs.clear()
+    _cuda_topk._search_dev(dev, a, k, 8, None, None)  # nothing to skip: row 3 is re-run too
+    assert runs == [([0, 1, 2, 3, 4], 1), ([1, 3], 4), ([1, 3], 16)]
