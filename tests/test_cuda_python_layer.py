@@ -361,9 +361,10 @@ def test_gpu_int8_dlrm_runtime_matches_the_cpu_model(standin_model, int8_module,
 
 
 def test_gpu_topk_reruns_overflowed_queries_except_those_the_host_redoes(launcher, monkeypatch):
-    # A query whose candidate buffer overflowed is searched again with 4x the room; one whose
-    # float32 scores overflow (the host redoes it in float64) must not be: its scores all tie at
-    # -inf, and it would overflow again at any size short of the whole catalogue.
+    # A query whose candidate buffer overflowed is searched again with 4x the room, and its new
+    # results are written back in its row; one whose float32 scores overflow (the host redoes it
+    # in float64) must not be: its scores all tie at -inf, and it would overflow again at any
+    # size short of the whole catalogue.
     from types import SimpleNamespace
 
     from fastrec import _cuda_topk
@@ -374,7 +375,7 @@ def test_gpu_topk_reruns_overflowed_queries_except_those_the_host_redoes(launche
     def run(dev, a, k_, keep, ex, growth):
         rows = [int(r) for r in a.obj[:, 0]]  # (row r of the queries holds r)
         runs.append((rows, growth))
-        scores = torch.tensor([[float(r)] * k_ for r in rows])
+        scores = torch.tensor([[r + 100.0 * growth] * k_ for r in rows])  # which run wrote a row
         over = [i for i, r in enumerate(rows) if r in (1, 3) and growth < 16]  # until 16x the room
         return _cuda.view(scores), _cuda.view(torch.zeros((len(rows), k_), dtype=torch.int64)), over
 
@@ -384,7 +385,34 @@ def test_gpu_topk_reruns_overflowed_queries_except_those_the_host_redoes(launche
     dev = SimpleNamespace(n=100)
     scores, _ = _cuda_topk._search_dev(dev, a, k, 8, None, np.array([3]))
     assert runs == [([0, 1, 2, 3, 4], 1), ([1], 4), ([1], 16)]
-    assert scores[:, 0].tolist() == [0, 1, 2, 3, 4]  # re-run rows written back in place
+    assert scores[:, 0].tolist() == [100, 1601, 102, 103, 104]
     runs.clear()
-    _cuda_topk._search_dev(dev, a, k, 8, None, None)  # nothing to skip: row 3 is re-run too
+    scores, _ = _cuda_topk._search_dev(dev, a, k, 8, None, None)  # nothing to skip: row 3 is re-run too
     assert runs == [([0, 1, 2, 3, 4], 1), ([1, 3], 4), ([1, 3], 16)]
+    assert scores[:, 0].tolist() == [100, 1601, 102, 1603, 104]
+
+
+def test_gpu_topk_hands_the_rows_it_redoes_on_the_host_to_the_device_search(launcher, monkeypatch, rng):
+    # ops.topk on the GPU: the rows _overflow_rows finds are the device search's skip list, and
+    # their results come from the host's exact search.
+    from types import SimpleNamespace
+
+    from fastrec import _cuda_topk
+
+    seen = {}
+
+    def search_dev(dev, a, k, keep, exclude, skip=None):
+        seen["skip"] = skip
+        Q = a.shape[0]
+        return torch.full((Q, k), -5.0), torch.full((Q, k), -7, dtype=torch.int64)
+
+    monkeypatch.setattr(_cuda, "_module", SimpleNamespace(TopkIndexView=lambda *args: None))
+    monkeypatch.setattr(_cuda_topk, "_search_dev", search_dev)
+    monkeypatch.setattr(_cuda_topk, "_overflow_rows", lambda a, amax: np.array([1, 3]))
+    items = rng.standard_normal((50, 8)).astype(np.float32)
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    scores, ids = ops.topk(torch.from_numpy(q), torch.from_numpy(items), 5)
+    assert seen["skip"].tolist() == [1, 3]
+    want_s, want_i = ops.topk(q, items, 5)
+    assert ids[[0, 2]].eq(-7).all() and (ids[[1, 3]].numpy() == want_i[[1, 3]]).all()
+    testing.assert_close(scores[[1, 3]].numpy(), want_s[[1, 3]], rtol=1e-6, atol=1e-6)

@@ -39,13 +39,18 @@ py::array_t<T, py::array::c_style> host_array(py::handle obj, const char* what, 
   return a;
 }
 
+unsigned long g_main_thread = 0;  // threading.main_thread().ident, read at import
+
 // Deleting a layer's weights waits for their device (kernels may still read them; see
-// ~Int8LinearWeights). Python's garbage collector does it with the GIL held: release it, so other
-// Python threads, and host callbacks on the GPU's streams that need the GIL, go on meanwhile.
-// (Kept through interpreter finalization, where ReleaseGil would park the thread.)
+// ~Int8LinearWeights). Python's garbage collector does it with the GIL held: on the main thread,
+// release it, so other Python threads, and host callbacks on the GPU's streams that need the
+// GIL, go on meanwhile. Only there: another (daemon) thread asking for the GIL back once
+// finalization has begun is ended by Python with pthread_exit, whose unwind cannot pass the
+// shared_ptr's noexcept release (std::terminate); and never during finalization itself.
 struct DeleteWithoutGil {
   void operator()(Int8LinearWeights* w) const {
-    if (Py_IsInitialized() && !python_is_finalizing() && PyGILState_Check()) {
+    if (Py_IsInitialized() && !python_is_finalizing() && PyThread_get_thread_ident() == g_main_thread &&
+        PyGILState_Check()) {
       ReleaseGil release;
       delete w;
     } else {
@@ -79,6 +84,7 @@ std::shared_ptr<Int8LinearWeights> make_weights(int device, py::handle w, py::ha
 }  // namespace
 
 void bind_cuda_linear(py::module_& m) {
+  g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   py::class_<Int8LinearWeights, std::shared_ptr<Int8LinearWeights>>(
       m, "Int8LinearWeights", "One int8 layer's weights uploaded to one device (padded for the kernels).")
       .def(py::init(&make_weights), py::arg("device"), py::arg("weight_int8"), py::arg("weight_scale"),
