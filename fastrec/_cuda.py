@@ -92,20 +92,24 @@ def _device_index(x, framework: str) -> int:
     return int(x.device.index) if framework == "torch" else int(x.device.id)
 
 
-_TORCH_NP: dict = {}  # torch dtype -> numpy dtype, filled on first use
+_TORCH_NP: dict = {}  # torch dtype -> numpy dtype, filled on first use (_torch_dtypes)
+_NP_TORCH: dict = {}  # and back
+
+
+def _torch_dtypes() -> None:
+    """Fills _TORCH_NP and _NP_TORCH (torch is imported by then: the caller passed a tensor)."""
+    import torch
+
+    names = ("float32", "float16", "int8", "uint8", "int32", "int64", "float64", "int16", "bool")
+    _NP_TORCH.update({np.dtype(n): getattr(torch, n) for n in names})
+    _TORCH_NP.update({t: n for n, t in _NP_TORCH.items()})
 
 
 def _torch_view(x) -> DeviceArray:
     # The hot path of every op on torch tensors: no __cuda_array_interface__ (it builds a dict
     # and costs several microseconds a call).
     if not _TORCH_NP:
-        import torch
-
-        _TORCH_NP.update({torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
-                          torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8),
-                          torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
-                          torch.float64: np.dtype(np.float64), torch.int16: np.dtype(np.int16),
-                          torch.bool: np.dtype(np.bool_)})
+        _torch_dtypes()
     if x.requires_grad:  # fastrec only reads it: no autograd graph
         x = x.detach()
     if x.dtype not in _TORCH_NP:
@@ -177,20 +181,14 @@ def refuse_capture_for(x, what: str) -> None:
         refuse_capture(fw, _device_index(x, fw), what)
 
 
-_TORCH_EMPTY_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
-_TORCH_OF_NP: dict = {}  # numpy dtype -> torch dtype (of _TORCH_EMPTY_DTYPES), filled on first use
-
-
 def empty(like: DeviceArray, shape, dtype) -> DeviceArray:
     """An uninitialised array of ``like``'s framework on ``like``'s device."""
     dtype = np.dtype(dtype)
     shape = tuple(map(int, shape))
     if like.framework == "torch":
-        if not _TORCH_OF_NP:
-            import torch
-
-            _TORCH_OF_NP.update({np.dtype(n): getattr(torch, n) for n in _TORCH_EMPTY_DTYPES})
-        t = like.obj.new_empty(shape, dtype=_TORCH_OF_NP[dtype])  # (like's device; ~1 us, torch.empty ~3)
+        if not _NP_TORCH:
+            _torch_dtypes()
+        t = like.obj.new_empty(shape, dtype=_NP_TORCH[dtype])  # (like's device; ~1 us, torch.empty ~3)
         return DeviceArray(t, "torch", t.data_ptr(), shape, dtype, like.device)  # (new: contiguous)
     else:
         import cupy

@@ -139,7 +139,6 @@ class _Torch:
         self.linear = torch.nn.functional.linear
         self.index = index
         self.device = torch.device("cuda", index)
-        self.id_dtypes = (torch.int32, torch.int64)
 
     def context(self):
         return contextlib.nullcontext()
@@ -437,8 +436,9 @@ class CudaModel:
 
     def _ids(self, x, what: str):
         """(device int32/int64 1-D array, its length)."""
-        if self.framework == "torch" and type(x) is self.fw.t.Tensor:  # the common case, read off the tensor
-            if (x.is_cuda and x.dtype in self.fw.id_dtypes and x.dim() == 1 and x.is_contiguous()
+        t = self.fw.t if self.framework == "torch" else None
+        if t is not None and type(x) is t.Tensor:  # the common case, read off the tensor
+            if (x.is_cuda and (x.dtype is t.int64 or x.dtype is t.int32) and x.dim() == 1 and x.is_contiguous()
                     and x.get_device() == self.index):
                 return x, x.shape[0]
         if not _cuda.is_device_array(x):
