@@ -17,6 +17,7 @@ import pytest
 
 from fastrec import QuantizedTable, _cuda, _cuda_embedding, ops, testing
 from fastrec.kernels import cupy_embedding, hashing
+import nvrtc_ctypes as nvrtc
 from conftest import CUDA_SKIP_REASON, random_csr, to_host
 from test_cuda_embedding import KINDS, MODES, TOL, _framework, _host_table, _on_device, _stream_context
 from test_embedding_bags import _kjt
@@ -475,9 +476,33 @@ def test_backend_env_var(monkeypatch):
 
 
 def test_kernel_source_variants():
-    """Every variant's source names its macros (the NVRTC compile itself needs a GPU machine)."""
+    """Every variant's source names its macros (test_kernel_sources_compile_with_nvrtc compiles them)."""
     for kind in cupy_embedding.KIND_NAMES:
         for idx64, off64 in itertools.product((False, True), repeat=2):
             src = cupy_embedding.kernel_source(kind, idx64, off64)
             assert f"#define FASTREC_KIND {kind}\n" in src and 'extern "C" __global__ void fastrec_embedding_bag' in src
             assert ("FASTREC_IDX_T long long" in src) == idx64 and ("FASTREC_OFF_T long long" in src) == off64
+
+
+@pytest.mark.skipif(nvrtc.SKIP_REASON is not None, reason=nvrtc.SKIP_REASON or "")
+@pytest.mark.parametrize("kind", sorted(cupy_embedding.KIND_NAMES))
+def test_kernel_sources_compile_with_nvrtc(kind):
+    """Each variant compiles, warning-free, with the compiler CuPy uses (NVRTC needs no GPU; .ci/run
+    installs it), for the oldest and newest architectures fastrec targets; the PTX has the entry
+    point RawKernel looks up, with its 64-bit id or offset loads where the variant takes them."""
+    for idx64, off64 in itertools.product((False, True), repeat=2):
+        src = cupy_embedding.kernel_source(kind, idx64, off64)
+        for arch in ("compute_80", "compute_90"):
+            name = f"fastrec_embedding_bag_{cupy_embedding.KIND_NAMES[kind]}_{idx64:d}{off64:d}_{arch}.cu"
+            ptx, log = nvrtc.compile_ptx(src, name, [f"--gpu-architecture={arch}"])
+            assert "warning" not in log.lower(), log
+            assert ".entry fastrec_embedding_bag(" in ptx
+            assert f".target sm_{arch[-2:]}" in ptx
+            assert ("ld.global.u64" in ptx or "ld.global.nc.u64" in ptx or "ld.global.s64" in ptx
+                    or "ld.global.nc.s64" in ptx) == (idx64 or off64), name
+
+
+@pytest.mark.skipif(nvrtc.SKIP_REASON is not None, reason=nvrtc.SKIP_REASON or "")
+def test_nvrtc_helper_reports_compile_errors():
+    with pytest.raises(RuntimeError, match="(?s)does not compile.*is undefined"):
+        nvrtc.compile_ptx('extern "C" __global__ void k(int* p) { p[0] = undefined_name; }', "bad.cu")

@@ -18,12 +18,12 @@ cd /tmp
 $PY -m fastrec.info
 for what in "${@:-tests}"; do
   case $what in
-    tests) $PY -m pytest -q -p no:cacheprovider "$REPO"/tests/test_cuda_*.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
+    tests) $PY -m pytest -q -p no:cacheprovider "$REPO"/tests/test_cuda_*.py "$REPO"/tests/test_cupy_kernels.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
     cpu) $PY -m pytest -q -p no:cacheprovider -x "$REPO"/tests 2>&1 | tee "$OUT/pytest_all.log" | tail -15 ;;
     bench) for b in "$REPO"/benches/bench_cuda_*.py; do
              n=$(basename "$b" .py); $PY "$b" --json "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log" | tail -40
            done ;;
     sanitize) compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider -x \
-                "$REPO"/tests/test_cuda_*.py -k "not thread and not many" 2>&1 | tee "$OUT/sanitizer.log" | tail -25 ;;
+                "$REPO"/tests/test_cuda_*.py "$REPO"/tests/test_cupy_kernels.py -k "not thread and not many" 2>&1 | tee "$OUT/sanitizer.log" | tail -25 ;;
   esac
 done
