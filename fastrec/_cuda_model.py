@@ -21,8 +21,8 @@ Host waits: the embedding call waits for its kernel (its bounds check reads 16 b
 bad id raises IndexError naming the feature, as on the CPU); an int8 top MLP / tower MLP waits
 for its last quantization pass (NaN / Inf raise ValueError, as on the CPU; the int8 bottom MLP
 skips that check: a NaN there reaches the top MLP's); an fp32 / fp16 top MLP or tower MLP reads
-back a mask of the rows whose last layer overflowed float32 (after a ReLU, before the sigmoid),
-at the end of the call, so ``score`` and ``user_vectors`` / ``item_vectors`` of a float model
+back, at the end of the call and in one wait, a mask of the rows whose last layer overflowed
+float32 (after a ReLU, before the sigmoid) joined with the dense input's NaN / Inf rows, so ``score`` and ``user_vectors`` / ``item_vectors`` of a float model
 return once their results are computed (on overflow the host MLPs name the layer, as on the
 CPU). Everything else is only queued.
 
@@ -35,6 +35,7 @@ upload); a dict of host arrays is joined on the host and copied over.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 
 import numpy as np
@@ -42,7 +43,7 @@ import numpy as np
 from . import _cuda, _cuda_embedding
 from ._arrays import as_numpy, float_input
 from .linear import Int8MLP
-from .model import _FloatMLP, _Int8MLPRunner, _host_ids, _offsets_message
+from .model import _FloatMLP, _Int8MLPRunner, _host_ids, _offsets_message, _sparse_name
 from .tables import QuantizedTable
 
 FRAMEWORKS = ("torch", "cupy")
@@ -172,14 +173,19 @@ class _Torch:
     def take_cols(x, cols):
         return x.index_select(1, cols)
 
-    def nonfinite_rows(self, x):
-        """A device mask of the rows of x holding NaN or Inf (queued, no wait)."""
-        return ~self.t.isfinite(x).all(dim=1)
+    def finite_rows(self, x):
+        """A device mask of the rows of x holding no NaN or Inf (queued, no wait)."""
+        return self.t.isfinite(x).all(dim=1)
 
     @staticmethod
-    def first_true(mask):
-        """The first True index of a device mask, or None (waits for it)."""
-        return int(mask.nonzero()[0, 0]) if bool(mask.any()) else None
+    def all_true(mask) -> bool:
+        """Whether a device mask is all True (waits for it)."""
+        return bool(mask.all())
+
+    @staticmethod
+    def first_false(mask):
+        """The first False index of a device mask, or None (waits for it)."""
+        return None if bool(mask.all()) else int(mask.logical_not().nonzero()[0, 0])
 
     def normalize(self, x):
         return x / self.t.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
@@ -188,17 +194,19 @@ class _Torch:
         return self.t.cat(parts)
 
     def table_major_offsets(self, offs, aux, B: int, total: int):
-        """Per-feature offsets (B + 1 each, from 0) -> table-major offsets (T*B + 1); ``aux`` holds
-        each feature's start in the joined indices, then its id count. A feature whose offsets do
-        not start at 0 or end at its id count makes the last offset -1, so the kernel's own
-        offsets check raises (see CudaModel._pool)."""
+        """Per-feature offsets (B + 1 each, from 0) -> table-major offsets (T*B + 1), in four
+        kernels; ``aux`` holds each feature's start in the joined indices, then (0, its id
+        count) per feature: what its first and last offsets must be. The last offset is
+        ``total`` plus the number of those that are not, so the kernel's own offsets check
+        raises for a feature whose offsets do not start at 0 or end at its id count (see
+        CudaModel._embed, which then names it)."""
         t = self.t
         T = len(offs)
-        full = t.cat([o.long() for o in offs]).view(T, B + 1)
+        full = t.cat(offs).view(T, B + 1)  # (int32 with int64: int64)
         out = t.empty(T * B + 1, dtype=t.int64, device=self.device)
         t.add(full[:, :B], aux[:T, None], out=out[:T * B].view(T, B))
-        bad = ((full[:, 0] != 0) | (full[:, B] != aux[T:])).any()
-        out[T * B:] = (total + 1) * (~bad).long() - 1
+        ends = full[:, ::B] if B else full.expand(T, 2)  # each feature's first and last offset
+        t.add(t.ne(ends, aux[T:].view(T, 2)).sum(), total, out=out[T * B])
         return out
 
 
@@ -249,11 +257,15 @@ class _Cupy:
     def take_cols(self, x, cols):
         return self.cp.take(x, cols, axis=1)
 
-    def nonfinite_rows(self, x):
-        return ~self.cp.isfinite(x).all(axis=1)
+    def finite_rows(self, x):
+        return self.cp.isfinite(x).all(axis=1)
 
-    def first_true(self, mask):
-        return int(self.cp.argmax(mask)) if bool(mask.any()) else None
+    @staticmethod
+    def all_true(mask) -> bool:
+        return bool(mask.all())
+
+    def first_false(self, mask):
+        return None if bool(mask.all()) else int(self.cp.argmin(mask))  # (argmin: the first False)
 
     def normalize(self, x):
         n = self.cp.linalg.norm(x, axis=1, keepdims=True)
@@ -265,11 +277,11 @@ class _Cupy:
     def table_major_offsets(self, offs, aux, B: int, total: int):
         cp = self.cp  # see _Torch.table_major_offsets
         T = len(offs)
-        full = cp.concatenate([o.astype(cp.int64, copy=False) for o in offs]).reshape(T, B + 1)
+        full = cp.concatenate(offs).reshape(T, B + 1)
         out = cp.empty(T * B + 1, dtype=cp.int64)
         cp.add(full[:, :B], aux[:T, None], out=out[:T * B].reshape(T, B))
-        bad = ((full[:, 0] != 0) | (full[:, B] != aux[T:])).any()
-        out[T * B:] = (total + 1) * (~bad).astype(cp.int64) - 1
+        ends = full[:, ::B] if B else cp.broadcast_to(full, (T, 2))
+        cp.add((ends != aux[T:].reshape(T, 2)).sum().reshape(1), total, out=out[T * B:])
         return out
 
 
@@ -305,6 +317,25 @@ def _is_device_sparse(sparse) -> bool:
         return any(isinstance(p, (tuple, list)) and any(_cuda.is_device_array(a) for a in p)
                    for p in sparse.values())
     return isinstance(sparse, (tuple, list)) and any(_cuda.is_device_array(a) for a in sparse)
+
+
+def _part_reader(torch, index: int, general):
+    """The ``ids`` of ``_Group.split`` for a CudaModel: ``general(x, what)`` (CudaModel._ids),
+    after, for torch, the common case read off the tensor: a contiguous 1-D int32 / int64 CUDA
+    tensor on the model's device (a dict request reads 2 per feature)."""
+    if torch is None:
+        return lambda x, feature, part: general(x, _sparse_name(feature, part))
+    Tensor, i64, i32 = torch.Tensor, torch.int64, torch.int32
+
+    def ids(x, feature, part: str):
+        if type(x) is Tensor:
+            dtype = x.dtype
+            if ((dtype is i64 or dtype is i32) and x.is_cuda and x.dim() == 1 and x.is_contiguous()
+                    and x.get_device() == index):
+                return x, x.shape[0]
+        return general(x, _sparse_name(feature, part))
+
+    return ids
 
 
 class CudaModel:
@@ -347,6 +378,7 @@ class CudaModel:
 
                 _cuda_topk.upload(model._index, fw.upload(np.zeros(1, np.float32)))
             self._sync()
+        self._read_ids = _part_reader(fw.t if framework == "torch" else None, index, self._ids)
 
     @property
     def device(self) -> str:
@@ -373,34 +405,42 @@ class CudaModel:
         return None
 
     def _run_mlp(self, mlp, x, *, check_finite: bool = True):
-        """``(y, over)``: the MLP's output, and for a float MLP with ``check_finite`` a queued
+        """``(y, ok)``: the MLP's output, and for a float MLP with ``check_finite`` a queued
         device mask of the rows whose last layer's output (after a ReLU, before a sigmoid) holds
-        NaN or Inf, as the CPU's ``_FloatMLP`` checks; None otherwise (an int8 MLP checks
-        itself). Read the mask with :meth:`_raise_if_over` after the rest of the call is queued."""
+        no NaN or Inf, as the CPU's ``_FloatMLP`` checks; None otherwise (an int8 MLP checks
+        itself). Read the mask with :meth:`_raise_if_bad` after the rest of the call is queued."""
         if mlp is None:
             return x, None
         if isinstance(mlp, Int8MLP):
             return mlp(x, check_finite=check_finite), None
-        fw, over, last = self.fw, None, len(mlp.layers) - 1
+        fw, ok, last = self.fw, None, len(mlp.layers) - 1
         for i, (W, b, act) in enumerate(mlp.layers):
             x = fw.linear(x, W, b)
             if act == "relu":
                 x = fw.relu_(x)
             if check_finite and i == last:
-                over = fw.nonfinite_rows(x)
+                ok = fw.finite_rows(x)
             if act == "sigmoid":
                 x = fw.sigmoid_(x)
-        return x, over
+        return x, ok
 
-    def _raise_if_over(self, over, steps) -> None:
-        """When the mask ``over`` has a row, ValueError naming the layer that overflowed: each of
-        ``steps`` (a float MLP, or None, and its device input) runs again on the host, in order,
-        through ``_FloatMLP.locate`` (a DLRM's bottom MLP first, whose overflow reaches the top)."""
-        if over is None:
+    def _raise_if_bad(self, inputs_ok, outputs_ok, steps) -> None:
+        """The call's one host wait for its queued masks (None: not checked): ValueError naming
+        the first row of ``inputs_ok`` (the dense input) holding NaN or Inf, else, when
+        ``outputs_ok`` has a False row, naming the layer that overflowed: each of ``steps`` (a
+        float MLP, or None, and its device input) runs again on the host, in order, through
+        ``_FloatMLP.locate`` (a DLRM's bottom MLP first, whose overflow reaches the top)."""
+        fw = self.fw
+        if inputs_ok is None or outputs_ok is None:
+            ok = outputs_ok if inputs_ok is None else inputs_ok
+        else:
+            ok = inputs_ok & outputs_ok  # (one read for both)
+        if ok is None or fw.all_true(ok):
             return
-        row = self.fw.first_true(over)
-        if row is None:
-            return
+        row = None if inputs_ok is None else fw.first_false(inputs_ok)
+        if row is not None:
+            raise ValueError(f"input contains NaN or Inf (row {row})")
+        row = fw.first_false(outputs_ok)
         for mlp, x in steps:
             if isinstance(mlp, _DeviceFloatMLP):
                 mlp.host.locate(_host(x))
@@ -436,11 +476,6 @@ class CudaModel:
 
     def _ids(self, x, what: str):
         """(device int32/int64 1-D array, its length)."""
-        t = self.fw.t if self.framework == "torch" else None
-        if t is not None and type(x) is t.Tensor:  # the common case, read off the tensor
-            if (x.is_cuda and (x.dtype is t.int64 or x.dtype is t.int32) and x.dim() == 1 and x.is_contiguous()
-                    and x.get_device() == self.index):
-                return x, x.shape[0]
         if not _cuda.is_device_array(x):
             h, n = _host_ids(x, what)
             return self.fw.upload(h), n
@@ -456,16 +491,16 @@ class CudaModel:
         if not _is_device_sparse(sparse):
             indices, offsets, B, starts = g.group.pack(sparse, B)  # the CPU runtime's checks
             return self.fw.upload(indices), self.fw.upload(offsets), B, starts
-        pair, parts, B = g.group.split(sparse, B, self._ids)  # the CPU runtime's checks, on shapes
+        pair, parts, B = g.group.split(sparse, B, self._read_ids)  # the CPU runtime's checks, on shapes
         if pair is not None:
             return pair[0], pair[1], B, None
         if len(parts) == 1:  # the kernel checks offsets[0] == 0 and offsets[-1] == len(indices) itself
             return parts[0][0], parts[0][1], B, [0]
         lens = [n for _, _, n in parts]
-        starts = np.concatenate([[0], np.cumsum(lens[:-1])]).astype(np.int64)
-        aux = self.fw.upload(np.concatenate([starts, np.array(lens, dtype=np.int64)]))
-        offsets = self.fw.table_major_offsets([off for _, off, _ in parts], aux, B, int(sum(lens)))
-        return self.fw.cat([ind for ind, _, _ in parts]), offsets, B, starts.tolist()
+        starts = list(itertools.accumulate(lens[:-1], initial=0))
+        aux = self.fw.upload(np.array(starts + [v for n in lens for v in (0, n)], dtype=np.int64))
+        offsets = self.fw.table_major_offsets([off for _, off, _ in parts], aux, B, sum(lens))
+        return self.fw.cat([ind for ind, _, _ in parts]), offsets, B, starts
 
     def _pool(self, g: _DeviceGroup, sparse, B=None):
         """(pooled float32 (B, width) on the device in the group's concat order, B)."""
@@ -497,27 +532,24 @@ class CudaModel:
             x = self._dense(dense, self.dense_width)
             B = x.shape[0]
             # A float model refuses NaN / Inf dense rows as the CPU runtime does (an int8 top MLP
-            # finds them while quantizing). The mask is queued now and read after everything
-            # else is queued, so the check adds no wait in the middle of the forward.
-            bad = None if isinstance(self.top, Int8MLP) else fw.nonfinite_rows(x)
+            # finds them while quantizing). The mask is queued now and read with the top MLP's
+            # at the end, in one wait, so the check adds no wait in the middle of the forward.
+            dense_ok = None if isinstance(self.top, Int8MLP) else fw.finite_rows(x)
             indices, offsets, B, starts = self._pack(g, sparse, B)  # inputs first: a host copy may wait
             # queued ahead of the embedding wait; its overflow reaches the top MLP's check
             bottom, _ = self._run_mlp(self.bottom, x, check_finite=False)
             emb = self._embed(g, sparse, indices, offsets, starts)
             top_in = fw.interaction(bottom, emb, self.T, self.pairs)
-            out, over = self._run_mlp(self.top, top_in)
-            row = None if bad is None else fw.first_true(bad)
-            if row is not None:
-                raise ValueError(f"input contains NaN or Inf (row {row})")
-            self._raise_if_over(over, [(self.bottom, x), (self.top, top_in)])
+            out, out_ok = self._run_mlp(self.top, top_in)
+            self._raise_if_bad(dense_ok, out_ok, [(self.bottom, x), (self.top, top_in)])
             return out.reshape(B)
 
     def _tower(self, g, mlp, normalize: bool, sparse):
         _cuda.refuse_capture(self.fw.name, self.fw.index, "Model.user_vectors / item_vectors")
         with self.fw.context():
             x, _ = self._pool(g, sparse)
-            y, over = self._run_mlp(mlp, x)
-            self._raise_if_over(over, [(mlp, x)])
+            y, ok = self._run_mlp(mlp, x)
+            self._raise_if_bad(None, ok, [(mlp, x)])
             return self.fw.normalize(y) if normalize else y
 
     def user_vectors(self, sparse):

@@ -195,6 +195,15 @@ def _host_ids(x, what: str):
     return a, a.shape[0]
 
 
+def _sparse_name(feature, part: str) -> str:
+    """How errors name one array of a request: ``sparse['C1'] indices`` (dict), ``sparse offsets`` (pair)."""
+    return f"sparse {part}" if feature is None else f"sparse[{feature!r}] {part}"
+
+
+def _host_part(x, feature, part: str):
+    return _host_ids(x, _sparse_name(feature, part))
+
+
 _KERNEL_INDEX_ERROR = re.compile(r"index (-?\d+) at position (\d+) \(table (\d+), bag (\d+)\) is out of range \[0, (\d+)\)")
 
 
@@ -225,8 +234,10 @@ class _Group:
         """The checks of a request that read no id: ``(pair, parts, B)``, where ``pair`` is the
         table-major ``(indices, offsets)`` (None for a dict) and ``parts`` a dict's
         ``[(indices, offsets, number of ids)]`` in this group's order (None for a pair).
-        ``ids(x, what) -> (array, length)`` checks one array (default: host int32/int64 1-D)."""
-        ids = ids or _host_ids
+        ``ids(x, feature, part) -> (array, length)`` checks one array (default: host int32/int64
+        1-D), naming it ``_sparse_name(feature, part)`` in errors (built only then: a dict of 26
+        features would format 52 names per request)."""
+        ids = ids or _host_part
         T = len(self.features)
         if isinstance(sparse, dict):
             unknown = [k for k in sparse if k not in self.position]
@@ -240,8 +251,8 @@ class _Group:
                 pair = sparse[f]
                 if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                     raise TypeError(f"sparse[{f!r}] must be a pair (indices, offsets)")
-                ind, n = ids(pair[0], f"sparse[{f!r}] indices")
-                off, nb = ids(pair[1], f"sparse[{f!r}] offsets")
+                ind, n = ids(pair[0], f, "indices")
+                off, nb = ids(pair[1], f, "offsets")
                 nb -= 1
                 if nb < 0:
                     raise ValueError(f"sparse[{f!r}] offsets must have length B + 1 >= 1, got an empty array")
@@ -252,8 +263,8 @@ class _Group:
                 parts.append((ind, off, n))
             return None, parts, B
         if isinstance(sparse, (tuple, list)) and len(sparse) == 2:
-            indices, _ = ids(sparse[0], "sparse indices")
-            offsets, n = ids(sparse[1], "sparse offsets")
+            indices, _ = ids(sparse[0], None, "indices")
+            offsets, n = ids(sparse[1], None, "offsets")
             if n < 1 or (n - 1) % T:
                 raise ValueError(f"sparse offsets must have length T*B + 1 with T={T} features "
                                  f"{list(self.features)}, got length {n}")

@@ -246,8 +246,9 @@ def test_gpu_dlrm_runtime_matches_the_cpu_model(standin_model, launcher, rng, tm
         pair = table_major(sparse, ref["features"])
         for d, s in ((dense, sparse), (torch.from_numpy(dense), _tensors(sparse)),
                      (torch.from_numpy(dense), tuple(torch.from_numpy(a) for a in pair)),
-                     (torch.from_numpy(dense), {f: (torch.from_numpy(i.astype(np.int32)), torch.from_numpy(o))
-                                                for f, (i, o) in sparse.items()})):
+                     (torch.from_numpy(dense), {f: (torch.from_numpy(i.astype(np.int32)),  # int32 and int64 mixed
+                                                    torch.from_numpy(o.astype((np.int32, np.int64)[n % 2])))
+                                                for n, (f, (i, o)) in enumerate(sparse.items())})):
             got = gpu.score(d, s)
             assert isinstance(got, torch.Tensor) and got.shape == (B,)
             testing.assert_close(got.numpy(), want, rtol=1e-5, atol=1e-6)
@@ -280,6 +281,103 @@ def test_gpu_dlrm_runtime_names_the_feature_of_a_bad_input(standin_model, rng, t
     with pytest.raises(ValueError, match="1-D"):
         gpu.score(dense, {**_tensors(sparse), "C1": (torch.zeros((1, 1), dtype=torch.int64),
                                                      torch.tensor([0, 1, 1, 1]))})
+
+
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+def test_joining_per_feature_offsets_on_the_device(framework, rng):
+    """``table_major_offsets`` (a dict of device (indices, offsets) pairs -> one table-major
+    offsets array) against the host join, for both frameworks (CuPy's on NumPy, whose API it
+    uses): int32 and int64 mixed, B = 0; offsets that do not start at 0 or end at their
+    feature's id count leave the last offset off the id total, which the kernel refuses."""
+    from fastrec import _cuda_model
+
+    if framework == "torch":
+        fw = _cuda_model._Torch.__new__(_cuda_model._Torch)
+        fw.t, fw.device = torch, torch.device("cpu")
+        dev = torch.from_numpy
+    else:
+        fw = _cuda_model._Cupy.__new__(_cuda_model._Cupy)
+        fw.cp, dev = np, np.asarray
+
+    def join(offs, lens):
+        starts = np.concatenate([[0], np.cumsum(lens[:-1])]).astype(np.int64)
+        aux = np.concatenate([starts, np.stack([np.zeros_like(lens), lens], 1).ravel()]).astype(np.int64)
+        out = fw.table_major_offsets([dev(o) for o in offs], dev(aux), len(offs[0]) - 1, int(sum(lens)))
+        return np.asarray(out), starts
+
+    for B in (0, 1, 5):
+        offs = [np.sort(rng.integers(0, 9, B + 1)) for _ in range(4)]
+        for o in offs:
+            o[0] = 0
+        lens = np.array([o[-1] for o in offs])
+        offs = [o.astype((np.int32, np.int64)[i % 2]) for i, o in enumerate(offs)]
+        got, starts = join(offs, lens)
+        want = np.concatenate([o[:-1] + s for o, s in zip(offs, starts)] + [[lens.sum()]])
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+        if B:
+            for f, pos, delta in ((1, 0, 1), (2, -1, 1), (3, -1, -1)):  # a wrong first or last offset
+                bad = [o.copy() for o in offs]
+                bad[f][pos] += delta
+                got, _ = join(bad, lens)
+                assert got[-1] != lens.sum()
+        else:
+            got, _ = join(offs, lens + np.array([0, 0, 2, 0]))  # B = 0 with ids
+            assert got[-1] != lens.sum() + 2
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_gpu_float_model_checks_nan_and_overflow_in_one_wait(standin_model, rng, tmp_path, monkeypatch):
+    """A float model's score / user_vectors read their NaN / Inf masks back once, at the end (the
+    dense input's rows joined with the top MLP's), and still name what the CPU runtime names: the
+    dense row, or the layer that overflowed float32."""
+    import fastrec
+    from fastrec import _cuda_model
+    from fastrec.io import write_model
+    from test_model_runtime import build_dlrm, build_two_tower, random_sparse
+
+    waits = []
+    real = _cuda_model._Torch.all_true
+    monkeypatch.setattr(_cuda_model._Torch, "all_true", staticmethod(lambda m: waits.append(1) or real(m)))
+
+    def load(m, tensors, name):
+        write_model(tmp_path / name, m, tensors)
+        cpu = fastrec.load(str(tmp_path / name))
+        return cpu, standin_model(cpu)
+
+    m, tensors, ref = build_dlrm(rng, storages=("fp32", "fp32"))
+    cpu, gpu = load(m, tensors, "m")
+    sparse = _tensors(random_sparse(rng, ref["features"], ref["rows"], 4))
+    dense = np.ones((4, 5), np.float32)
+    testing.assert_close(gpu.score(torch.from_numpy(dense), sparse).numpy(), cpu.score(dense, sparse),
+                         rtol=1e-5, atol=1e-6)
+    assert len(waits) == 1
+    for value, msg in ((np.nan, "input contains NaN or Inf \\(row 2\\)"), (np.inf, "input .*\\(row 2\\)"),
+                       (3e38, "layer 0 of the bottom MLP .*row 2")):
+        bad = dense.copy()
+        bad[2, 1] = value
+        for model in (cpu, gpu):
+            with pytest.raises(ValueError, match=msg):
+                model.score(torch.from_numpy(bad) if model is gpu else bad, sparse)
+    for t in m["tables"]:
+        tensors[t["tensor"]] = np.full_like(tensors[t["tensor"]], 1e20)
+    _, gpu = load(m, tensors, "m_big")
+    with pytest.raises(ValueError, match="of the top MLP"):
+        gpu.score(torch.from_numpy(dense), sparse)
+    from fastrec import _cuda_topk
+
+    monkeypatch.setattr(_cuda_topk, "upload", lambda index, like: None)  # (the item index is not used here)
+    m, tensors, ref = build_two_tower(rng)
+    user = _tensors(random_sparse(rng, ["user_id", "age"], [ref["rows"]["user_id"], ref["rows"]["age"]], 3))
+    cpu, gpu = load(m, tensors, "tt")
+    waits.clear()
+    testing.assert_close(gpu.user_vectors(user).numpy(), cpu.user_vectors(user), rtol=1e-5, atol=1e-6)
+    assert len(waits) == 1
+    tensors["tables.user_id"] = np.full_like(tensors["tables.user_id"], 3e38)
+    _, gpu = load(m, tensors, "tt_big")
+    with pytest.raises(ValueError, match="layer 0 of the user tower MLP"):
+        gpu.user_vectors(user)
 
 
 # ---- int8 MLPs on the stand-in ---------------------------------------------------------------
