@@ -45,6 +45,16 @@ def _stand_in():
                 n = rows * sum(t[2] for t in tables)
                 np.frombuffer((ctypes.c_float * n).from_address(out), dtype=np.float32)[:] = 0
 
+        @staticmethod
+        def embedding_bags_deferred(*args):  # (the GPU model runtime's call: checked at its end)
+            ZeroLauncher.embedding_bags(*args)
+            return Checked
+
+    class Checked:
+        @staticmethod
+        def check():
+            pass
+
     class HostTorch(_cuda_model._Torch):
         def __init__(self, index):
             super().__init__(0)

@@ -328,10 +328,12 @@ def _index_view(x, name: str) -> _cuda.DeviceArray:
     return v
 
 
-def _launch(args, width: int, idx, off, fixed_len, num_offsets, per_sample_weights):
+def _launch(args, width: int, idx, off, fixed_len, num_offsets, per_sample_weights, deferred=False):
     """Runs the kernel for normalised inputs (``args``: a :func:`_table_heads` head + (mode code,
     padding code) per table; ``width``: the sum of their dims); returns the output array of
-    idx's framework."""
+    idx's framework, once the kernel's bounds and offsets check has been read. ``deferred``:
+    returns ``(output, pending)`` as soon as the kernel is queued, where ``pending.check()``
+    waits and raises what the check found (None: already checked, as the CuPy fallback does)."""
     n = idx.size
     psw = None
     if per_sample_weights is not None:
@@ -345,12 +347,15 @@ def _launch(args, width: int, idx, off, fixed_len, num_offsets, per_sample_weigh
         raise ValueError(f"offsets must have length T*B + 1 (T={T} tables), got length {num_offsets}")
     B = (num_offsets - 1) // T
     out = _cuda.empty(idx, (B, width), np.float32)
-    _embedding_backend().embedding_bags(
-        args, idx.ptr, n, idx.dtype == np.int64,
-        0 if off is None else off.ptr, num_offsets, off is not None and off.dtype == np.int64,
-        -1 if fixed_len is None else fixed_len, 0 if psw is None else psw.ptr, out.ptr,
-        idx.device, _cuda.stream(idx))
-    return out.obj
+    backend = _embedding_backend()
+    launch = backend.embedding_bags
+    if deferred:
+        launch = getattr(backend, "embedding_bags_deferred", launch)
+    pending = launch(args, idx.ptr, n, idx.dtype == np.int64,
+                     0 if off is None else off.ptr, num_offsets, off is not None and off.dtype == np.int64,
+                     -1 if fixed_len is None else fixed_len, 0 if psw is None else psw.ptr, out.ptr,
+                     idx.device, _cuda.stream(idx))
+    return (out.obj, pending) if deferred else out.obj
 
 
 def embedding_bag(weight, indices, offsets, code: int, per_sample_weights, padding_idx):
@@ -422,7 +427,17 @@ class PreparedBags:
 
     def __call__(self, indices, offsets):
         """The pooled (B, width) float32 array of the ids' framework (ops.embedding_bags' checks)."""
+        return self._run(indices, offsets, False)
+
+    def deferred(self, indices, offsets):
+        """``(pooled, pending)`` as soon as the kernel is queued; ``pending.check()`` (when not
+        None) waits for the stream and raises the IndexError / ValueError ``__call__`` would
+        have. Until then, keep ``indices`` and ``offsets`` alive and unchanged; the pooled
+        array's values are only meaningful once the check has passed."""
+        return self._run(indices, offsets, True)
+
+    def _run(self, indices, offsets, deferred: bool):
         idx, off = _bags_inputs(indices, offsets)
         if idx.device != self.device:
             raise ValueError(f"indices are on cuda:{idx.device}, the tables on cuda:{self.device}")
-        return _launch(self.args, self.width, idx, off, None, off.shape[0], None)
+        return _launch(self.args, self.width, idx, off, None, off.shape[0], None, deferred)

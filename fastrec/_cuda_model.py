@@ -17,18 +17,19 @@ DLRM: bottom MLP -> one ``embedding_bags`` call for all features -> dot interact
 matmul of ``[x, e_1, ..., e_T]`` with itself, then a gather of the strictly lower triangle in
 row-major order, as docs/FORMAT.md step 3 and the CPU runtime) -> top MLP with the sigmoid.
 
-Host waits: the embedding call waits for its kernel (its bounds check reads 16 bytes back, so a
-bad id raises IndexError naming the feature, as on the CPU); an int8 top MLP / tower MLP waits
-for its last quantization pass (NaN / Inf raise ValueError, as on the CPU; the int8 bottom MLP
-skips that check: a NaN there reaches the top MLP's); an fp32 / fp16 top MLP or tower MLP reads
-back, at the end of the call and in one wait, a mask of the rows whose last layer overflowed
-float32 (after a ReLU, before the sigmoid) joined with the dense input's NaN / Inf rows, so ``score`` and ``user_vectors`` / ``item_vectors`` of a float model
-return once their results are computed (on overflow the host MLPs name the layer, as on the
-CPU). Everything else is only queued.
+Host waits: everything is queued first, then the call waits once, at its end: an int8 top MLP /
+tower MLP for its last quantization pass (NaN / Inf raise ValueError, as on the CPU; the int8
+bottom MLP skips that check: a NaN there reaches the top MLP's), then for the stream, for the
+embedding kernel's 16-byte bounds and offsets check (a bad id raises IndexError naming the
+feature, as on the CPU; it is reported before any NaN / Inf) and, for an fp32 / fp16 top MLP or
+tower MLP, a flag saying whether any row of the dense input held NaN / Inf or of the last layer's
+output overflowed float32 (after a ReLU, before the sigmoid; on overflow the host MLPs name the
+layer, as on the CPU). So ``score`` and ``user_vectors`` / ``item_vectors`` return once their
+results are computed. (With the CuPy fallback, the embedding kernel waits for its own check.)
 
 The cheapest sparse input is one table-major ``(indices, offsets)`` pair on the device (TorchRec's
 KeyedJaggedTensor layout): it goes to the kernel as it is. A ``{feature: (indices, offsets)}``
-dict of device arrays is joined on the device (a few small kernels and one 16-byte-per-feature
+dict of device arrays is joined on the device (four small kernels and one 24-byte-per-feature
 upload); a dict of host arrays is joined on the host and copied over.
 """
 
@@ -338,6 +339,36 @@ def _part_reader(torch, index: int, general):
     return ids
 
 
+class _Bags:
+    """One call's embedding kernel, and the errors it may report, named by feature: ``run``
+    calls the launcher, ``check`` reads its deferred bounds and offsets check (once)."""
+
+    __slots__ = ("g", "sparse", "starts", "pending")
+
+    def __init__(self, g: _DeviceGroup, sparse, starts):
+        self.g, self.sparse, self.starts, self.pending = g, sparse, starts, None
+
+    def check(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.run(pending.check)
+
+    def run(self, fn, *args):
+        group = self.g.group
+        try:
+            return fn(*args)
+        except IndexError as exc:
+            raise IndexError(group._index_message(str(exc), self.starts)) from None
+        except ValueError:
+            if self.starts is not None:  # name the feature whose offsets are wrong
+                for f in group.features:
+                    ind, off = self.sparse[f]
+                    off = _host(off)
+                    if off[0] != 0 or off[-1] != np.shape(ind)[0] or np.any(off[1:] < off[:-1]):
+                        raise ValueError(_offsets_message(f, ind)) from None
+            raise
+
+
 class CudaModel:
     """What a :class:`fastrec.Model` on a GPU holds and runs; built once at load, then read only.
     (It keeps no reference to the Model, so the GPU memory goes with the Model's last reference.)"""
@@ -408,7 +439,7 @@ class CudaModel:
         """``(y, ok)``: the MLP's output, and for a float MLP with ``check_finite`` a queued
         device mask of the rows whose last layer's output (after a ReLU, before a sigmoid) holds
         no NaN or Inf, as the CPU's ``_FloatMLP`` checks; None otherwise (an int8 MLP checks
-        itself). Read the mask with :meth:`_raise_if_bad` after the rest of the call is queued."""
+        itself). Read the mask with :meth:`_finish` after the rest of the call is queued."""
         if mlp is None:
             return x, None
         if isinstance(mlp, Int8MLP):
@@ -424,18 +455,22 @@ class CudaModel:
                 x = fw.sigmoid_(x)
         return x, ok
 
-    def _raise_if_bad(self, inputs_ok, outputs_ok, steps) -> None:
-        """The call's one host wait for its queued masks (None: not checked): ValueError naming
-        the first row of ``inputs_ok`` (the dense input) holding NaN or Inf, else, when
-        ``outputs_ok`` has a False row, naming the layer that overflowed: each of ``steps`` (a
-        float MLP, or None, and its device input) runs again on the host, in order, through
+    def _finish(self, bags, inputs_ok, outputs_ok, steps) -> None:
+        """The call's one host wait, after everything else is queued. ``bags`` (a
+        :class:`_Bags`) raises first what the embedding kernel found (a bad id or offsets);
+        then ValueError naming the first row of ``inputs_ok`` (the dense input's queued mask of
+        finite rows, or None) holding NaN or Inf, else, when ``outputs_ok`` (the last float
+        layer's, or None) has a False row, naming the layer that overflowed: each of ``steps``
+        (a float MLP, or None, and its device input) runs again on the host, in order, through
         ``_FloatMLP.locate`` (a DLRM's bottom MLP first, whose overflow reaches the top)."""
         fw = self.fw
         if inputs_ok is None or outputs_ok is None:
             ok = outputs_ok if inputs_ok is None else inputs_ok
         else:
-            ok = inputs_ok & outputs_ok  # (one read for both)
-        if ok is None or fw.all_true(ok):
+            ok = inputs_ok & outputs_ok
+        flag = None if ok is None else ok.all()  # queued: the read below waits for nothing else
+        bags.check()  # waits for the stream
+        if flag is None or self._read(flag):
             return
         row = None if inputs_ok is None else fw.first_false(inputs_ok)
         if row is not None:
@@ -446,6 +481,11 @@ class CudaModel:
                 mlp.host.locate(_host(x))
         raise ValueError(f"an MLP's output holds NaN or Inf (row {row}): float32 overflowed (the model's inputs, "
                          "weights or tables are too large for float32)")
+
+    @staticmethod
+    def _read(flag) -> bool:
+        """A queued device boolean, read (the call's wait for its NaN / Inf masks)."""
+        return bool(flag)
 
     # ---- inputs --------------------------------------------------------------------------
     def _on_device(self, x, what: str):
@@ -502,27 +542,14 @@ class CudaModel:
         offsets = self.fw.table_major_offsets([off for _, off, _ in parts], aux, B, sum(lens))
         return self.fw.cat([ind for ind, _, _ in parts]), offsets, B, starts
 
-    def _pool(self, g: _DeviceGroup, sparse, B=None):
-        """(pooled float32 (B, width) on the device in the group's concat order, B)."""
-        indices, offsets, B, starts = self._pack(g, sparse, B)
-        return self._embed(g, sparse, indices, offsets, starts), B
-
     def _embed(self, g: _DeviceGroup, sparse, indices, offsets, starts):
-        try:
-            out = g.bags(indices, offsets)
-        except IndexError as exc:
-            raise IndexError(g.group._index_message(str(exc), starts)) from None
-        except ValueError:
-            if starts is not None:  # name the feature whose offsets are wrong
-                for f in g.group.features:
-                    ind, off = sparse[f]
-                    off = _host(off)
-                    if off[0] != 0 or off[-1] != np.shape(ind)[0] or np.any(off[1:] < off[:-1]):
-                        raise ValueError(_offsets_message(f, ind)) from None
-            raise
+        """``(pooled, bags)``: the pooled float32 (B, width) device array in the group's concat
+        order, queued, and the :class:`_Bags` whose ``check()`` raises what the kernel found."""
+        bags = _Bags(g, sparse, starts)
+        out, bags.pending = bags.run(g.bags.deferred, indices, offsets)
         if g.columns is not None:
             out = self.fw.take_cols(out, g.columns)
-        return out
+        return out, bags
 
     # ---- the public calls (Model's methods branch here) ----------------------------------
     def score(self, dense, sparse):
@@ -536,20 +563,29 @@ class CudaModel:
             # at the end, in one wait, so the check adds no wait in the middle of the forward.
             dense_ok = None if isinstance(self.top, Int8MLP) else fw.finite_rows(x)
             indices, offsets, B, starts = self._pack(g, sparse, B)  # inputs first: a host copy may wait
-            # queued ahead of the embedding wait; its overflow reaches the top MLP's check
+            # (unchecked: its overflow reaches the top MLP's check)
             bottom, _ = self._run_mlp(self.bottom, x, check_finite=False)
-            emb = self._embed(g, sparse, indices, offsets, starts)
-            top_in = fw.interaction(bottom, emb, self.T, self.pairs)
-            out, out_ok = self._run_mlp(self.top, top_in)
-            self._raise_if_bad(dense_ok, out_ok, [(self.bottom, x), (self.top, top_in)])
+            emb, bags = self._embed(g, sparse, indices, offsets, starts)
+            try:  # an int8 top MLP waits for its NaN / Inf check, and may raise
+                top_in = fw.interaction(bottom, emb, self.T, self.pairs)
+                out, out_ok = self._run_mlp(self.top, top_in)
+            except BaseException:
+                bags.check()  # a bad id or bad offsets first, as on the CPU
+                raise
+            self._finish(bags, dense_ok, out_ok, [(self.bottom, x), (self.top, top_in)])
             return out.reshape(B)
 
     def _tower(self, g, mlp, normalize: bool, sparse):
         _cuda.refuse_capture(self.fw.name, self.fw.index, "Model.user_vectors / item_vectors")
         with self.fw.context():
-            x, _ = self._pool(g, sparse)
-            y, ok = self._run_mlp(mlp, x)
-            self._raise_if_bad(None, ok, [(mlp, x)])
+            indices, offsets, _, starts = self._pack(g, sparse, None)
+            x, bags = self._embed(g, sparse, indices, offsets, starts)
+            try:
+                y, ok = self._run_mlp(mlp, x)
+            except BaseException:
+                bags.check()
+                raise
+            self._finish(bags, None, ok, [(mlp, x)])
             return self.fw.normalize(y) if normalize else y
 
     def user_vectors(self, sparse):

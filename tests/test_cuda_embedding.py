@@ -428,6 +428,42 @@ def test_bad_offsets_multi_table(to_device):
         ops.embedding_bags([to_device(W), to_device(W)], idx, to_device(np.array([0, 2, 1, 2, 3])))
 
 
+def test_deferred_check(to_device, rng):
+    """PreparedBags.deferred (what the GPU model runtime calls): the kernel is queued and the
+    bounds / offsets check read only by pending.check(), which raises what the waiting call
+    raises; one check per call; a call dropped unchecked leaves nothing behind for the next."""
+    from fastrec import _cuda_embedding
+    from fastrec._cuda_embedding import PreparedBags
+
+    if not hasattr(_cuda_embedding._embedding_backend(), "embedding_bags_deferred"):
+        pytest.skip("the CuPy fallback reads its check at once (pending is None)")
+    W = rng.standard_normal((10, 4)).astype(np.float32)
+    bags = PreparedBags([to_device(W), _on_device(QuantizedTable.from_float(W, 8), to_device)], ["sum", "max"], 0)
+    idx, off = np.array([1, 2, 3, 4, 5, 6]), np.array([0, 2, 3, 5, 6])
+    want = ops.embedding_bags([W, QuantizedTable.from_float(W, 8)], idx, off, modes=["sum", "max"])
+    d_idx, d_off = to_device(idx), to_device(off)
+    out, pending = bags.deferred(d_idx, d_off)
+    assert type(pending).__name__ == "PendingBags"
+    pending.check()
+    pending.check()
+    _check(out, want, to_device)
+    for bad_idx, bad_off, err, msg in (
+            (np.array([1, 2, 30, 4, 5, 6]), off, IndexError, r"index 30 at position 2 \(table 0, bag 1\)"),
+            (idx, np.array([0, 2, 1, 5, 6]), ValueError, "non-decreasing")):
+        with pytest.raises(err, match=msg):
+            bags(to_device(bad_idx), to_device(bad_off))  # the waiting call
+        _, pending = bags.deferred(to_device(bad_idx), to_device(bad_off))  # queued: no error yet
+        with pytest.raises(err, match=msg):
+            pending.check()
+        pending.check()  # (once)
+        bags.deferred(to_device(bad_idx), to_device(bad_off))  # dropped unchecked
+        out, pending = bags.deferred(d_idx, d_off)
+        pending.check()  # the next call's check is its own
+        _check(out, want, to_device)
+    with pytest.raises(ValueError, match="T\\*B \\+ 1"):  # argument errors: at once
+        bags.deferred(d_idx, to_device(off[:-1]))
+
+
 def test_torch_fast_path_reads_tables_as_the_general_path_does(to_device, rng):
     # _table_heads reads torch float tables straight off the tensor; anything it does not take
     # must fall back to the general path (copies, errors) and be None here.

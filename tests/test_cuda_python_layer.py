@@ -36,10 +36,30 @@ def _host(ptr: int, nbytes: int) -> np.ndarray:
 
 
 class HostLauncher:
-    """``_C_cuda.embedding_bags``'s signature, run by the CPU op on host pointers."""
+    """``_C_cuda.embedding_bags``'s signature, run by the CPU op on host pointers; and
+    ``embedding_bags_deferred``'s, which runs it at once and keeps what it raises for
+    ``check()``. ``events`` records "launch" and "check" in order."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.events = [], []
+
+    def embedding_bags_deferred(self, *args):
+        self.events.append("launch")
+        try:
+            self.embedding_bags(*args)
+            error = None
+        except (IndexError, ValueError) as e:
+            error = e
+        events = self.events
+
+        class Pending:
+            @staticmethod
+            def check():
+                events.append("check")
+                if error is not None:
+                    raise error
+
+        return Pending()
 
     def embedding_bags(self, tables, indices, num_indices, indices_int64, offsets, num_offsets, offsets_int64,
                        fixed_len, per_sample_weights, out, device, stream):
@@ -328,18 +348,24 @@ def test_joining_per_feature_offsets_on_the_device(framework, rng):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_gpu_float_model_checks_nan_and_overflow_in_one_wait(standin_model, rng, tmp_path, monkeypatch):
-    """A float model's score / user_vectors read their NaN / Inf masks back once, at the end (the
-    dense input's rows joined with the top MLP's), and still name what the CPU runtime names: the
+def test_gpu_float_model_checks_nan_and_overflow_in_one_wait(standin_model, launcher, rng, tmp_path,
+                                                              monkeypatch):
+    """A float model's score / user_vectors queue everything, then read the embedding kernel's
+    check and their NaN / Inf masks (the dense input's rows joined with the top MLP's) at the
+    end, in one wait, and still name what the CPU runtime names: the bad id first, then the
     dense row, or the layer that overflowed float32."""
     import fastrec
     from fastrec import _cuda_model
     from fastrec.io import write_model
     from test_model_runtime import build_dlrm, build_two_tower, random_sparse
 
+    from test_cuda_model import bad_id_request
+
     waits = []
-    real = _cuda_model._Torch.all_true
-    monkeypatch.setattr(_cuda_model._Torch, "all_true", staticmethod(lambda m: waits.append(1) or real(m)))
+    monkeypatch.setattr(_cuda_model.CudaModel, "_read", staticmethod(lambda flag: waits.append(1) or bool(flag)))
+    sigmoid = _cuda_model._Torch.sigmoid_
+    monkeypatch.setattr(_cuda_model._Torch, "sigmoid_",
+                        staticmethod(lambda x: launcher.events.append("top MLP") or sigmoid(x)))
 
     def load(m, tensors, name):
         write_model(tmp_path / name, m, tensors)
@@ -352,7 +378,12 @@ def test_gpu_float_model_checks_nan_and_overflow_in_one_wait(standin_model, rng,
     dense = np.ones((4, 5), np.float32)
     testing.assert_close(gpu.score(torch.from_numpy(dense), sparse).numpy(), cpu.score(dense, sparse),
                          rtol=1e-5, atol=1e-6)
-    assert len(waits) == 1
+    assert len(waits) == 1 and launcher.events == ["launch", "top MLP", "check"]
+    bad_ids, msg = bad_id_request(random_sparse(rng, ref["features"], ref["rows"], 3), ref)
+    nan = np.ones((3, 5), np.float32)
+    nan[1, 0] = np.nan
+    with pytest.raises(IndexError, match=msg):  # the bad id first
+        gpu.score(torch.from_numpy(nan), _tensors(bad_ids))
     for value, msg in ((np.nan, "input contains NaN or Inf \\(row 2\\)"), (np.inf, "input .*\\(row 2\\)"),
                        (3e38, "layer 0 of the bottom MLP .*row 2")):
         bad = dense.copy()
@@ -453,6 +484,13 @@ def test_gpu_int8_dlrm_runtime_matches_the_cpu_model(standin_model, int8_module,
         gpu.score(torch.from_numpy(dense), sparse)
     with pytest.raises(ValueError, match="NaN or Inf"):
         cpu.score(dense, sparse)
+    from test_cuda_model import bad_id_request
+
+    bad_ids, msg = bad_id_request(random_sparse(rng, ref["features"], ref["rows"], 3), ref)
+    nan = np.ones((3, 5), np.float32)
+    nan[1, 0] = np.nan
+    with pytest.raises(IndexError, match=msg):  # the top MLP's NaN check raises first; the bad id wins
+        gpu.score(torch.from_numpy(nan), _tensors(bad_ids))
 
 
 # ---- GPU top-k: the retry loop of fastrec/_cuda_topk.py -------------------------------------

@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -498,20 +499,21 @@ def test_gpu_runtime_float_mlp_overflow_logic_on_host_tensors(rng, model_dir):
     fw.t, fw.linear, fw.device = torch, torch.nn.functional.linear, torch.device("cpu")
     cm = CudaModel.__new__(CudaModel)
     cm.fw = fw
+    no_bags = types.SimpleNamespace(check=lambda: None)  # (no embedding kernel here)
     bottom, top = cm._mlp(model._bottom), cm._mlp(model._top)
     dense = torch.ones((4, 5))
     y, ok = cm._run_mlp(bottom, dense)
-    cm._raise_if_bad(None, ok, [(bottom, dense)])  # finite: nothing to report
+    cm._finish(no_bags, None, ok, [(bottom, dense)])  # finite: nothing to report
     assert cm._run_mlp(bottom, dense, check_finite=False)[1] is None
     dense[2] = 3e38
     _, ok = cm._run_mlp(bottom, dense)
     with pytest.raises(ValueError, match="layer 0 of the bottom MLP .*row 2"):
-        cm._raise_if_bad(None, ok, [(bottom, dense), (top, None)])
+        cm._finish(no_bags, None, ok, [(bottom, dense), (top, None)])
     top_in = torch.full((3, model._top.layers[0][0].shape[1]), 1e20)
     top_in[1, 0] = float("inf")  # as the interaction gives when two 1e20 rows meet
     p, ok = cm._run_mlp(top, top_in)  # overflows; past the sigmoid it reads 1.0 or NaN
     with pytest.raises(ValueError, match="of the top MLP"):
-        cm._raise_if_bad(None, ok, [(bottom, torch.ones((3, 5))), (top, top_in)])
+        cm._finish(no_bags, None, ok, [(bottom, torch.ones((3, 5))), (top, top_in)])
 
 
 def test_from_int8_round_trip(rng):

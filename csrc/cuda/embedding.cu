@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -692,9 +693,15 @@ int64_t bags_batch_size(const BagsArgs& a) {
   return (a.num_offsets - 1) / T;
 }
 
-void embedding_bags(const BagsArgs& a) {
+namespace {
+
+// embedding_bags up to its wait: the checks, the launches and the copy of the error slot to its
+// pinned host half, all queued on the caller's stream. Null when there was nothing to launch
+// (2-D ids with B = 0). *batch receives B.
+std::unique_ptr<SlotLease> queue_bags(const BagsArgs& a, int64_t* batch_out) {
   const int64_t T = static_cast<int64_t>(a.tables.size());
   const int64_t batch = bags_batch_size(a);
+  *batch_out = batch;
   if (a.num_indices < 0) throw std::invalid_argument("num_indices must be >= 0");
   if (a.fixed_len >= 0) {
     if (T != 1 || a.num_indices != batch * a.fixed_len) {
@@ -722,14 +729,14 @@ void embedding_bags(const BagsArgs& a) {
 
   DeviceScope guard(a.device);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
-  if (a.fixed_len >= 0 && batch == 0) return;  // nothing to pool and no offsets to check
+  if (a.fixed_len >= 0 && batch == 0) return nullptr;  // nothing to pool and no offsets to check
 
   // One launch per variant present (per kMaxTablesPerLaunch tables of it), in table order.
   std::vector<int64_t> order(T);
   for (int64_t t = 0; t < T; ++t) order[t] = t;
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t x, int64_t y) { return plans[x].variant < plans[y].variant; });
-  SlotLease lease(a.device, stream);
+  auto lease = std::make_unique<SlotLease>(a.device, stream);
   bool first_launch = true;
   for (int64_t i0 = 0; i0 < T;) {
     const int variant = plans[order[i0]].variant;
@@ -745,7 +752,7 @@ void embedding_bags(const BagsArgs& a) {
     p.offsets = a.offsets;
     p.psw = a.per_sample_weights;
     p.out = a.out;
-    p.err = lease.slot().dev;
+    p.err = lease->slot().dev;
     p.num_indices = a.num_indices;
     p.num_offsets = a.num_offsets;
     p.fixed_len = a.fixed_len;
@@ -762,10 +769,16 @@ void embedding_bags(const BagsArgs& a) {
     pick_kernel(variant, a.indices_int64, a.per_sample_weights != nullptr)<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(p);
     FASTREC_CUDA_CHECK_LAUNCH();
   }
+  FASTREC_CUDA_CHECK(cudaMemcpyAsync(lease->slot().host, lease->slot().dev, 2 * sizeof(unsigned long long),
+                                     cudaMemcpyDeviceToHost, stream));
+  return lease;
+}
 
-  unsigned long long* err = lease.slot().host;
-  FASTREC_CUDA_CHECK(cudaMemcpyAsync(err, lease.slot().dev, 2 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
-  FASTREC_CUDA_CHECK(cudaStreamSynchronize(stream));
+// After the stream has passed queue_bags' copy (the caller waited for it, on a.device): throws
+// what the kernel flagged (std::invalid_argument for the offsets, std::out_of_range for an id).
+// The slot goes back to the pool reset, error or not.
+void finish_bags(const BagsArgs& a, int64_t batch, SlotLease& lease, cudaStream_t stream) {
+  const unsigned long long* err = lease.slot().host;
   const unsigned long long bad_id = err[0], bad_off = err[1];
   if (bad_id == kNoError && bad_off == kNoError) {
     lease.set_clean();
@@ -776,6 +789,44 @@ void embedding_bags(const BagsArgs& a) {
   lease.set_clean();
   if (bad_off != kNoError) throw_offsets_error(offsets_on_host(a, stream), a.num_indices);
   throw_index_error(a, batch, static_cast<int64_t>(bad_id), stream);
+}
+
+}  // namespace
+
+void embedding_bags(const BagsArgs& a) {
+  int64_t batch = 0;
+  std::unique_ptr<SlotLease> lease = queue_bags(a, &batch);
+  if (!lease) return;
+  DeviceScope guard(a.device);
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
+  FASTREC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  finish_bags(a, batch, *lease, stream);
+}
+
+struct PendingBags::State {
+  BagsArgs args;
+  int64_t batch = 0;
+  std::unique_ptr<SlotLease> lease;  // null once checked (or when nothing was launched)
+  std::mutex mu;
+};
+
+PendingBags::PendingBags(const BagsArgs& a) : s_(new State) {
+  s_->args = a;
+  s_->lease = queue_bags(s_->args, &s_->batch);
+}
+
+// Unchecked, the lease is dropped without set_clean(): its slot stays out of the pool, since the
+// kernel or the copy may still write it.
+PendingBags::~PendingBags() = default;
+
+void PendingBags::check() {
+  std::lock_guard<std::mutex> lock(s_->mu);
+  std::unique_ptr<SlotLease> lease = std::move(s_->lease);  // one check, error or not
+  if (!lease) return;
+  DeviceScope guard(s_->args.device);
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(s_->args.stream);
+  FASTREC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  finish_bags(s_->args, s_->batch, *lease, stream);
 }
 
 }  // namespace cuda

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace fastrec {
@@ -55,6 +56,25 @@ constexpr int kMaxTablesPerLaunch = 48;  // table descriptors travel as kernel p
 
 int64_t bags_batch_size(const BagsArgs& a);  // checks num_offsets against T (std::invalid_argument)
 void embedding_bags(const BagsArgs& a);
+
+// embedding_bags without its wait: the constructor checks the arguments and queues the kernels
+// and the 16-byte copy back (throwing, before anything is queued, what embedding_bags throws
+// for bad arguments); check() waits for the stream (everything queued on it so far) and throws
+// what the kernel found, as embedding_bags does. Until check() has returned, the ids, offsets,
+// weights and output must stay alive and unchanged. Only the first check() checks. Destroyed
+// unchecked, its 16-byte slot is never reused (the kernel may still write it).
+class PendingBags {
+ public:
+  explicit PendingBags(const BagsArgs& a);
+  ~PendingBags();
+  PendingBags(const PendingBags&) = delete;
+  PendingBags& operator=(const PendingBags&) = delete;
+  void check();
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
 
 }  // namespace cuda
 }  // namespace fastrec

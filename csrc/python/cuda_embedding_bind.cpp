@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -20,10 +21,10 @@ namespace {
 // (data_ptr, num_rows, dim, row_stride, kind, tbe, mode, padding_idx)
 using TableTuple = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int32_t, bool, int32_t, int64_t>;
 
-void embedding_bags(const std::vector<TableTuple>& tables, uintptr_t indices, int64_t num_indices,
-                    bool indices_int64, uintptr_t offsets, int64_t num_offsets, bool offsets_int64,
-                    int64_t fixed_len, uintptr_t per_sample_weights, uintptr_t out, int device,
-                    uintptr_t stream) {
+cuda::BagsArgs bags_args(const std::vector<TableTuple>& tables, uintptr_t indices, int64_t num_indices,
+                         bool indices_int64, uintptr_t offsets, int64_t num_offsets, bool offsets_int64,
+                         int64_t fixed_len, uintptr_t per_sample_weights, uintptr_t out, int device,
+                         uintptr_t stream) {
   cuda::BagsArgs a;
   a.tables.reserve(tables.size());
   for (const TableTuple& t : tables) {
@@ -49,8 +50,27 @@ void embedding_bags(const std::vector<TableTuple>& tables, uintptr_t indices, in
   a.out = reinterpret_cast<float*>(out);
   a.device = device;
   a.stream = stream;
+  return a;
+}
+
+void embedding_bags(const std::vector<TableTuple>& tables, uintptr_t indices, int64_t num_indices,
+                    bool indices_int64, uintptr_t offsets, int64_t num_offsets, bool offsets_int64,
+                    int64_t fixed_len, uintptr_t per_sample_weights, uintptr_t out, int device,
+                    uintptr_t stream) {
+  const cuda::BagsArgs a = bags_args(tables, indices, num_indices, indices_int64, offsets, num_offsets,
+                                     offsets_int64, fixed_len, per_sample_weights, out, device, stream);
   ReleaseGil release;
   cuda::embedding_bags(a);
+}
+
+std::unique_ptr<cuda::PendingBags> embedding_bags_deferred(
+    const std::vector<TableTuple>& tables, uintptr_t indices, int64_t num_indices, bool indices_int64,
+    uintptr_t offsets, int64_t num_offsets, bool offsets_int64, int64_t fixed_len, uintptr_t per_sample_weights,
+    uintptr_t out, int device, uintptr_t stream) {
+  const cuda::BagsArgs a = bags_args(tables, indices, num_indices, indices_int64, offsets, num_offsets,
+                                     offsets_int64, fixed_len, per_sample_weights, out, device, stream);
+  ReleaseGil release;
+  return std::make_unique<cuda::PendingBags>(a);
 }
 
 }  // namespace
@@ -62,6 +82,21 @@ void bind_cuda_embedding(py::module_& m) {
         "Pools T device tables over device ids into out[B, sum(D)] on `stream` (pointers as ints; "
         "tables as (ptr, rows, dim, row_stride, kind, tbe, mode, padding_idx)). Waits for the kernel "
         "(16-byte readback of the bounds check); raises IndexError / ValueError like the CPU op.");
+  py::class_<cuda::PendingBags>(m, "PendingBags",
+                                "The bounds and offsets check of an embedding_bags_deferred call, not yet read.")
+      .def("check", [](cuda::PendingBags& p) {
+             ReleaseGil release;
+             p.check();
+           },
+           "Waits for the stream and raises IndexError / ValueError as embedding_bags would have "
+           "(the first call only; later ones return at once).");
+  m.def("embedding_bags_deferred", &embedding_bags_deferred, py::arg("tables"), py::arg("indices"),
+        py::arg("num_indices"), py::arg("indices_int64"), py::arg("offsets"), py::arg("num_offsets"),
+        py::arg("offsets_int64"), py::arg("fixed_len"), py::arg("per_sample_weights"), py::arg("out"),
+        py::arg("device"), py::arg("stream"),
+        "embedding_bags without the wait: queues the kernels and returns a PendingBags whose check() "
+        "raises what embedding_bags would have. Keep the ids, offsets, weights and out alive and "
+        "unchanged until check() has returned.");
   m.attr("embedding_max_tables_per_launch") = cuda::kMaxTablesPerLaunch;
 }
 
