@@ -1,6 +1,6 @@
 """Host-side (Python) cost of fastrec's CUDA calls, measurable on any machine, GPU or not.
 
-    python benches/cuda_host_overhead.py [--tables 26] [--calls 3000]
+    python benches/cuda_host_overhead.py [--tables 26] [--calls 3000] [--ops]
 
 CPU torch tensors stand in for CUDA tensors (``torch.Tensor.is_cuda`` reads True), the launcher
 is replaced by one that only zero-fills the output, and the model's torch device is the CPU: what
@@ -17,6 +17,11 @@ offsets) pair and with a dict of T per-feature pairs, and an int8 DLRM's (8-bit 
 MLPs whose plans only zero-fill their outputs) with the pair. Prints the median over 5 repeats of
 microseconds per call. Not a GPU measurement: the kernel, the launch and the bounds-check
 readback are not in it.
+
+``--ops`` also counts, for the model cases, the torch ops of one call (torch.profiler, top-level
+ops only) that would each launch a kernel on a GPU (views, allocations and no-op dtype
+conversions left out) and those that read a device value back (a host wait on a GPU); fastrec's
+own kernels (the embedding bags, int8 MLPs) and its bounds-check wait are not among them.
 """
 
 from __future__ import annotations
@@ -99,10 +104,33 @@ def _us_per_call(fn, calls: int) -> float:
     return statistics.median(runs)
 
 
+_NO_KERNEL = {"aten::view", "aten::unsqueeze", "aten::transpose", "aten::slice", "aten::select", "aten::expand",
+              "aten::as_strided", "aten::reshape", "aten::_reshape_alias", "aten::_unsafe_view", "aten::alias",
+              "aten::t", "aten::empty", "aten::empty_strided", "aten::new_empty", "aten::resize_",
+              "aten::result_type", "aten::lift_fresh", "aten::detach_", "aten::detach", "aten::to"}
+_READS = {"aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
+
+
+def _op_counts(fn) -> tuple[int, int]:
+    """(kernel-launching torch ops, device reads) of one call of fn (after one warm call). A
+    torch.tensor upload shows as lift_fresh + detach_ (one copy, counted with the kernels), a
+    no-op conversion as aten::to (left out)."""
+    import torch
+
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events() if e.cpu_parent is None]
+    uploads = names.count("aten::lift_fresh")
+    return (sum(n not in _NO_KERNEL and n not in _READS for n in names) + uploads,
+            sum(n in _READS for n in names))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tables", type=int, default=26)
     ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--ops", action="store_true", help="also count the model calls' torch ops and reads")
     args = ap.parse_args(argv)
     _stand_in()
     import torch
@@ -145,9 +173,12 @@ def main(argv=None) -> None:
     cases[f"int8 DLRM score, {T} 8-bit tables, one table-major pair (B=4; no MLP kernels)"] = \
         lambda: model8.score(dense, pair)
     print(f"# fastrec {fastrec.__version__}, torch {torch.__version__}, CPU stand-in (no kernel, no launch)")
-    print("| case | us per call |\n|---|---:|")
+    print("| case | us per call |" + (" torch kernels | reads |\n|---|---:|---:|---:|" if args.ops else "\n|---|---:|"))
     for name, fn in cases.items():
-        print(f"| {name} | {_us_per_call(fn, args.calls):.1f} |", flush=True)
+        row = f"| {name} | {_us_per_call(fn, args.calls):.1f} |"
+        if args.ops:
+            row += " {} | {} |".format(*_op_counts(fn)) if "score" in name else " | |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
