@@ -31,7 +31,11 @@ need shared memory in proportion to D and to the kept candidates, and a GPU with
 (an A100 163 KiB, sm_86 / sm_89 99 KiB) takes proportionally less; beyond, a ValueError says
 how much was needed. fp16 queries are scaled per row by a power of two before the fp16
 conversion the tensor cores need (undone on the scores), so queries of any magnitude work;
-components below ~2^-39 of their row's largest still round to zero there. Queries whose
+components below ~2^-39 of their row's largest still round to zero there. That conversion also
+rounds each query component to fp16's 11 bits (the CPU scores float32 queries against the fp16
+items): with ``rerank=False`` an fp16 index's scores differ from the CPU's by ~1e-3 relative, so
+near-ties may come out in another order; with ``rerank=True`` the scores returned are
+recomputed from the float32 rows (only the choice of kept candidates saw the rounding). Queries whose
 float32 scores could overflow (D * max|q| * max|x| >= 2**126) are searched exactly in float64
 on the host, as on the CPU (one reduction and a copy of Q floats per call tell which).
 """

@@ -278,7 +278,7 @@ __device__ __forceinline__ void pool_bag(const Params& p, const TableDesc& d, co
   float acc[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) acc[i] = kMax ? -INFINITY : 0.f;
-  int count = 0;
+  int64_t count = 0;  // (a bag may hold 2^31 ids or more)
   const uint8_t* const data = d.data;
   const int64_t rows = d.rows, stride = d.stride, pad = d.pad;
 
