@@ -231,10 +231,11 @@ def _run(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, ex, growth:
 
 
 def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, exclude, skip=None):
-    """The device search of every row of a; rows in ``skip`` (host indices, or None) are not
-    re-run when their candidate buffers overflow (the caller redoes them on the host: a row
-    whose float32 scores overflow to -inf passes every threshold and would overflow again at
-    any size short of the whole catalogue)."""
+    """``(scores, ids, skip)``: the device search of every row of a; rows in ``skip`` (host
+    indices or None, or a function giving them, called once the first search has waited for the
+    stream: see :func:`_overflow_check`) are not re-run when their candidate buffers overflow
+    (the caller redoes them on the host: a row whose float32 scores overflow to -inf passes
+    every threshold and would overflow again at any size short of the whole catalogue)."""
     from .index import _check_k
 
     k = _check_k(k)
@@ -244,6 +245,8 @@ def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, excl
         raise ValueError(f"k = {k} is too large for the CUDA top-k (at most {_cuda.module().topk_max_keep()} "
                          "candidates per query); search with host queries instead")
     scores, ids, over = _run(dev, a, k, keep, (d_ids, d_off), 1)
+    if callable(skip):
+        skip = skip()
     if skip is not None and over:
         over = sorted(set(over).difference(skip.tolist()))
     growth = 1
@@ -267,23 +270,33 @@ def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, excl
             scores.obj[idx] = s_scores.obj
             ids.obj[idx] = s_ids_out.obj
         over = [int(sel[i]) for i in s_over]
-    return scores.obj, ids.obj
+    return scores.obj, ids.obj, skip
 
 
-def _overflow_rows(a: _cuda.DeviceArray, item_amax: float):
-    """Host indices of the rows of the device queries ``a`` whose float32 scoring could overflow
-    (the CPU's rule, ``index._checked_queries``: D * max|q| * max|x| >= 2**126), or None. One
-    reduction on the device and a copy of Q floats. (NaN rows compare False: the device search
-    refuses them.)"""
+def _overflow_check(a: _cuda.DeviceArray, item_amax: float):
+    """A function giving the host indices of the rows of the device queries ``a`` whose float32
+    scoring could overflow (the CPU's rule, ``index._checked_queries``: D * max|q| * max|x| >=
+    2**126), or None. The reduction is queued now; the function copies its Q floats back, so
+    called after the search has waited for the stream, it adds no wait of its own. (NaN rows
+    compare False: the device search refuses them.)"""
     from .index import _SAFE_BOUND
 
     if a.shape[0] == 0 or item_amax == 0.0:
-        return None
+        return lambda: None
     with _device_of(a):
-        row_max = (a.obj.abs().amax(dim=1).cpu().numpy() if a.framework == "torch"
-                   else abs(a.obj).max(axis=1).get())
-    rows = np.flatnonzero(row_max.astype(np.float64) * (item_amax * a.shape[1]) >= _SAFE_BOUND)
-    return rows if rows.size else None
+        row_max = a.obj.abs().amax(dim=1) if a.framework == "torch" else abs(a.obj).max(axis=1)
+
+    def rows():
+        host = row_max.cpu().numpy() if a.framework == "torch" else row_max.get()
+        found = np.flatnonzero(host.astype(np.float64) * (item_amax * a.shape[1]) >= _SAFE_BOUND)
+        return found if found.size else None
+
+    return rows
+
+
+def _overflow_rows(a: _cuda.DeviceArray, item_amax: float):
+    """:func:`_overflow_check`'s rows, read at once."""
+    return _overflow_check(a, item_amax)()
 
 
 def _put_rows(a: _cuda.DeviceArray, scores, ids, rows: np.ndarray, s: np.ndarray, i: np.ndarray) -> None:
@@ -312,8 +325,8 @@ def search(index, snap, queries, k, exclude):
     k = _check_k(k)
     dev = _device_index(index, snap, a)
     keep = _candidates(k, index.precision, index.rerank)
-    rows = _overflow_rows(a, snap.amax)  # (first: these rows are searched again on the host below)
-    scores, ids = _search_dev(dev, a, k, keep, exclude, rows)  # (refuses NaN / Inf queries)
+    # the rows searched again on the host below: queued first, read after the search's wait
+    scores, ids, rows = _search_dev(dev, a, k, keep, exclude, _overflow_check(a, snap.amax))  # (refuses NaN / Inf)
     if rows is not None:  # as on the CPU: searched exactly in float64 on the host (rare, slower)
         ex_ids, ex_off = _exclude_host(exclude, a.shape[0])
         s, i = _exact_search(snap, _to_host(a), rows, k, ex_ids, ex_off)
@@ -368,8 +381,8 @@ def topk(queries, items, k: int, *, exclude=None):
     from .index import _check_k
 
     k = _check_k(k)
-    rows = _overflow_rows(a, amax) if n else None  # (first: these rows are searched again on the host below)
-    scores, out = _search_dev(dev, a, k, _candidates(k, "fp32", True), exclude, rows)
+    check = _overflow_check(a, amax) if n else None  # (these rows are searched again on the host below)
+    scores, out, rows = _search_dev(dev, a, k, _candidates(k, "fp32", True), exclude, check)
     if n:
         if rows is not None:  # as ops.topk on the CPU: these queries exactly in float64, on the host
             from .index import ItemIndex

@@ -519,18 +519,18 @@ def test_gpu_topk_reruns_overflowed_queries_except_those_the_host_redoes(launche
     monkeypatch.setattr(_cuda, "_module", SimpleNamespace(topk_max_keep=lambda: 4096))
     a = _cuda.view(torch.arange(Q, dtype=torch.float32)[:, None].repeat(1, 4))
     dev = SimpleNamespace(n=100)
-    scores, _ = _cuda_topk._search_dev(dev, a, k, 8, None, np.array([3]))
-    assert runs == [([0, 1, 2, 3, 4], 1), ([1], 4), ([1], 16)]
+    scores, _, skip = _cuda_topk._search_dev(dev, a, k, 8, None, lambda: np.array([3]))
+    assert skip.tolist() == [3] and runs == [([0, 1, 2, 3, 4], 1), ([1], 4), ([1], 16)]
     assert scores[:, 0].tolist() == [100, 1601, 102, 103, 104]
     runs.clear()
-    scores, _ = _cuda_topk._search_dev(dev, a, k, 8, None, None)  # nothing to skip: row 3 is re-run too
+    scores, _, _ = _cuda_topk._search_dev(dev, a, k, 8, None, None)  # nothing to skip: row 3 is re-run too
     assert runs == [([0, 1, 2, 3, 4], 1), ([1, 3], 4), ([1, 3], 16)]
     assert scores[:, 0].tolist() == [100, 1601, 102, 1603, 104]
 
 
 def test_gpu_topk_hands_the_rows_it_redoes_on_the_host_to_the_device_search(launcher, monkeypatch, rng):
-    # ops.topk on the GPU: the rows _overflow_rows finds are the device search's skip list, and
-    # their results come from the host's exact search.
+    # ops.topk on the GPU: the rows _overflow_check finds are the device search's skip list, read
+    # by it after its first search (one wait), and their results come from the host's exact search.
     from types import SimpleNamespace
 
     from fastrec import _cuda_topk
@@ -538,13 +538,13 @@ def test_gpu_topk_hands_the_rows_it_redoes_on_the_host_to_the_device_search(laun
     seen = {}
 
     def search_dev(dev, a, k, keep, exclude, skip=None):
-        seen["skip"] = skip
+        seen["skip"] = skip = skip()
         Q = a.shape[0]
-        return torch.full((Q, k), -5.0), torch.full((Q, k), -7, dtype=torch.int64)
+        return torch.full((Q, k), -5.0), torch.full((Q, k), -7, dtype=torch.int64), skip
 
     monkeypatch.setattr(_cuda, "_module", SimpleNamespace(TopkIndexView=lambda *args: None))
     monkeypatch.setattr(_cuda_topk, "_search_dev", search_dev)
-    monkeypatch.setattr(_cuda_topk, "_overflow_rows", lambda a, amax: np.array([1, 3]))
+    monkeypatch.setattr(_cuda_topk, "_overflow_check", lambda a, amax: lambda: np.array([1, 3]))
     items = rng.standard_normal((50, 8)).astype(np.float32)
     q = rng.standard_normal((4, 8)).astype(np.float32)
     scores, ids = ops.topk(torch.from_numpy(q), torch.from_numpy(items), 5)
