@@ -190,10 +190,14 @@ def _exclude(exclude, Q: int, like: _cuda.DeviceArray):
     ids, off = _exclude_host(exclude, Q)
     if ids is None or ids.shape[0] == 0:
         return None, None, None
-    seg = np.repeat(np.arange(Q, dtype=np.int64), np.diff(off))
-    ids = ids[np.lexsort((ids, seg))]
-    d_ids, d_off = _cuda.from_host(like, ids), _cuda.from_host(like, off)
-    return d_ids, d_off, (ids, off)
+    if Q == 1:
+        ids = np.sort(ids)
+    else:
+        seg = np.repeat(np.arange(Q, dtype=np.int64), np.diff(off))
+        ids = ids[np.lexsort((ids, seg))]
+    n = ids.shape[0]
+    both = _cuda.from_host(like, np.concatenate([ids, off]).astype(np.int64, copy=False)).obj  # (one copy)
+    return _cuda.view(both[:n]), _cuda.view(both[n:]), (ids, off)
 
 
 def _queries(queries, dim: int):

@@ -752,6 +752,25 @@ def test_device_search_refuses_a_flat_exclude_as_the_cpu_path_does():
     assert ids.tolist() == [5, 7] and off.tolist() == [0, 1, 2]
 
 
+def test_device_exclude_lists_go_up_sorted_per_query_in_one_copy(monkeypatch):
+    """_exclude's device CSR (here on CPU torch tensors posing as CUDA ones): ids sorted within
+    each query (the kernel's binary search), offsets as given, both slices of one upload."""
+    torch = pytest.importorskip("torch")
+    from fastrec import _cuda, _cuda_topk
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True), raising=False)
+    like = _cuda.DeviceArray(torch.zeros(1), "torch", 0, (1,), np.dtype(np.float32), 0)
+    copies = []
+    real = _cuda.from_host
+    monkeypatch.setattr(_cuda, "from_host", lambda like_, a: copies.append(a.shape) or real(like_, a))
+    d_ids, d_off, (ids, off) = _cuda_topk._exclude([[9, 2, 5], [], [4, 1]], 3, like)
+    assert d_ids.obj.tolist() == [2, 5, 9, 1, 4] and d_off.obj.tolist() == [0, 3, 3, 5]
+    assert d_off.ptr == d_ids.ptr + 5 * 8 and copies == [(9,)]
+    d_ids, d_off, _ = _cuda_topk._exclude([np.array([7, 3, 3])], 1, like)
+    assert d_ids.obj.tolist() == [3, 3, 7] and d_off.obj.tolist() == [0, 3]
+    assert _cuda_topk._exclude([[], []], 2, like) == (None, None, None)
+
+
 def test_device_search_picks_the_same_float64_rows_as_the_cpu():
     """The GPU search sends the queries whose float32 scoring could overflow to the host's
     float64 search, chosen by the CPU's rule (_checked_queries). The choice runs here on CPU
