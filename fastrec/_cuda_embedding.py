@@ -355,7 +355,27 @@ def _launch(args, width: int, idx, off, fixed_len, num_offsets, per_sample_weigh
                      0 if off is None else off.ptr, num_offsets, off is not None and off.dtype == np.int64,
                      -1 if fixed_len is None else fixed_len, 0 if psw is None else psw.ptr, out.ptr,
                      idx.device, _cuda.stream(idx))
-    return (out.obj, pending) if deferred else out.obj
+    if not deferred:
+        return out.obj
+    if pending is not None:  # (a contiguous copy made here is the only reference to what check() reads)
+        pending = _Pending(pending, (idx.obj, None if off is None else off.obj, None if psw is None else psw.obj))
+    return out.obj, pending
+
+
+class _Pending:
+    """A deferred launch's check (``_C_cuda.PendingBags``) and the arrays its kernel reads,
+    kept until the check has run: on an error, the check reads the ids and offsets back."""
+
+    __slots__ = ("pending", "keep")
+
+    def __init__(self, pending, keep):
+        self.pending, self.keep = pending, keep
+
+    def check(self) -> None:
+        try:
+            self.pending.check()  # (the C++ object checks once; later calls return at once)
+        finally:
+            self.keep = None
 
 
 def embedding_bag(weight, indices, offsets, code: int, per_sample_weights, padding_idx):

@@ -21,15 +21,17 @@ Host waits: everything is queued first, then the call waits once, at its end: an
 tower MLP for its last quantization pass (NaN / Inf raise ValueError, as on the CPU; the int8
 bottom MLP skips that check: a NaN there reaches the top MLP's), then for the stream, for the
 embedding kernel's 16-byte bounds and offsets check (a bad id raises IndexError naming the
-feature, as on the CPU; it is reported before any NaN / Inf) and, for an fp32 / fp16 top MLP or
-tower MLP, a flag saying whether any row of the dense input held NaN / Inf or of the last layer's
-output overflowed float32 (after a ReLU, before the sigmoid; on overflow the host MLPs name the
-layer, as on the CPU). So ``score`` and ``user_vectors`` / ``item_vectors`` return once their
-results are computed. (With the CuPy fallback, the embedding kernel waits for its own check.)
+feature, as on the CPU) and, for an fp32 / fp16 top MLP or tower MLP, a flag saying whether any
+row of the dense input held NaN / Inf or of the last layer's output overflowed float32 (after a
+ReLU, before the sigmoid; on overflow the host MLPs name the layer, as on the CPU). Errors come
+in the CPU runtime's order: a float model's NaN / Inf dense row, then a bad id or offsets, then
+an overflow (an int8 model: the bad id first). So ``score`` and ``user_vectors`` /
+``item_vectors`` return once their results are computed. (With the CuPy fallback, the embedding
+kernel waits for its own check.)
 
 The cheapest sparse input is one table-major ``(indices, offsets)`` pair on the device (TorchRec's
 KeyedJaggedTensor layout): it goes to the kernel as it is. A ``{feature: (indices, offsets)}``
-dict of device arrays is joined on the device (four small kernels and one 24-byte-per-feature
+dict of device arrays is joined on the device (a few small ops and one 24-byte-per-feature
 upload); a dict of host arrays is joined on the host and copied over.
 """
 
@@ -179,11 +181,6 @@ class _Torch:
         return self.t.isfinite(x).all(dim=1)
 
     @staticmethod
-    def all_true(mask) -> bool:
-        """Whether a device mask is all True (waits for it)."""
-        return bool(mask.all())
-
-    @staticmethod
     def first_false(mask):
         """The first False index of a device mask, or None (waits for it)."""
         return None if bool(mask.all()) else int(mask.logical_not().nonzero()[0, 0])
@@ -196,11 +193,12 @@ class _Torch:
 
     def table_major_offsets(self, offs, aux, B: int, total: int):
         """Per-feature offsets (B + 1 each, from 0) -> table-major offsets (T*B + 1), in four
-        kernels; ``aux`` holds each feature's start in the joined indices, then (0, its id
+        ops (a ``cat`` of inputs of mixed dtypes, or in CuPy of fewer than 9, may copy them one by
+        one); ``aux`` holds each feature's start in the joined indices, then (0, its id
         count) per feature: what its first and last offsets must be. The last offset is
         ``total`` plus the number of those that are not, so the kernel's own offsets check
         raises for a feature whose offsets do not start at 0 or end at its id count (see
-        CudaModel._embed, which then names it)."""
+        _Bags.run, which then names it)."""
         t = self.t
         T = len(offs)
         full = t.cat(offs).view(T, B + 1)  # (int32 with int64: int64)
@@ -261,10 +259,6 @@ class _Cupy:
     def finite_rows(self, x):
         return self.cp.isfinite(x).all(axis=1)
 
-    @staticmethod
-    def all_true(mask) -> bool:
-        return bool(mask.all())
-
     def first_false(self, mask):
         return None if bool(mask.all()) else int(self.cp.argmin(mask))  # (argmin: the first False)
 
@@ -320,13 +314,36 @@ def _is_device_sparse(sparse) -> bool:
     return isinstance(sparse, (tuple, list)) and any(_cuda.is_device_array(a) for a in sparse)
 
 
-def _part_reader(torch, index: int, general):
-    """The ``ids`` of ``_Group.split`` for a CudaModel: ``general(x, what)`` (CudaModel._ids),
-    after, for torch, the common case read off the tensor: a contiguous 1-D int32 / int64 CUDA
-    tensor on the model's device (a dict request reads 2 per feature)."""
-    if torch is None:
-        return lambda x, feature, part: general(x, _sparse_name(feature, part))
-    Tensor, i64, i32 = torch.Tensor, torch.int64, torch.int32
+def _on_device(fw, x, what: str):
+    """A device array (either framework) on fw's device, as fw's array: ``(view, array)``."""
+    a = _cuda.view(x, what)
+    if a.device != fw.index:
+        raise ValueError(f"{what} is on cuda:{a.device}, the model on cuda:{fw.index}")
+    return a, fw.adopt(a.obj)
+
+
+def _ids(fw, x, what: str):
+    """One id or offset array of a request as ``(device int32/int64 1-D array, its length)``
+    on fw's device (host arrays are uploaded)."""
+    if not _cuda.is_device_array(x):
+        h, n = _host_ids(x, what)
+        return fw.upload(h), n
+    a, d = _on_device(fw, x, what)
+    if a.dtype != np.int64 and a.dtype != np.int32:
+        raise TypeError(f"{what} must be int32 or int64, got {a.dtype}")
+    if len(a.shape) != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {a.shape}")
+    return d, a.shape[0]
+
+
+def _part_reader(fw):
+    """The ``ids`` of ``_Group.split`` for a model on fw's device: :func:`_ids`, after, for torch,
+    the common case read off the tensor: a contiguous 1-D int32 / int64 CUDA tensor on that
+    device (a dict request reads 2 per feature). (Holds fw, not the CudaModel: a reference to
+    the model would be a cycle, and its GPU memory would wait for the cycle collector.)"""
+    if fw.name != "torch":
+        return lambda x, feature, part: _ids(fw, x, _sparse_name(feature, part))
+    Tensor, i64, i32, index = fw.t.Tensor, fw.t.int64, fw.t.int32, fw.index
 
     def ids(x, feature, part: str):
         if type(x) is Tensor:
@@ -334,7 +351,7 @@ def _part_reader(torch, index: int, general):
             if ((dtype is i64 or dtype is i32) and x.is_cuda and x.dim() == 1 and x.is_contiguous()
                     and x.get_device() == index):
                 return x, x.shape[0]
-        return general(x, _sparse_name(feature, part))
+        return _ids(fw, x, _sparse_name(feature, part))
 
     return ids
 
@@ -409,7 +426,7 @@ class CudaModel:
 
                 _cuda_topk.upload(model._index, fw.upload(np.zeros(1, np.float32)))
             self._sync()
-        self._read_ids = _part_reader(fw.t if framework == "torch" else None, index, self._ids)
+        self._read_ids = _part_reader(fw)
 
     @property
     def device(self) -> str:
@@ -456,31 +473,42 @@ class CudaModel:
         return x, ok
 
     def _finish(self, bags, inputs_ok, outputs_ok, steps) -> None:
-        """The call's one host wait, after everything else is queued. ``bags`` (a
-        :class:`_Bags`) raises first what the embedding kernel found (a bad id or offsets);
-        then ValueError naming the first row of ``inputs_ok`` (the dense input's queued mask of
-        finite rows, or None) holding NaN or Inf, else, when ``outputs_ok`` (the last float
-        layer's, or None) has a False row, naming the layer that overflowed: each of ``steps``
-        (a float MLP, or None, and its device input) runs again on the host, in order, through
-        ``_FloatMLP.locate`` (a DLRM's bottom MLP first, whose overflow reaches the top)."""
+        """The call's one host wait, after everything else is queued, and its errors in the CPU
+        runtime's order: ValueError naming the first row of ``inputs_ok`` (a float model's dense
+        input: a queued mask of finite rows, or None) holding NaN or Inf; then what ``bags`` (a
+        :class:`_Bags`) found in the embedding kernel (a bad id or offsets); then, when
+        ``outputs_ok`` (the last float layer's, or None) has a False row, ValueError naming the
+        layer that overflowed: each of ``steps`` (a float MLP, or None, and its device input) runs
+        again on the host, in order, through ``_FloatMLP.locate`` (a DLRM's bottom MLP first,
+        whose overflow reaches the top)."""
         fw = self.fw
         if inputs_ok is None or outputs_ok is None:
             ok = outputs_ok if inputs_ok is None else inputs_ok
         else:
             ok = inputs_ok & outputs_ok
         flag = None if ok is None else ok.all()  # queued: the read below waits for nothing else
-        bags.check()  # waits for the stream
+        try:
+            bags.check()  # waits for the stream
+            found = None
+        except (IndexError, ValueError) as exc:
+            found = exc
+        if found is not None:
+            self._raise_if_bad_input(inputs_ok)  # (as the CPU's float runtime: the dense rows first)
+            raise found
         if flag is None or self._read(flag):
             return
-        row = None if inputs_ok is None else fw.first_false(inputs_ok)
-        if row is not None:
-            raise ValueError(f"input contains NaN or Inf (row {row})")
+        self._raise_if_bad_input(inputs_ok)
         row = fw.first_false(outputs_ok)
         for mlp, x in steps:
             if isinstance(mlp, _DeviceFloatMLP):
                 mlp.host.locate(_host(x))
         raise ValueError(f"an MLP's output holds NaN or Inf (row {row}): float32 overflowed (the model's inputs, "
                          "weights or tables are too large for float32)")
+
+    def _raise_if_bad_input(self, inputs_ok) -> None:
+        row = None if inputs_ok is None else self.fw.first_false(inputs_ok)
+        if row is not None:
+            raise ValueError(f"input contains NaN or Inf (row {row})")
 
     @staticmethod
     def _read(flag) -> bool:
@@ -489,11 +517,7 @@ class CudaModel:
 
     # ---- inputs --------------------------------------------------------------------------
     def _on_device(self, x, what: str):
-        """A device array (either framework) on this model's device, as this framework's array."""
-        a = _cuda.view(x, what)
-        if a.device != self.index:
-            raise ValueError(f"{what} is on cuda:{a.device}, the model on cuda:{self.index}")
-        return a, self.fw.adopt(a.obj)
+        return _on_device(self.fw, x, what)
 
     def _dense(self, dense, width: int):
         on_device = _cuda.is_device_array(dense)
@@ -513,18 +537,6 @@ class CudaModel:
         if len(shape) != 2 or shape[1] != width:
             raise ValueError(f"dense must have shape (B, {width}), got {tuple(shape)}")
         return x if on_device else self.fw.upload(x)
-
-    def _ids(self, x, what: str):
-        """(device int32/int64 1-D array, its length)."""
-        if not _cuda.is_device_array(x):
-            h, n = _host_ids(x, what)
-            return self.fw.upload(h), n
-        a, d = self._on_device(x, what)
-        if a.dtype != np.int64 and a.dtype != np.int32:
-            raise TypeError(f"{what} must be int32 or int64, got {a.dtype}")
-        if len(a.shape) != 1:
-            raise ValueError(f"{what} must be 1-D, got shape {a.shape}")
-        return d, a.shape[0]
 
     def _pack(self, g: _DeviceGroup, sparse, B):
         """(indices, offsets) on the device, table-major, B and each feature's start (dicts)."""
@@ -548,7 +560,11 @@ class CudaModel:
         bags = _Bags(g, sparse, starts)
         out, bags.pending = bags.run(g.bags.deferred, indices, offsets)
         if g.columns is not None:
-            out = self.fw.take_cols(out, g.columns)
+            try:
+                out = self.fw.take_cols(out, g.columns)
+            except BaseException:
+                bags.check()
+                raise
         return out, bags
 
     # ---- the public calls (Model's methods branch here) ----------------------------------

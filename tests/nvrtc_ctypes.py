@@ -1,8 +1,9 @@
 """NVRTC (CUDA's run-time compiler) through ctypes, for tests that compile the CuPy kernels'
 sources without a GPU: NVRTC needs only its library, not a device or a driver.
 
-The library is looked for where CuPy finds it: the ``nvidia-cuda-nvrtc`` wheel (``.ci/run``
-installs it) under ``nvidia/*/lib`` or ``nvidia/cuda_nvrtc/lib``, then ``$CUDA_HOME/lib64`` and
+The library is looked for where CuPy finds it: the ``nvidia-cuda-nvrtc-cu12`` wheel (``.ci/run``
+installs it; NVRTC 12 is what the ``cuda`` extra's cupy-cuda12x uses) under
+``nvidia/cuda_nvrtc/lib`` (``nvidia/cu13/lib`` for 13), then ``$CUDA_HOME/lib64`` and
 ``/usr/local/cuda*/lib64``, then the loader's search path.
 """
 
@@ -39,13 +40,20 @@ def _load():
 
 
 LIB = _load()
-SKIP_REASON = None if LIB is not None else "NVRTC is not installed (pip install nvidia-cuda-nvrtc)"
 
 
-def version() -> str:
+def version() -> tuple[int, int]:
     major, minor = ctypes.c_int(), ctypes.c_int()
     LIB.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    return f"{major.value}.{minor.value}"
+    return major.value, minor.value
+
+
+if LIB is None:
+    SKIP_REASON = "NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12)"
+elif version() < (11, 8):  # (compute_90, the newest architecture fastrec targets, came with 11.8)
+    SKIP_REASON = f"NVRTC {version()} is older than 11.8"
+else:
+    SKIP_REASON = None
 
 
 def compile_ptx(source: str, name: str, options=()) -> tuple[str, str]:

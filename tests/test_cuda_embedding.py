@@ -443,25 +443,36 @@ def test_deferred_check(to_device, rng):
     want = ops.embedding_bags([W, QuantizedTable.from_float(W, 8)], idx, off, modes=["sum", "max"])
     d_idx, d_off = to_device(idx), to_device(off)
     out, pending = bags.deferred(d_idx, d_off)
-    assert type(pending).__name__ == "PendingBags"
+    assert type(pending.pending).__name__ == "PendingBags"
     pending.check()
     pending.check()
     _check(out, want, to_device)
     for bad_idx, bad_off, err, msg in (
             (np.array([1, 2, 30, 4, 5, 6]), off, IndexError, r"index 30 at position 2 \(table 0, bag 1\)"),
             (idx, np.array([0, 2, 1, 5, 6]), ValueError, "non-decreasing")):
+        bad = to_device(bad_idx), to_device(bad_off)  # (alive until their checks have run)
         with pytest.raises(err, match=msg):
-            bags(to_device(bad_idx), to_device(bad_off))  # the waiting call
-        _, pending = bags.deferred(to_device(bad_idx), to_device(bad_off))  # queued: no error yet
+            bags(*bad)  # the waiting call
+        _, pending = bags.deferred(*bad)  # queued: no error yet
         with pytest.raises(err, match=msg):
             pending.check()
         pending.check()  # (once)
-        bags.deferred(to_device(bad_idx), to_device(bad_off))  # dropped unchecked
+        bags.deferred(*bad)  # dropped unchecked
         out, pending = bags.deferred(d_idx, d_off)
         pending.check()  # the next call's check is its own
         _check(out, want, to_device)
     with pytest.raises(ValueError, match="T\\*B \\+ 1"):  # argument errors: at once
         bags.deferred(d_idx, to_device(off[:-1]))
+    strided = to_device(np.stack([idx, idx], 1))[:, 0]  # copied to a contiguous array, kept by pending
+    strided_bad = to_device(np.stack([np.array([1, 2, 30, 4, 5, 6])] * 2, 1))[:, 0]
+    out, pending = bags.deferred(strided, d_off)
+    pending.check()
+    _check(out, want, to_device)
+    _, pending = bags.deferred(strided_bad, d_off)
+    for _ in range(20):
+        to_device(np.zeros(6, np.int64))  # (allocations that could take a dropped copy's memory)
+    with pytest.raises(IndexError, match=r"index 30 at position 2"):
+        pending.check()
 
 
 def test_torch_fast_path_reads_tables_as_the_general_path_does(to_device, rng):

@@ -50,6 +50,11 @@ class HostLauncher:
             error = None
         except (IndexError, ValueError) as e:
             error = e
+            # what a failed call leaves in the output is unspecified: NaN, so that checks the
+            # caller queues behind it (an int8 MLP's) fire before the error is read
+            tables, num_offsets, out = args[0], args[5], args[9]
+            n = (num_offsets - 1) // len(tables) * sum(t[2] for t in tables)
+            _host(out, 4 * n).view(np.float32)[:] = np.nan
         events = self.events
 
         class Pending:
@@ -352,8 +357,8 @@ def test_gpu_float_model_checks_nan_and_overflow_in_one_wait(standin_model, laun
                                                               monkeypatch):
     """A float model's score / user_vectors queue everything, then read the embedding kernel's
     check and their NaN / Inf masks (the dense input's rows joined with the top MLP's) at the
-    end, in one wait, and still name what the CPU runtime names: the bad id first, then the
-    dense row, or the layer that overflowed float32."""
+    end, in one wait, and still raise what the CPU runtime raises, in its order: the dense row
+    holding NaN / Inf, then the bad id, then the layer that overflowed float32."""
     import fastrec
     from fastrec import _cuda_model
     from fastrec.io import write_model
@@ -382,8 +387,11 @@ def test_gpu_float_model_checks_nan_and_overflow_in_one_wait(standin_model, laun
     bad_ids, msg = bad_id_request(random_sparse(rng, ref["features"], ref["rows"], 3), ref)
     nan = np.ones((3, 5), np.float32)
     nan[1, 0] = np.nan
-    with pytest.raises(IndexError, match=msg):  # the bad id first
-        gpu.score(torch.from_numpy(nan), _tensors(bad_ids))
+    for model in (cpu, gpu):  # a float model: the NaN dense row first
+        with pytest.raises(ValueError, match="input contains NaN or Inf \\(row 1\\)"):
+            model.score(torch.from_numpy(nan) if model is gpu else nan, _tensors(bad_ids) if model is gpu else bad_ids)
+    with pytest.raises(IndexError, match=msg):
+        gpu.score(torch.from_numpy(np.ones((3, 5), np.float32)), _tensors(bad_ids))
     for value, msg in ((np.nan, "input contains NaN or Inf \\(row 2\\)"), (np.inf, "input .*\\(row 2\\)"),
                        (3e38, "layer 0 of the bottom MLP .*row 2")):
         bad = dense.copy()
@@ -489,8 +497,72 @@ def test_gpu_int8_dlrm_runtime_matches_the_cpu_model(standin_model, int8_module,
     bad_ids, msg = bad_id_request(random_sparse(rng, ref["features"], ref["rows"], 3), ref)
     nan = np.ones((3, 5), np.float32)
     nan[1, 0] = np.nan
-    with pytest.raises(IndexError, match=msg):  # the top MLP's NaN check raises first; the bad id wins
-        gpu.score(torch.from_numpy(nan), _tensors(bad_ids))
+    for model in (cpu, gpu):  # an int8 model: the bad id first (the GPU's top MLP check raises first)
+        with pytest.raises(IndexError, match=msg):
+            model.score(torch.from_numpy(nan) if model is gpu else nan, _tensors(bad_ids) if model is gpu else bad_ids)
+
+
+def test_gpu_int8_tower_reports_a_bad_id_before_nan(standin_model, int8_module, launcher, rng, tmp_path,
+                                                   monkeypatch):
+    # An int8 tower MLP finds NaN rows (here from a table row holding NaN) while quantizing and
+    # raises before the call reads the embedding check: the bad id is still reported first, as
+    # the CPU runtime (which pools first) does.
+    import fastrec
+    from fastrec import _cuda_topk
+    from fastrec.io import write_model
+    from test_model_runtime import build_two_tower, random_sparse
+
+    monkeypatch.setattr(_cuda_topk, "upload", lambda index, like: None)
+    m, tensors, ref = build_two_tower(rng, precision="int8")
+    tensors["tables.user_id"][0] = np.nan
+    write_model(tmp_path / "tt", m, tensors)
+    cpu = fastrec.load(str(tmp_path / "tt"))
+    gpu = standin_model(cpu)
+    user = random_sparse(rng, ["user_id", "age"], [ref["rows"]["user_id"], ref["rows"]["age"]], 2)
+    user["user_id"] = (np.array([0, 1]), np.array([0, 1, 2]))  # row 0 holds NaN
+    for model, req in ((cpu, user), (gpu, _tensors(user))):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            model.user_vectors(req)
+    user["age"] = (np.array([0, 999]), np.array([0, 1, 2]))
+    for model, req in ((cpu, user), (gpu, _tensors(user))):
+        with pytest.raises(IndexError, match="feature 'age'"):
+            model.user_vectors(req)
+
+
+def test_gpu_model_runtime_without_the_deferred_launcher(standin_model, launcher, rng, tmp_path, monkeypatch):
+    # The CuPy fallback has no embedding_bags_deferred: the launch then checks at once, and the
+    # runtime goes on as with a check already read.
+    from test_cuda_model import bad_id_request
+    from test_model_runtime import random_sparse
+
+    monkeypatch.delattr(HostLauncher, "embedding_bags_deferred")
+    cpu, ref = _dlrm(rng, tmp_path)
+    gpu = standin_model(cpu)
+    dense = rng.standard_normal((3, 5)).astype(np.float32)
+    sparse = random_sparse(rng, ref["features"], ref["rows"], 3)
+    testing.assert_close(gpu.score(torch.from_numpy(dense), _tensors(sparse)).numpy(), cpu.score(dense, sparse),
+                         rtol=1e-5, atol=1e-6)
+    assert launcher.events == []
+    bad, msg = bad_id_request(sparse, ref)
+    with pytest.raises(IndexError, match=msg):
+        gpu.score(torch.from_numpy(dense), _tensors(bad))
+
+
+def test_a_gpu_model_is_freed_with_its_last_reference(standin_model, rng, tmp_path):
+    # (no reference cycle through the model: its device tables go when it does, not at the
+    # cycle collector's next run)
+    import gc
+    import weakref
+
+    cpu, _ = _dlrm(rng, tmp_path)
+    gpu = standin_model(cpu)
+    ref = weakref.ref(gpu)
+    gc.disable()
+    try:
+        del gpu
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 # ---- GPU top-k: the retry loop of fastrec/_cuda_topk.py -------------------------------------

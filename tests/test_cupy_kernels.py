@@ -487,14 +487,15 @@ def test_kernel_source_variants():
 @pytest.mark.skipif(nvrtc.SKIP_REASON is not None, reason=nvrtc.SKIP_REASON or "")
 @pytest.mark.parametrize("kind", sorted(cupy_embedding.KIND_NAMES))
 def test_kernel_sources_compile_with_nvrtc(kind):
-    """Each variant compiles, warning-free, with the compiler CuPy uses (NVRTC needs no GPU; .ci/run
-    installs it), for the oldest and newest architectures fastrec targets; the PTX has the entry
-    point RawKernel looks up, with its 64-bit id or offset loads where the variant takes them."""
+    """Each variant compiles, warning-free, with the compiler CuPy uses (NVRTC, which needs no GPU;
+    .ci/run installs NVRTC 12, as cupy-cuda12x uses), for the oldest and newest architectures
+    fastrec targets, at NVRTC's default C++ standard and at C++11; the PTX has the entry point
+    RawKernel looks up, with its 64-bit id or offset loads where the variant takes them."""
     for idx64, off64 in itertools.product((False, True), repeat=2):
         src = cupy_embedding.kernel_source(kind, idx64, off64)
-        for arch in ("compute_80", "compute_90"):
+        for arch, std in (("compute_80", []), ("compute_90", []), ("compute_80", ["--std=c++11"])):
             name = f"fastrec_embedding_bag_{cupy_embedding.KIND_NAMES[kind]}_{idx64:d}{off64:d}_{arch}.cu"
-            ptx, log = nvrtc.compile_ptx(src, name, [f"--gpu-architecture={arch}"])
+            ptx, log = nvrtc.compile_ptx(src, name, [f"--gpu-architecture={arch}"] + std)
             assert "warning" not in log.lower(), log
             assert ".entry fastrec_embedding_bag(" in ptx
             assert f".target sm_{arch[-2:]}" in ptx

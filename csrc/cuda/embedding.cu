@@ -675,6 +675,8 @@ void throw_offsets_error(const std::vector<int64_t>& off, int64_t num_indices) {
     const std::vector<int64_t> off = offsets_on_host(a, stream);
     bag = (std::upper_bound(off.begin(), off.end(), pos) - off.begin()) - 1;
   }
+  // In [0, T*B) for the offsets the kernel checked; clamped all the same, as a.tables[t] is read.
+  bag = std::min<int64_t>(std::max<int64_t>(bag, 0), static_cast<int64_t>(a.tables.size()) * batch - 1);
   const int64_t t = bag / batch;
   throw std::out_of_range("index " + std::to_string(value) + " at position " + std::to_string(pos) + " (table " +
                           std::to_string(t) + ", bag " + std::to_string(bag % batch) + ") is out of range [0, " +
@@ -821,11 +823,11 @@ PendingBags::~PendingBags() = default;
 
 void PendingBags::check() {
   std::lock_guard<std::mutex> lock(s_->mu);
-  std::unique_ptr<SlotLease> lease = std::move(s_->lease);  // one check, error or not
-  if (!lease) return;
+  if (!s_->lease) return;
   DeviceScope guard(s_->args.device);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(s_->args.stream);
-  FASTREC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  FASTREC_CUDA_CHECK(cudaStreamSynchronize(stream));  // (a failed wait leaves the check armed)
+  std::unique_ptr<SlotLease> lease = std::move(s_->lease);  // read once from here on, error or not
   finish_bags(s_->args, s_->batch, *lease, stream);
 }
 
