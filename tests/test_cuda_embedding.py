@@ -2,7 +2,12 @@
 against the float64 oracle), results in the caller's framework and stream, threads, and errors.
 
 Each test takes the ``to_device`` fixture (torch CUDA tensors and CuPy arrays) and skips
-cleanly without a GPU, the CUDA module or the framework.
+cleanly without a GPU, the CUDA module or the framework. Its third kind, "emulated", runs the
+same test without a GPU: the real kernel and launcher (csrc/cuda/embedding.cu) compiled for the
+host (fastrec._C_cuda_emu, built with FASTREC_CUDA_EMU=ON; see csrc/cuda/emu/host_emulation.h),
+behind the CUDA op's Python layer, on CPU torch tensors posing as CUDA tensors on device 0.
+Tests of what only a GPU has (streams, graph capture, two devices, the framework's own CUDA
+calls) skip there.
 """
 
 import itertools
@@ -15,6 +20,67 @@ from fastrec import QuantizedTable, info, ops, testing
 from conftest import random_csr, to_host
 from test_embedding_bags import _kjt
 from test_quantized_table import _to_tbe
+
+try:
+    from fastrec import _C_cuda_emu
+except ImportError:
+    _C_cuda_emu = None
+
+
+@pytest.fixture(params=["torch", "cupy", "emulated"])
+def to_device(request, monkeypatch):
+    """conftest's to_device, plus "emulated" (see the module docstring)."""
+    if request.param != "emulated":
+        return request.getfixturevalue("_real_to_device")(request.param)
+    if _C_cuda_emu is None:
+        pytest.skip("fastrec._C_cuda_emu not built (FASTREC_CUDA_EMU=ON)")
+    torch = pytest.importorskip("torch")
+    from fastrec import _cuda, _cuda_embedding
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True), raising=False)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    monkeypatch.setattr(_cuda, "stream", lambda a: 0)
+    monkeypatch.setattr(_cuda, "refuse_capture_for", lambda x, what: None)
+    monkeypatch.setattr(_cuda_embedding, "_embedding_backend", lambda: _C_cuda_emu)
+    monkeypatch.setattr(_cuda_embedding, "_to_framework", lambda x, fw, device: torch.from_numpy(np.array(x)))
+
+    def emulated(a):
+        return torch.from_numpy(np.array(a))  # (a copy: numpy-owned memory stays the test's)
+
+    emulated.emulated = True
+    return emulated
+
+
+def _gpu_only(to_device, what: str):
+    if getattr(to_device, "emulated", False):
+        pytest.skip(f"{what}: a GPU's, not emulated")
+
+
+def _max_tables_per_launch() -> int:
+    try:
+        from fastrec import _C_cuda
+    except ImportError:
+        return _C_cuda_emu.embedding_max_tables_per_launch
+    return _C_cuda.embedding_max_tables_per_launch
+
+
+@pytest.fixture
+def _real_to_device():
+    from conftest import CUDA_SKIP_REASON
+
+    def make(param):
+        if CUDA_SKIP_REASON is not None:
+            pytest.skip(CUDA_SKIP_REASON)
+        if param == "torch":
+            torch = pytest.importorskip("torch")
+            if not torch.cuda.is_available():
+                pytest.skip("torch has no CUDA here")
+            return lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
+        cupy = pytest.importorskip("cupy")
+        return lambda a: cupy.asarray(np.ascontiguousarray(a))
+
+    return make
+
 
 MODES = ["sum", "mean", "max"]
 KINDS = ["f32", "f16", "q8", "q4", "q2", "q8-tbe", "q4-tbe", "q2-tbe"]
@@ -244,9 +310,7 @@ def test_many_tables_match_cpu(to_device, rng, B):
 
 
 def test_more_tables_than_one_launch(to_device, rng):
-    from fastrec import _C_cuda
-
-    T = _C_cuda.embedding_max_tables_per_launch + 13
+    T = _max_tables_per_launch() + 13
     rows = [int(r) for r in rng.integers(1, 40, size=T)]
     dims = [4 * int(d) for d in rng.integers(1, 10, size=T)]  # one row format: one variant, two launches
     tables = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(rows, dims)]
@@ -266,10 +330,15 @@ def test_more_tables_than_one_launch(to_device, rng):
 
 
 def _stream_context(x):
-    """A context manager making a fresh non-default stream current in x's framework."""
+    """A context manager making a fresh non-default stream current in x's framework (nothing
+    under emulation, where every stream is 0)."""
     if _framework(x) == "torch":
+        import contextlib
+
         import torch
 
+        if not torch.cuda.is_available():  # (emulated)
+            return type("NoStream", (), {"synchronize": staticmethod(lambda: None)}), contextlib.nullcontext()
         s = torch.cuda.Stream()
         return s, torch.cuda.stream(s)
     import cupy
@@ -279,6 +348,7 @@ def _stream_context(x):
 
 
 def test_result_type_device_and_stream(to_device, rng):
+    _gpu_only(to_device, "streams and devices")
     W = rng.standard_normal((100, 32)).astype(np.float32)
     indices, offsets = random_csr(rng, 50, 100)
     idx = to_device(indices)
@@ -319,6 +389,7 @@ def _capture(x):
 def test_graph_capture_is_refused_before_anything_is_enqueued(to_device, rng):
     """The bounds check reads a flag back to the host, which a capture cannot wait for: a
     ValueError before any work is queued (the capture ends cleanly), not a CUDA error."""
+    _gpu_only(to_device, "graph capture")
     W = to_device(rng.standard_normal((100, 16)).astype(np.float32))
     indices, offsets = random_csr(rng, 20, 100)
     idx, off = to_device(indices), to_device(offsets)
@@ -490,7 +561,10 @@ def test_torch_fast_path_reads_tables_as_the_general_path_does(to_device, rng):
         dev = t.get_device()
         assert ce._torch_float_head(t, dev, kinds) == ce._general_head(t, 0, dev)[0]
     t = to_device(W)
-    for other in (t[:, ::2], t.to(torch.bfloat16), t.double(), t.reshape(-1), t.cpu()):
+    others = [t[:, ::2], t.to(torch.bfloat16), t.double(), t.reshape(-1)]
+    if not getattr(to_device, "emulated", False):  # (emulated, every tensor poses as a CUDA one)
+        others.append(t.cpu())
+    for other in others:
         assert ce._torch_float_head(other, t.get_device(), kinds) is None
     assert ce._torch_float_head(t, t.get_device() + 1, kinds) is None
 
@@ -546,6 +620,7 @@ def test_host_and_device_mixed_is_an_error(to_device):
 
 
 def test_inputs_on_two_devices(to_device):
+    _gpu_only(to_device, "two devices")
     from fastrec import _C_cuda
 
     if _C_cuda.device_count() < 2:

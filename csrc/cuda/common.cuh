@@ -47,3 +47,9 @@ class DeviceScope {
 #define FASTREC_CUDA_CHECK(expr) ::fastrec::cuda::check((expr), #expr)
 // After a launch: a bad configuration shows up here, not at the next call.
 #define FASTREC_CUDA_CHECK_LAUNCH() ::fastrec::cuda::check(cudaGetLastError(), "kernel launch")
+
+// kernel<<<grid, block, smem, stream>>>, as FASTREC_LAUNCH(kernel, grid, block, smem, stream)(args):
+// csrc/cuda/emu/host_emulation.h defines it to run the kernel on the host instead.
+#ifndef FASTREC_LAUNCH
+#define FASTREC_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif

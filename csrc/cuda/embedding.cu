@@ -768,7 +768,8 @@ std::unique_ptr<SlotLease> queue_bags(const BagsArgs& a, int64_t* batch_out) {
     if (total == 0 && !p.check_ends) continue;
     const int64_t blocks = std::max<int64_t>(1, (total + kWarpsPerBlock - 1) / kWarpsPerBlock);
     if (blocks > INT32_MAX) throw std::invalid_argument("embedding_bags: batch too large for one launch");
-    pick_kernel(variant, a.indices_int64, a.per_sample_weights != nullptr)<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(p);
+    FASTREC_LAUNCH(pick_kernel(variant, a.indices_int64, a.per_sample_weights != nullptr),
+                   static_cast<unsigned>(blocks), kBlockThreads, 0, stream)(p);
     FASTREC_CUDA_CHECK_LAUNCH();
   }
   FASTREC_CUDA_CHECK(cudaMemcpyAsync(lease->slot().host, lease->slot().dev, 2 * sizeof(unsigned long long),
