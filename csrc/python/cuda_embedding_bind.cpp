@@ -82,8 +82,10 @@ void bind_cuda_embedding(py::module_& m) {
         "Pools T device tables over device ids into out[B, sum(D)] on `stream` (pointers as ints; "
         "tables as (ptr, rows, dim, row_stride, kind, tbe, mode, padding_idx)). Waits for the kernel "
         "(16-byte readback of the bounds check); raises IndexError / ValueError like the CPU op.");
+  // (module_local: fastrec._C_cuda_emu binds the same C++ type from this file, and both may be loaded)
   py::class_<cuda::PendingBags>(m, "PendingBags",
-                                "The bounds and offsets check of an embedding_bags_deferred call, not yet read.")
+                                "The bounds and offsets check of an embedding_bags_deferred call, not yet read.",
+                                py::module_local())
       .def("check", [](cuda::PendingBags& p) {
              ReleaseGil release;
              p.check();
