@@ -66,19 +66,66 @@ needs_cuda = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_R
 
 
 @pytest.fixture(params=["torch", "cupy"])
-def to_device(request):
+def to_device(request, monkeypatch):
     """A function copying a numpy array to the GPU as a torch CUDA tensor or a CuPy array.
 
-    Skips without a GPU or without that framework's CUDA support."""
-    if CUDA_SKIP_REASON is not None:
-        pytest.skip(CUDA_SKIP_REASON)
-    if request.param == "torch":
-        torch = pytest.importorskip("torch")
-        if not torch.cuda.is_available():
-            pytest.skip("torch has no CUDA here")
-        return lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
-    cupy = pytest.importorskip("cupy")
-    return lambda a: cupy.asarray(np.ascontiguousarray(a))
+    Skips without a GPU or without that framework's CUDA support. A test module whose cases
+    also run emulated overrides it with params ["torch", "cupy", "emulated"] (make_to_device)."""
+    return make_to_device(request.param, monkeypatch)
+
+
+try:
+    from fastrec import _C_cuda_emu
+except ImportError:
+    _C_cuda_emu = None
+
+
+def make_to_device(kind: str, monkeypatch):
+    """to_device for "torch", "cupy" or "emulated": the CUDA ops' Python layer and fastrec's
+    real kernels and launchers compiled for the host (fastrec._C_cuda_emu, built with
+    FASTREC_CUDA_EMU=ON; csrc/cuda/emu/host_emulation.h), on CPU torch tensors posing as CUDA
+    tensors on device 0, with no GPU. The returned function has ``emulated`` True then: tests
+    of what only a GPU has (streams, graph capture, two devices, torch's own CUDA calls) skip
+    there (``gpu_only``)."""
+    if kind != "emulated":
+        if CUDA_SKIP_REASON is not None:
+            pytest.skip(CUDA_SKIP_REASON)
+        if kind == "torch":
+            torch = pytest.importorskip("torch")
+            if not torch.cuda.is_available():
+                pytest.skip("torch has no CUDA here")
+            return lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
+        cupy = pytest.importorskip("cupy")
+        return lambda a: cupy.asarray(np.ascontiguousarray(a))
+    if _C_cuda_emu is None:
+        pytest.skip("fastrec._C_cuda_emu not built (FASTREC_CUDA_EMU=ON)")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the real kernels run instead")
+    from fastrec import _cuda, _cuda_embedding, _cuda_topk
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True), raising=False)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    monkeypatch.setattr(_cuda, "_module", _C_cuda_emu)
+    monkeypatch.setattr(_cuda, "stream", lambda a: 0)
+    monkeypatch.setattr(_cuda, "capturing", lambda framework, device: False)
+    monkeypatch.setattr(_cuda, "_device_index", lambda x, framework: 0)
+    monkeypatch.setattr(_cuda_embedding, "_cupy_fallback", None)
+    monkeypatch.delenv("FASTREC_CUDA_BACKEND", raising=False)
+    monkeypatch.setattr(_cuda_embedding, "_to_framework", lambda x, fw, device: torch.from_numpy(np.array(x)))
+    monkeypatch.setattr(_cuda_topk, "_sync", lambda a: None)
+
+    def emulated(a):
+        return torch.from_numpy(np.array(a))  # (a copy: numpy-owned memory stays the test's)
+
+    emulated.emulated = True
+    return emulated
+
+
+def gpu_only(to_device, what: str):
+    """Skips an emulated case of a test of something only a GPU has."""
+    if getattr(to_device, "emulated", False):
+        pytest.skip(f"{what}: a GPU's, not emulated")
 
 
 def to_host(x) -> np.ndarray:

@@ -17,69 +17,20 @@ import numpy as np
 import pytest
 
 from fastrec import QuantizedTable, info, ops, testing
-from conftest import random_csr, to_host
+from conftest import gpu_only, make_to_device, random_csr, to_host
 from test_embedding_bags import _kjt
 from test_quantized_table import _to_tbe
-
-try:
-    from fastrec import _C_cuda_emu
-except ImportError:
-    _C_cuda_emu = None
 
 
 @pytest.fixture(params=["torch", "cupy", "emulated"])
 def to_device(request, monkeypatch):
-    """conftest's to_device, plus "emulated" (see the module docstring)."""
-    if request.param != "emulated":
-        return request.getfixturevalue("_real_to_device")(request.param)
-    if _C_cuda_emu is None:
-        pytest.skip("fastrec._C_cuda_emu not built (FASTREC_CUDA_EMU=ON)")
-    torch = pytest.importorskip("torch")
-    from fastrec import _cuda, _cuda_embedding
-
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True), raising=False)
-    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
-    monkeypatch.setattr(_cuda, "stream", lambda a: 0)
-    monkeypatch.setattr(_cuda, "refuse_capture_for", lambda x, what: None)
-    monkeypatch.setattr(_cuda_embedding, "_embedding_backend", lambda: _C_cuda_emu)
-    monkeypatch.setattr(_cuda_embedding, "_to_framework", lambda x, fw, device: torch.from_numpy(np.array(x)))
-
-    def emulated(a):
-        return torch.from_numpy(np.array(a))  # (a copy: numpy-owned memory stays the test's)
-
-    emulated.emulated = True
-    return emulated
-
-
-def _gpu_only(to_device, what: str):
-    if getattr(to_device, "emulated", False):
-        pytest.skip(f"{what}: a GPU's, not emulated")
+    return make_to_device(request.param, monkeypatch)
 
 
 def _max_tables_per_launch() -> int:
-    try:
-        from fastrec import _C_cuda
-    except ImportError:
-        return _C_cuda_emu.embedding_max_tables_per_launch
-    return _C_cuda.embedding_max_tables_per_launch
+    from fastrec import _cuda
 
-
-@pytest.fixture
-def _real_to_device():
-    from conftest import CUDA_SKIP_REASON
-
-    def make(param):
-        if CUDA_SKIP_REASON is not None:
-            pytest.skip(CUDA_SKIP_REASON)
-        if param == "torch":
-            torch = pytest.importorskip("torch")
-            if not torch.cuda.is_available():
-                pytest.skip("torch has no CUDA here")
-            return lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
-        cupy = pytest.importorskip("cupy")
-        return lambda a: cupy.asarray(np.ascontiguousarray(a))
-
-    return make
+    return _cuda.module().embedding_max_tables_per_launch
 
 
 MODES = ["sum", "mean", "max"]
@@ -348,7 +299,7 @@ def _stream_context(x):
 
 
 def test_result_type_device_and_stream(to_device, rng):
-    _gpu_only(to_device, "streams and devices")
+    gpu_only(to_device, "streams and devices")
     W = rng.standard_normal((100, 32)).astype(np.float32)
     indices, offsets = random_csr(rng, 50, 100)
     idx = to_device(indices)
@@ -389,7 +340,7 @@ def _capture(x):
 def test_graph_capture_is_refused_before_anything_is_enqueued(to_device, rng):
     """The bounds check reads a flag back to the host, which a capture cannot wait for: a
     ValueError before any work is queued (the capture ends cleanly), not a CUDA error."""
-    _gpu_only(to_device, "graph capture")
+    gpu_only(to_device, "graph capture")
     W = to_device(rng.standard_normal((100, 16)).astype(np.float32))
     indices, offsets = random_csr(rng, 20, 100)
     idx, off = to_device(indices), to_device(offsets)
@@ -620,7 +571,7 @@ def test_host_and_device_mixed_is_an_error(to_device):
 
 
 def test_inputs_on_two_devices(to_device):
-    _gpu_only(to_device, "two devices")
+    gpu_only(to_device, "two devices")
     from fastrec import _C_cuda
 
     if _C_cuda.device_count() < 2:

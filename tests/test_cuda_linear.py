@@ -11,21 +11,40 @@ import numpy as np
 import pytest
 
 from fastrec import Int8Linear, Int8MLP, _C, _cuda_linear
-from conftest import CUDA_SKIP_REASON, to_host
+from conftest import CUDA_SKIP_REASON, make_to_device, to_host
 
-pytestmark = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or "")
+needs_cuda = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or "")
+
+
+@pytest.fixture(params=["torch", "cupy", "emulated"])
+def to_device(request, monkeypatch):
+    """conftest's, plus "emulated": the real kernels compiled for the host (conftest.make_to_device)."""
+    return make_to_device(request.param, monkeypatch)
 
 DIMS = [1, 13, 31, 32, 33, 64, 100, 479, 512, 1024]
 BATCHES = [0, 1, 3, 16, 17, 64, 255, 1000]
+# The emulated cases (every GPU thread a fiber on one CPU core) take the smaller shapes: each
+# kernel and code path still, the tiled GEMMs with several tiles and a partial one.
+EMULATED_DIMS = {1, 13, 33, 64, 100}
+EMULATED_BATCHES = [0, 1, 3, 17, 64, 255]
+
+
+def _batches(to_device):
+    return EMULATED_BATCHES if getattr(to_device, "emulated", False) else BATCHES
+
+
+def _small_if_emulated(to_device, *dims):
+    if getattr(to_device, "emulated", False) and any(d not in EMULATED_DIMS for d in dims):
+        pytest.skip("emulated: the smaller shapes only")
 # 0: kernel chosen by shape (small-batch kernel for B <= 32); 2, 3, 4: each tiled kernel forced.
 GEMM_CONFIGS = [0, 2, 3, 4]
 ACTIVATIONS = [None, "relu", "sigmoid"]
 
 
 def _cuda_module():
-    from fastrec import _C_cuda
+    from fastrec import _cuda
 
-    return _C_cuda
+    return _cuda.module()  # (fastrec._C_cuda_emu in the emulated cases)
 
 
 @contextlib.contextmanager
@@ -80,10 +99,11 @@ def _check_output(y, ref, activation):
 @pytest.mark.parametrize("N", DIMS)
 @pytest.mark.parametrize("K", DIMS)
 def test_int32_sums_exact(to_device, K, N):
+    _small_if_emulated(to_device, K, N)
     rng = np.random.default_rng(K * 10007 + N)
     lin = _layer(rng, K, N)
     w = lin.weight_int8.astype(np.float64)
-    for B in BATCHES:
+    for B in _batches(to_device):
         q = rng.integers(-128, 128, size=(B, K)).astype(np.int8)
         ref = (q.astype(np.float64) @ w.T).astype(np.int64)  # exact: |sum| < 2^53
         qd = to_device(q)
@@ -139,11 +159,12 @@ def test_quantization_unaligned_input(to_device):
 @pytest.mark.parametrize("N", DIMS)
 @pytest.mark.parametrize("K", DIMS)
 def test_output_matches_cpu(to_device, K, N):
+    _small_if_emulated(to_device, K, N)
     i = DIMS.index(K) + DIMS.index(N)
     activation = ACTIVATIONS[i % 3]
     rng = np.random.default_rng(K * 31 + N)
     lin = _layer(rng, K, N, bias=(i // 3) % 2 == 0)
-    for B in BATCHES:
+    for B in _batches(to_device):
         x = _x(rng, B, K)
         with scalar_cpu():
             ref = lin(x, activation=activation)
@@ -215,7 +236,7 @@ def test_mlp_matches_cpu(to_device, name):
         W = (rng.standard_normal((dims[i + 1], dims[i])) / np.sqrt(dims[i])).astype(np.float32)
         layers.append((W, rng.standard_normal(dims[i + 1]).astype(np.float32) * 0.1))
     mlp = Int8MLP.from_float(layers, acts)
-    for B in BATCHES:
+    for B in _batches(to_device):
         x = _x(rng, B, dims[0])
         with scalar_cpu():
             ref = mlp(x)
@@ -271,6 +292,7 @@ def test_non_contiguous_input(to_device):
     np.testing.assert_array_equal(to_host(lin(xt)), ref)
 
 
+@needs_cuda
 def test_torch_stream_is_used():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(11)
@@ -290,6 +312,7 @@ def test_torch_stream_is_used():
         np.testing.assert_array_equal(y.cpu().numpy(), ref)
 
 
+@needs_cuda
 def test_cupy_stream_is_used():
     cupy = pytest.importorskip("cupy")
     rng = np.random.default_rng(12)
@@ -304,6 +327,7 @@ def test_cupy_stream_is_used():
     np.testing.assert_array_equal(cupy.asnumpy(y), ref)
 
 
+@needs_cuda
 def test_torch_cuda_graph():
     """check_finite=False only launches kernels, so a CUDA graph can capture it."""
     torch = pytest.importorskip("torch")
@@ -333,6 +357,7 @@ def test_torch_cuda_graph():
             lin(x_static)
 
 
+@needs_cuda
 def test_first_call_inside_a_capture_is_refused():
     """The first call on a device uploads the weights (an allocation and a copy, which a capture
     cannot record): a ValueError asking for a call before capturing, and the layer still works."""
@@ -362,7 +387,7 @@ def test_threads(to_device):
         try:
             xd = to_device(inputs[i])
             torch_stream = None
-            if _framework(xd) == "torch":
+            if _framework(xd) == "torch" and not getattr(to_device, "emulated", False):
                 import torch
 
                 torch_stream = torch.cuda.Stream()
@@ -371,7 +396,7 @@ def test_threads(to_device):
             with ctx:
                 if torch_stream is not None:
                     torch_stream.wait_stream(torch.cuda.default_stream())
-                for _ in range(20):
+                for _ in range(3 if getattr(to_device, "emulated", False) else 20):
                     y = to_host(lin(xd, activation="relu"))
                     p = to_host(mlp(xd))
                     np.testing.assert_array_equal(y, refs[i][0])
@@ -389,6 +414,7 @@ def test_threads(to_device):
     assert len(lin._cuda_weights) == 1
 
 
+@needs_cuda
 def test_other_device_keeps_current_device():
     torch = pytest.importorskip("torch")
     if torch.cuda.device_count() < 2:
@@ -408,6 +434,7 @@ def test_other_device_keeps_current_device():
     assert set(lin._cuda_weights) == {0, 1}
 
 
+@needs_cuda
 def test_torch_bfloat16_and_requires_grad():
     """As on the CPU path: torch bfloat16 is read as float32; a tensor that requires grad works."""
     torch = pytest.importorskip("torch")

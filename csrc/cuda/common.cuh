@@ -53,3 +53,7 @@ class DeviceScope {
 #ifndef FASTREC_LAUNCH
 #define FASTREC_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
 #endif
+// extern __shared__ type name[]: a kernel's dynamic shared memory.
+#ifndef FASTREC_DYNAMIC_SMEM
+#define FASTREC_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif

@@ -57,6 +57,14 @@ __device__ __forceinline__ void mma_k64(int (&c)[4], const uint4& a_lo, const ui
 
 __device__ __forceinline__ uint4 ldg16(const int8_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+#if defined(FASTREC_HOST_EMULATION)  // (csrc/cuda/emu: the copy happens at once)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  fastrec_emu::cp_async16(smem, gmem, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros, read nothing
@@ -67,6 +75,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // The epilogue for one output element, the CPU's operations in the CPU's order, each rounded on
 // its own (the __f*_rn intrinsics are never contracted into FMAs).
@@ -274,7 +283,7 @@ gemm_tiled_kernel(const int8_t* __restrict__ A, const float* __restrict__ a_scal
   constexpr int BM = Cfg::BM, BN = Cfg::BN, THREADS = Cfg::THREADS;
   constexpr int A_LOADS = BM * 4 / THREADS, B_LOADS = BN * 4 / THREADS;  // 16-byte copies per thread
   static_assert(BM * 4 % THREADS == 0 && BN * 4 % THREADS == 0, "tile rows must split evenly over threads");
-  extern __shared__ uint4 smem_u4[];
+  FASTREC_DYNAMIC_SMEM(uint4, smem_u4);
   int8_t* As = reinterpret_cast<int8_t*>(smem_u4);
   int8_t* Bs = As + STAGES * BM * kChunk;
 
@@ -391,7 +400,7 @@ void launch_small(const GemmArgs& g, cudaStream_t stream) {
   const Int8LinearWeights& w = *g.w;
   const int nk = static_cast<int>(w.Kp() / kChunk);
   const int warps = std::min(8, nk);
-  gemm_small_m_kernel<NB, EPI><<<ceil_div(w.N(), 16), 32 * warps, 0, stream>>>(
+  FASTREC_LAUNCH((gemm_small_m_kernel<NB, EPI>), ceil_div(w.N(), 16), 32 * warps, 0, stream)(
       g.a, g.a_scale, static_cast<int>(g.M), w.w(), w.scale(), w.bias(), w.N(), w.Kp(), g.y, g.y32);
 }
 
@@ -402,7 +411,7 @@ void launch_tiled(const GemmArgs& g, cudaStream_t stream) {
   static_assert(kPadN % Cfg::BN == 0, "weights are padded for this tile width");
   const Int8LinearWeights& w = *g.w;
   const dim3 grid(ceil_div(g.M, Cfg::BM), ceil_div(w.N(), Cfg::BN));
-  gemm_tiled_kernel<MT, NT, WM, WN, STAGES, EPI><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(
+  FASTREC_LAUNCH((gemm_tiled_kernel<MT, NT, WM, WN, STAGES, EPI>), grid, Cfg::THREADS, Cfg::SMEM, stream)(
       g.a, g.a_scale, g.M, w.w(), w.scale(), w.bias(), w.N(), w.Kp(), g.y, g.y32);
 }
 
@@ -464,9 +473,9 @@ void launch_quantize(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* q
   const bool vec = K % 4 == 0 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
   const unsigned blocks = ceil_div(M, kQuantRows);
   if (vec) {
-    quantize_rows_kernel<true><<<blocks, kQuantRows * 32, 0, stream>>>(x, M, K, Kp, q, scale, bad);
+    FASTREC_LAUNCH((quantize_rows_kernel<true>), blocks, kQuantRows * 32, 0, stream)(x, M, K, Kp, q, scale, bad);
   } else {
-    quantize_rows_kernel<false><<<blocks, kQuantRows * 32, 0, stream>>>(x, M, K, Kp, q, scale, bad);
+    FASTREC_LAUNCH((quantize_rows_kernel<false>), blocks, kQuantRows * 32, 0, stream)(x, M, K, Kp, q, scale, bad);
   }
   FASTREC_CUDA_CHECK_LAUNCH();
 }

@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(
     const float* __restrict__ qscale, int Qc, int rb, int64_t i0, int64_t i1, const float* __restrict__ thr,
     unsigned* __restrict__ count, u64* __restrict__ keys, int64_t cap) {
   using Acc = typename std::conditional<PREC == kTopkInt8, int, float>::type;
-  extern __shared__ uint4 sq[];  // [64][rb / 16]
+  FASTREC_DYNAMIC_SMEM(uint4, sq);  // [64][rb / 16]
   const int chunks = rb / 16;
   const int q0 = blockIdx.x * kMmaQ;
   for (int idx = threadIdx.x; idx < kMmaQ * chunks; idx += kMmaThreads) {
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kF32Threads) score_f32_kernel(const float* __r
                                                                  int64_t i0, int64_t i1, const float* __restrict__ thr,
                                                                  unsigned* __restrict__ count, u64* __restrict__ keys,
                                                                  int64_t cap) {
-  extern __shared__ float4 sq4[];  // [16][D4 / 4]
+  FASTREC_DYNAMIC_SMEM(float4, sq4);  // [16][D4 / 4]
   float* sqf = reinterpret_cast<float*>(sq4);
   const int q0 = blockIdx.x * kF32Q;
   for (int idx = threadIdx.x; idx < kF32Q * D4; idx += kF32Threads) {
@@ -331,7 +331,7 @@ __device__ __forceinline__ bool contains(const int64_t* __restrict__ a, int64_t 
 
 // One block per query of the chunk.
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
-  extern __shared__ u64 sbuf[];  // [P]
+  FASTREC_DYNAMIC_SMEM(u64, sbuf);  // [P]
   __shared__ unsigned hist[256];
   __shared__ u64 s_prefix;
   __shared__ unsigned s_rank, s_total, s_m;
@@ -628,17 +628,17 @@ TopkStatus search(int device, const TopkIndexView& idx, const TopkRequest& req, 
     const float* qptr = req.queries + qb * idx.dim;
     switch (idx.precision) {
       case kTopkInt8:
-        prep_queries_kernel<kTopkInt8><<<ceil_div(Qc, 8), 256, 0, stream>>>(qptr, Qc, D, rb, qcodes, qscale, flags, qb);
+        FASTREC_LAUNCH((prep_queries_kernel<kTopkInt8>), ceil_div(Qc, 8), 256, 0, stream)(qptr, Qc, D, rb, qcodes, qscale, flags, qb);
         break;
       case kTopkF16:
-        prep_queries_kernel<kTopkF16><<<ceil_div(Qc, 8), 256, 0, stream>>>(qptr, Qc, D, rb, qcodes, qscale, flags, qb);
+        FASTREC_LAUNCH((prep_queries_kernel<kTopkF16>), ceil_div(Qc, 8), 256, 0, stream)(qptr, Qc, D, rb, qcodes, qscale, flags, qb);
         break;
       default:
-        prep_queries_kernel<kTopkF32><<<ceil_div(Qc, 8), 256, 0, stream>>>(qptr, Qc, D, rb, qcodes, qscale, flags, qb);
+        FASTREC_LAUNCH((prep_queries_kernel<kTopkF32>), ceil_div(Qc, 8), 256, 0, stream)(qptr, Qc, D, rb, qcodes, qscale, flags, qb);
     }
     FASTREC_CUDA_CHECK_LAUNCH();
     FASTREC_CUDA_CHECK(cudaMemsetAsync(count, 0, static_cast<size_t>(Qc) * sizeof(unsigned), stream));
-    fill_kernel<<<ceil_div(Qc, 256), 256, 0, stream>>>(thr, Qc, -INFINITY);
+    FASTREC_LAUNCH((fill_kernel), ceil_div(Qc, 256), 256, 0, stream)(thr, Qc, -INFINITY);
     FASTREC_CUDA_CHECK_LAUNCH();
 
     SelectArgs sa{};
@@ -669,17 +669,17 @@ TopkStatus search(int device, const TopkIndexView& idx, const TopkRequest& req, 
         const unsigned gx = ceil_div(Qc, kF32Q);
         const int64_t want = std::max<int64_t>(1, (int64_t{sms} * 8 + gx - 1) / gx);
         const unsigned gy = static_cast<unsigned>(std::min<int64_t>({ceil_div(i1 - i0, kItemAlign), want, 65535}));
-        score_f32_kernel<<<dim3(gx, gy), kF32Threads, f32_smem, stream>>>(
+        FASTREC_LAUNCH((score_f32_kernel), dim3(gx, gy), kF32Threads, f32_smem, stream)(
             static_cast<const float*>(idx.codes), idx.np, qptr, Qc, D, D4, i0, i1, thr, count, keys, cap);
       } else {
         const unsigned gx = ceil_div(Qc, kMmaQ);
         const int64_t want = std::max<int64_t>(1, (int64_t{sms} * 16 + gx - 1) / gx);
         const unsigned gy = static_cast<unsigned>(std::min<int64_t>({ceil_div(i1 - i0, 64), want, 65535}));
         if (idx.precision == kTopkInt8) {
-          score_mma_kernel<kTopkInt8><<<dim3(gx, gy), kMmaThreads, mma_smem, stream>>>(
+          FASTREC_LAUNCH((score_mma_kernel<kTopkInt8>), dim3(gx, gy), kMmaThreads, mma_smem, stream)(
               static_cast<const uint8_t*>(idx.codes), idx.scales, qcodes, qscale, Qc, rb, i0, i1, thr, count, keys, cap);
         } else {
-          score_mma_kernel<kTopkF16><<<dim3(gx, gy), kMmaThreads, mma_smem, stream>>>(
+          FASTREC_LAUNCH((score_mma_kernel<kTopkF16>), dim3(gx, gy), kMmaThreads, mma_smem, stream)(
               static_cast<const uint8_t*>(idx.codes), nullptr, qcodes, qscale, Qc, rb, i0, i1, thr, count, keys, cap);
         }
       }
@@ -687,7 +687,7 @@ TopkStatus search(int device, const TopkIndexView& idx, const TopkRequest& req, 
     };
     auto select = [&](bool final_pass) {
       sa.final_pass = final_pass ? 1 : 0;
-      select_kernel<<<static_cast<unsigned>(Qc), kSelectThreads, sel_smem, stream>>>(sa);
+      FASTREC_LAUNCH((select_kernel), static_cast<unsigned>(Qc), kSelectThreads, sel_smem, stream)(sa);
       FASTREC_CUDA_CHECK_LAUNCH();
     };
 

@@ -86,7 +86,8 @@ std::shared_ptr<Int8LinearWeights> make_weights(int device, py::handle w, py::ha
 void bind_cuda_linear(py::module_& m) {
   g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   py::class_<Int8LinearWeights, std::shared_ptr<Int8LinearWeights>>(
-      m, "Int8LinearWeights", "One int8 layer's weights uploaded to one device (padded for the kernels).")
+      m, "Int8LinearWeights", "One int8 layer's weights uploaded to one device (padded for the kernels).",
+      py::module_local())  // (module-local: fastrec._C_cuda_emu binds the same types from this file)
       .def(py::init(&make_weights), py::arg("device"), py::arg("weight_int8"), py::arg("weight_scale"),
            py::arg("bias") = py::none())
       .def_property_readonly("device", &Int8LinearWeights::device)
@@ -96,7 +97,7 @@ void bind_cuda_linear(py::module_& m) {
       .def_property_readonly("padded_out_features", &Int8LinearWeights::Np);
 
   py::class_<Int8LinearPlan, std::shared_ptr<Int8LinearPlan>>(
-      m, "Int8LinearPlan", "Layers (with their activation codes) run back to back on one stream.")
+      m, "Int8LinearPlan", "Layers (with their activation codes) run back to back on one stream.", py::module_local())
       .def(py::init([](const std::vector<std::shared_ptr<Int8LinearWeights>>& layers, const std::vector<int>& acts) {
              std::vector<std::shared_ptr<const Int8LinearWeights>> ls(layers.begin(), layers.end());
              return std::make_shared<Int8LinearPlan>(std::move(ls), acts);

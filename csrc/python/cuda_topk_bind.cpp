@@ -45,7 +45,8 @@ cuda::TopkIndexView index_view(int precision, int64_t n, int64_t np, int64_t dim
 }  // namespace
 
 void bind_cuda_topk(py::module_& m) {
-  py::class_<cuda::TopkIndexView>(m, "TopkIndexView", "A device catalogue laid out by fastrec._cuda_topk (pointers only).")
+  py::class_<cuda::TopkIndexView>(m, "TopkIndexView", "A device catalogue laid out by fastrec._cuda_topk (pointers only).",
+                                  py::module_local())  // (fastrec._C_cuda_emu binds it too)
       .def(py::init(&index_view), py::arg("precision"), py::arg("n"), py::arg("np"), py::arg("dim"), py::arg("row_bytes"),
            py::arg("codes"), py::arg("scales"), py::arg("rows"), py::arg("stride_item"), py::arg("stride_d"),
            py::arg("ids"));

@@ -1,27 +1,38 @@
-// Host emulation of the little of CUDA that the embedding-bag kernel uses, so that the real
-// csrc/cuda/embedding.cu compiles with a host C++ compiler and runs on the CPU, over host
-// memory (fastrec._C_cuda_emu, a test-only module; tests/test_cuda_emulated.py).
+// Host emulation of the CUDA that fastrec's kernels use, so that the real csrc/cuda/*.cu files
+// compile with a host C++ compiler and run on the CPU over host memory (fastrec._C_cuda_emu, a
+// test-only module: FASTREC_CUDA_EMU=ON; tests/test_cuda_*.py's "emulated" cases).
 //
-// A launch runs every thread of every block one after another. That is faithful only for
-// kernels whose threads never wait for or read from one another (no __syncthreads, shared
-// memory, warp shuffles or votes): the embedding kernel is one (each lane pools its own
-// columns of its own bags, and records errors with atomicMin). What it checks: the kernel's
-// arithmetic, indexing, row decoding, modes, padding, weights and error reporting, and the
-// launcher's planning and checks. What it cannot: timing, the memory model, occupancy, and any
-// code path that only a GPU's hardware would take. Included ahead of the .cu source (see
-// embedding_emu.cpp); the CUDA runtime calls it makes are implemented in runtime_emu.cpp.
+// A launch runs its blocks one after another on the calling thread; the threads of a block are
+// fibers (ucontext) scheduled cooperatively, switching only where a thread waits for others:
+// __syncthreads, the warp collectives (__shfl*_sync, __ballot_sync, __match_any_sync,
+// __all_sync, __syncwarp) and mma.sync, which run on values all the warp's live lanes put in
+// a per-warp exchange. A thread that returns leaves its block's and warp's barriers, as on the
+// hardware. __shared__ variables are thread_local (one block runs at a time on a thread;
+// concurrent launches run on different threads); dynamic shared memory is a per-thread
+// buffer. Memory operations are sequential, so atomics are plain read-modify-writes, and
+// cp.async copies at once.
+//
+// What this checks: the kernels' arithmetic, indexing, fragment layouts, barriers placed where
+// every thread reaches them, collectives with every lane present, and the launchers' planning
+// and checks, against the CPU ops. What it cannot: timing, occupancy, the memory model (a
+// missing barrier or fence between threads that the hardware would expose), register and
+// shared-memory limits beyond the checks the launchers make themselves.
 #pragma once
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
+
+#define FASTREC_HOST_EMULATION 1
 
 #undef __global__
 #undef __device__
@@ -29,72 +40,137 @@
 #undef __forceinline__
 #undef __grid_constant__
 #undef __launch_bounds__
+#undef __shared__
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __grid_constant__
 #define __launch_bounds__(...)
+#define __shared__ static thread_local
 
 namespace fastrec_emu {
 
 extern thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
 
-// kernel<<<grid, block, smem, stream>>>(args...): every thread in turn, on the calling thread.
-struct Launch {
-  dim3 grid, block;
-  template <class Kernel, class... Args>
-  void run(Kernel kernel, Args&&... args) const {
-    grid_dim = grid;
-    block_dim = block;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx)
-          for (unsigned tz = 0; tz < block.z; ++tz)
-            for (unsigned ty = 0; ty < block.y; ++ty)
-              for (unsigned tx = 0; tx < block.x; ++tx) {
-                block_idx = dim3(bx, by, bz);
-                thread_idx = dim3(tx, ty, tz);
-                kernel(args...);
-              }
-  }
+// Runs body() as blockDim threads of each block of grid (see the file comment), with `smem`
+// bytes of dynamic shared memory.
+void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+void* dynamic_smem();
+
+// Barriers and the warp exchange (runtime_emu.cpp).
+void syncthreads();
+void syncwarp();
+// Each live lane of the calling thread's warp puts `v`; returns every lane's value (32 slots;
+// an exited lane's slot is `absent`) and the mask of live lanes.
+struct WarpValues {
+  uint64_t v[32];
+  unsigned live;
 };
+WarpValues warp_exchange(uint64_t v);
+inline int lane() { return static_cast<int>(thread_idx.x & 31u); }
 
 template <class Kernel>
 struct Bound {
   Kernel kernel;
-  Launch launch;
+  dim3 grid, block;
+  size_t smem;
   template <class... Args>
-  void operator()(Args&&... args) const { launch.run(kernel, std::forward<Args>(args)...); }
+  void operator()(Args... args) const {
+    run_grid(grid, block, smem, [&]() { kernel(args...); });
+  }
 };
 
 template <class Kernel>
 Bound<Kernel> launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t) {
-  if (smem != 0) throw std::logic_error("host emulation: kernels with dynamic shared memory are not emulated");
-  return Bound<Kernel>{kernel, Launch{grid, block}};
+  return Bound<Kernel>{kernel, grid, block, smem};
+}
+
+template <class T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8, "warp exchange of at most 8 bytes");
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <class T>
+inline T from_bits(uint64_t b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
 }
 
 }  // namespace fastrec_emu
 
-#define FASTREC_LAUNCH(kernel, grid, block, smem, stream) ::fastrec_emu::launch((kernel), (grid), (block), (smem), (stream))
+#define FASTREC_LAUNCH(kernel, grid, block, smem, stream) \
+  ::fastrec_emu::launch((kernel), dim3(grid), dim3(block), (smem), (stream))
+#define FASTREC_DYNAMIC_SMEM(type, name) type* name = static_cast<type*>(::fastrec_emu::dynamic_smem())
 
 #define threadIdx ::fastrec_emu::thread_idx
 #define blockIdx ::fastrec_emu::block_idx
 #define blockDim ::fastrec_emu::block_dim
 #define gridDim ::fastrec_emu::grid_dim
 
+inline void __syncthreads() { fastrec_emu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { fastrec_emu::syncwarp(); }
+[[noreturn]] inline void __trap() { throw std::logic_error("host emulation: __trap"); }
+
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src) {
+  return fastrec_emu::from_bits<T>(fastrec_emu::warp_exchange(fastrec_emu::to_bits(v)).v[src & 31]);
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  return fastrec_emu::from_bits<T>(fastrec_emu::warp_exchange(fastrec_emu::to_bits(v)).v[(fastrec_emu::lane() ^ mask) & 31]);
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(pred != 0);
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i)
+    if ((w.live >> i & 1u) && w.v[i]) r |= 1u << i;
+  return r & mask;
+}
+inline int __all_sync(unsigned mask, int pred) {
+  const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(pred != 0);
+  for (int i = 0; i < 32; ++i)
+    if ((w.live & mask) >> i & 1u && !w.v[i]) return 0;
+  return 1;
+}
+template <class T>
+inline unsigned __match_any_sync(unsigned mask, T v) {
+  const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(fastrec_emu::to_bits(v));
+  const uint64_t mine = w.v[fastrec_emu::lane()];
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i)
+    if ((w.live & mask) >> i & 1u && w.v[i] == mine) r |= 1u << i;
+  return r;
+}
+
+using std::isfinite;  // (device code calls them unqualified)
+using std::isinf;
+using std::isnan;
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 
-inline float __uint_as_float(unsigned int x) {
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-inline unsigned int __float_as_uint(float f) {
-  unsigned int x;
-  std::memcpy(&x, &f, 4);
-  return x;
+inline float __uint_as_float(unsigned int x) { return fastrec_emu::from_bits<float>(x); }
+inline unsigned int __float_as_uint(float f) { return static_cast<unsigned int>(fastrec_emu::to_bits(f)); }
+inline float __int_as_float(int x) { return fastrec_emu::from_bits<float>(static_cast<uint32_t>(x)); }
+
+// Each rounded on its own (the module is built with -ffp-contract=off: no fused multiply-adds).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __int2float_rn(int x) { return static_cast<float>(x); }
+// cvt.rni.s32.f32: nearest, ties to even; NaN gives 0 and out-of-range values saturate.
+inline int __float2int_rn(float x) {
+  if (std::isnan(x)) return 0;
+  if (x >= 2147483647.f) return INT_MAX;
+  if (x <= -2147483648.f) return INT_MIN;
+  return static_cast<int>(std::nearbyint(x));
 }
 
 // PTX prmt (default mode): byte i of the result is byte (s >> 4i) & 7 of {y, x} (x the low word).
@@ -105,9 +181,16 @@ inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) 
   return r;
 }
 
-inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
-  const unsigned long long old = *p;
+template <class T>
+inline T atomicMin(T* p, T v) {
+  const T old = *p;
   if (v < old) *p = v;
+  return old;
+}
+template <class T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
   return old;
 }
 
@@ -124,3 +207,90 @@ inline auto max(A a, B b) -> typename std::enable_if<std::is_arithmetic<A>::valu
   using C = typename std::common_type<A, B>::type;
   return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
 }
+
+namespace fastrec_emu {
+
+// mma.sync.aligned.m16n8k32 (s8) / m16n8k16 (f16) for one warp: every live lane puts its A and
+// B registers; each lane then computes its own C fragment (lane = 4g + t: rows g and g + 8,
+// columns 2t and 2t + 1), the PTX ISA's fragment layouts:
+//   s8  A: a0 row g k 4t..4t+3, a1 row g+8 k 4t.., a2 row g k 16+4t.., a3 row g+8 k 16+4t..
+//       B: b0 col g k 4t..4t+3, b1 col g k 16+4t..
+//   f16 A: a0 row g k 2t,2t+1, a1 row g+8 k 2t.., a2 row g k 2t+8,2t+9, a3 row g+8 k 2t+8..
+//       B: b0 col g k 2t,2t+1, b1 col g k 2t+8,2t+9
+// (elements packed from the register's low bits up).
+struct MmaInputs {
+  uint32_t a[32][4], b[32][2];
+};
+inline void mma_gather(MmaInputs& in, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  const WarpValues x = warp_exchange(uint64_t{a0} | uint64_t{a1} << 32);
+  const WarpValues y = warp_exchange(uint64_t{a2} | uint64_t{a3} << 32);
+  const WarpValues z = warp_exchange(uint64_t{b0} | uint64_t{b1} << 32);
+  for (int l = 0; l < 32; ++l) {
+    in.a[l][0] = static_cast<uint32_t>(x.v[l]);
+    in.a[l][1] = static_cast<uint32_t>(x.v[l] >> 32);
+    in.a[l][2] = static_cast<uint32_t>(y.v[l]);
+    in.a[l][3] = static_cast<uint32_t>(y.v[l] >> 32);
+    in.b[l][0] = static_cast<uint32_t>(z.v[l]);
+    in.b[l][1] = static_cast<uint32_t>(z.v[l] >> 32);
+  }
+}
+
+inline void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  MmaInputs in;
+  mma_gather(in, a0, a1, a2, a3, b0, b1);
+  int8_t A[16][32], B[32][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int j = 0; j < 4; ++j) {
+      A[g][4 * t + j] = static_cast<int8_t>(in.a[l][0] >> (8 * j));
+      A[g + 8][4 * t + j] = static_cast<int8_t>(in.a[l][1] >> (8 * j));
+      A[g][16 + 4 * t + j] = static_cast<int8_t>(in.a[l][2] >> (8 * j));
+      A[g + 8][16 + 4 * t + j] = static_cast<int8_t>(in.a[l][3] >> (8 * j));
+      B[4 * t + j][g] = static_cast<int8_t>(in.b[l][0] >> (8 * j));
+      B[16 + 4 * t + j][g] = static_cast<int8_t>(in.b[l][1] >> (8 * j));
+    }
+  }
+  const int g = lane() >> 2, t = lane() & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + (e >> 1) * 8, col = 2 * t + (e & 1);
+    int32_t acc = c[e];
+    for (int k = 0; k < 32; ++k) acc += int32_t{A[r][k]} * int32_t{B[k][col]};
+    c[e] = acc;
+  }
+}
+
+inline float half_bits(uint32_t reg, int j) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(reg >> (16 * j))));
+}
+
+inline void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  MmaInputs in;
+  mma_gather(in, a0, a1, a2, a3, b0, b1);
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int j = 0; j < 2; ++j) {
+      A[g][2 * t + j] = half_bits(in.a[l][0], j);
+      A[g + 8][2 * t + j] = half_bits(in.a[l][1], j);
+      A[g][2 * t + 8 + j] = half_bits(in.a[l][2], j);
+      A[g + 8][2 * t + 8 + j] = half_bits(in.a[l][3], j);
+      B[2 * t + j][g] = half_bits(in.b[l][0], j);
+      B[2 * t + 8 + j][g] = half_bits(in.b[l][1], j);
+    }
+  }
+  const int g = lane() >> 2, t = lane() & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + (e >> 1) * 8, col = 2 * t + (e & 1);
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][col];  // (the hardware's order and rounding may differ)
+    c[e] = acc;
+  }
+}
+
+// cp.async.cg.shared.global [smem], [gmem], 16, n: n bytes copied, the rest of the 16 zeroed.
+inline void cp_async16(void* smem, const void* gmem, int n) {
+  if (n > 0) std::memcpy(smem, gmem, static_cast<size_t>(n));
+  if (n < 16) std::memset(static_cast<char*>(smem) + n, 0, static_cast<size_t>(16 - n));
+}
+
+}  // namespace fastrec_emu
