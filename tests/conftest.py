@@ -76,8 +76,10 @@ def to_device(request, monkeypatch):
 
 try:
     from fastrec import _C_cuda_emu
-except ImportError:
-    _C_cuda_emu = None
+
+    _EMU_ERROR = None
+except ImportError as e:
+    _C_cuda_emu, _EMU_ERROR = None, e
 
 
 def make_to_device(kind: str, monkeypatch):
@@ -98,6 +100,10 @@ def make_to_device(kind: str, monkeypatch):
         cupy = pytest.importorskip("cupy")
         return lambda a: cupy.asarray(np.ascontiguousarray(a))
     if _C_cuda_emu is None:
+        import os
+
+        if os.environ.get("FASTREC_CUDA_EMU", "").strip().upper() in ("ON", "1", "TRUE", "YES"):
+            pytest.fail(f"FASTREC_CUDA_EMU is set but fastrec._C_cuda_emu does not import: {_EMU_ERROR}")
         pytest.skip("fastrec._C_cuda_emu not built (FASTREC_CUDA_EMU=ON)")
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

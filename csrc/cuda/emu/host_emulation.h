@@ -13,10 +13,14 @@
 // cp.async copies at once.
 //
 // What this checks: the kernels' arithmetic, indexing, fragment layouts, barriers placed where
-// every thread reaches them, collectives with every lane present, and the launchers' planning
-// and checks, against the CPU ops. What it cannot: timing, occupancy, the memory model (a
-// missing barrier or fence between threads that the hardware would expose), register and
-// shared-memory limits beyond the checks the launchers make themselves.
+// every thread reaches them, collectives with every lane present (one naming an exited lane
+// throws), and the launchers' planning and checks, against the CPU ops. What it cannot: timing,
+// occupancy, the memory model and ordering (threads switch only at barriers, in index order, and
+// every copy, cp.async and stream wait completes at once: a missing barrier, fence, cp.async
+// wait or stream wait goes unnoticed), register and shared-memory limits beyond the checks the
+// launchers make themselves, and launch-configuration errors (none are raised). Dynamic shared
+// memory starts as 0xA5 bytes in each block; static __shared__ variables keep the last block's
+// values.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -68,7 +72,15 @@ struct WarpValues {
   unsigned live;
 };
 WarpValues warp_exchange(uint64_t v);
-inline int lane() { return static_cast<int>(thread_idx.x & 31u); }
+int lane();  // the calling thread's lane: its linear index in the block, mod 32
+
+// A collective whose mask names a lane that has returned (or a shuffle from one) is undefined on
+// the hardware: an error here.
+inline void check_lanes(unsigned mask, unsigned live, int src = -1) {
+  if ((mask & ~live) != 0 || (src >= 0 && !(live >> src & 1u))) {
+    throw std::logic_error("host emulation: a warp collective names a lane that has exited");
+  }
+}
 
 template <class Kernel>
 struct Bound {
@@ -116,15 +128,21 @@ inline void __syncwarp(unsigned = 0xffffffffu) { fastrec_emu::syncwarp(); }
 [[noreturn]] inline void __trap() { throw std::logic_error("host emulation: __trap"); }
 
 template <class T>
-inline T __shfl_sync(unsigned, T v, int src) {
-  return fastrec_emu::from_bits<T>(fastrec_emu::warp_exchange(fastrec_emu::to_bits(v)).v[src & 31]);
+inline T __shfl_sync(unsigned mask, T v, int src) {
+  const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(fastrec_emu::to_bits(v));
+  fastrec_emu::check_lanes(mask, w.live, src & 31);
+  return fastrec_emu::from_bits<T>(w.v[src & 31]);
 }
 template <class T>
-inline T __shfl_xor_sync(unsigned, T v, int mask) {
-  return fastrec_emu::from_bits<T>(fastrec_emu::warp_exchange(fastrec_emu::to_bits(v)).v[(fastrec_emu::lane() ^ mask) & 31]);
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(fastrec_emu::to_bits(v));
+  const int src = (fastrec_emu::lane() ^ lane_mask) & 31;
+  fastrec_emu::check_lanes(mask, w.live, src);
+  return fastrec_emu::from_bits<T>(w.v[src]);
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(pred != 0);
+  fastrec_emu::check_lanes(mask, w.live);
   unsigned r = 0;
   for (int i = 0; i < 32; ++i)
     if ((w.live >> i & 1u) && w.v[i]) r |= 1u << i;
@@ -132,6 +150,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 }
 inline int __all_sync(unsigned mask, int pred) {
   const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(pred != 0);
+  fastrec_emu::check_lanes(mask, w.live);
   for (int i = 0; i < 32; ++i)
     if ((w.live & mask) >> i & 1u && !w.v[i]) return 0;
   return 1;
@@ -139,6 +158,7 @@ inline int __all_sync(unsigned mask, int pred) {
 template <class T>
 inline unsigned __match_any_sync(unsigned mask, T v) {
   const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(fastrec_emu::to_bits(v));
+  fastrec_emu::check_lanes(mask, w.live);
   const uint64_t mine = w.v[fastrec_emu::lane()];
   unsigned r = 0;
   for (int i = 0; i < 32; ++i)
@@ -225,6 +245,7 @@ inline void mma_gather(MmaInputs& in, uint32_t a0, uint32_t a1, uint32_t a2, uin
   const WarpValues x = warp_exchange(uint64_t{a0} | uint64_t{a1} << 32);
   const WarpValues y = warp_exchange(uint64_t{a2} | uint64_t{a3} << 32);
   const WarpValues z = warp_exchange(uint64_t{b0} | uint64_t{b1} << 32);
+  check_lanes(0xffffffffu, z.live);  // (mma.sync: the whole warp)
   for (int l = 0; l < 32; ++l) {
     in.a[l][0] = static_cast<uint32_t>(x.v[l]);
     in.a[l][1] = static_cast<uint32_t>(x.v[l] >> 32);

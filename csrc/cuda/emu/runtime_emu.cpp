@@ -1,3 +1,6 @@
+// (glibc's fortified longjmp refuses to jump onto another stack, which is what a fiber switch is)
+#undef _FORTIFY_SOURCE
+
 // The host emulation's scheduler (fibers for a block's threads: host_emulation.h) and the CUDA
 // runtime calls fastrec's launchers make: "device" memory is host memory, a stream runs its
 // work at once (so every wait returns at once), and there is one device, 0.
@@ -97,6 +100,8 @@ void trampoline() {
 
 void* dynamic_smem() { return smem_buffer.data(); }
 
+int lane() { return cur == nullptr ? 0 : cur->current & 31; }
+
 void syncthreads() {
   if (cur == nullptr) throw std::logic_error("host emulation: __syncthreads outside a kernel");
   const uint64_t mine = cur->bar_phase;
@@ -114,6 +119,7 @@ void syncwarp() {
 }
 
 WarpValues warp_exchange(uint64_t v) {
+  if (cur == nullptr) throw std::logic_error("host emulation: a warp collective outside a kernel");
   Block::Warp& w = cur->warps[cur->current / 32];
   w.slot[cur->current & 31] = v;
   syncwarp();  // every live lane has put its value
@@ -126,7 +132,7 @@ WarpValues warp_exchange(uint64_t v) {
 
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   if (cur != nullptr) throw std::logic_error("host emulation: a launch inside a kernel");
-  if (smem_buffer.size() < smem) smem_buffer.resize(smem);
+  smem_buffer.assign(smem, static_cast<char>(0xA5));  // (exactly the size asked for; never zeros)
   const int n = static_cast<int>(block.x * block.y * block.z);
   Block b;
   b.n = n;
@@ -141,6 +147,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         block_idx = dim3(bx, by, bz);
+        if (smem) std::memset(smem_buffer.data(), 0xA5, smem);  // uninitialised shared memory: not zeros
         b.done.assign(n, 0);
         b.live = n;
         b.bar_arrived = 0;
