@@ -18,8 +18,31 @@ from fastrec import _cuda, _cuda_model
 from fastrec.io import write_model
 from fastrec.testing import assert_topk_matches, topk_ref
 
-from conftest import CUDA_SKIP_REASON, needs_cuda, to_host
+from conftest import CUDA_SKIP_REASON, make_to_device, needs_cuda, to_host
 from test_model_runtime import build_dlrm, build_two_tower, random_sparse, table_major
+
+
+@pytest.fixture(params=["torch", "cupy", "emulated"])
+def to_device(request, monkeypatch):
+    """conftest's, plus "emulated" (conftest.make_to_device): the GPU model runtime over the real
+    kernels compiled for the host, its torch "device" the CPU (index 0)."""
+    make = make_to_device(request.param, monkeypatch)
+    if getattr(make, "emulated", False):
+        import torch
+
+        from fastrec import _cuda_embedding
+
+        class CpuTorch(_cuda_model._Torch):
+            def __init__(self, index):
+                super().__init__(index)
+                self.device = torch.device("cpu")
+
+        monkeypatch.setattr(_cuda_model, "_Torch", CpuTorch)
+        monkeypatch.setattr(_cuda_model, "_torch_reason", lambda: None)
+        monkeypatch.setattr(_cuda_model.CudaModel, "_sync", lambda self: None)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(_cuda_embedding, "_target", lambda like, device: ("torch", 0))
+    return make
 
 
 @pytest.fixture
@@ -63,7 +86,6 @@ def _pair_on_device(pair, to_device):
 
 # ---- DLRM ---------------------------------------------------------------------------------
 
-@needs_cuda
 @pytest.mark.parametrize("precision,storages", [("fp32", ("fp32", "fp32", "fp32", "fp32")),
                                                 ("fp32", ("q4", "fp32", "q4", "fp16")),
                                                 ("fp16", ("fp16", "fp16", "fp16")),
@@ -92,7 +114,6 @@ def test_dlrm_float_matches_cpu(rng, model_dir, dev, precision, storages):
             model.score(d, sparse)
 
 
-@needs_cuda
 @pytest.mark.parametrize("storages", [("q8", "q8", "q8", "q8"), ("q4", "fp32", "q4")])
 def test_dlrm_int8_matches_cpu(rng, model_dir, dev, storages):
     fw, to_device = dev
@@ -113,7 +134,6 @@ def test_dlrm_int8_matches_cpu(rng, model_dir, dev, storages):
         gpu.score(to_device(dense), sparse)
 
 
-@needs_cuda
 def test_dlrm_interaction_order_and_shared_tables(rng, model_dir, dev):
     """Six features (pair order matters from three on), two of them on one table (uploaded once),
     int32 ids and offsets."""
@@ -140,7 +160,6 @@ def test_dlrm_interaction_order_and_shared_tables(rng, model_dir, dev):
 
 # ---- two-tower ----------------------------------------------------------------------------
 
-@needs_cuda
 @pytest.mark.parametrize("precision,storage,index_precision", [("fp32", "fp32", "fp32"), ("fp16", "q8", "fp32"),
                                                                ("int8", "q8", "int8"), ("int8", "q4", "fp16")])
 def test_two_tower_matches_cpu(rng, model_dir, dev, precision, storage, index_precision):
@@ -177,7 +196,6 @@ def test_two_tower_matches_cpu(rng, model_dir, dev, precision, storage, index_pr
     np.testing.assert_allclose(iv, items[:5], rtol=tol, atol=tol)
 
 
-@needs_cuda
 def test_matrix_factorisation(rng, model_dir, dev):
     fw, to_device = dev
     m, tensors, ref = build_two_tower(rng, user_feats=("user_id",), item_feats=("item_id",), user_mlp=None,
@@ -269,7 +287,6 @@ def bad_id_request(sparse, ref):
     return bad, rf"feature 'C2' \(table 't1'\): id {rows} at position 1 of its indices"
 
 
-@needs_cuda
 def test_dlrm_errors_on_gpu(rng, model_dir, dev):
     fw, to_device = dev
     m, tensors, ref = build_dlrm(rng, storages=("fp32", "q8", "fp32"))
@@ -316,7 +333,6 @@ def test_dlrm_errors_on_gpu(rng, model_dir, dev):
         gpu.recommend(sparse)
 
 
-@needs_cuda
 def test_two_tower_errors_on_gpu(rng, model_dir, dev):
     fw, to_device = dev
     m, tensors, ref = build_two_tower(rng, precision="int8", storage="q8")
@@ -332,7 +348,6 @@ def test_two_tower_errors_on_gpu(rng, model_dir, dev):
         gpu.recommend(sparse, k=0)
 
 
-@needs_cuda
 def test_device_argument_forms(rng, model_dir, dev):
     fw, _ = dev
     path = model_dir(*build_dlrm(rng, storages=("fp32",))[:2])
@@ -427,7 +442,6 @@ def test_here_without_gpu_load_cuda_raises(rng, model_dir):
         fastrec.load(path, device="cuda", framework="torch")
 
 
-@needs_cuda
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
