@@ -36,6 +36,23 @@ def _batches(to_device):
 def _small_if_emulated(to_device, *dims):
     if getattr(to_device, "emulated", False) and any(d not in EMULATED_DIMS for d in dims):
         pytest.skip("emulated: the smaller shapes only")
+
+
+def test_int32_sums_exact_deep_k_emulated(to_device):
+    # K = 512 (8 chunks of 64): every forced tiled GEMM refills its cp.async pipeline in its main
+    # loop, which the emulated cases' smaller K (at most 2 chunks) never reach; N small to stay quick.
+    if not getattr(to_device, "emulated", False):
+        pytest.skip("test_int32_sums_exact covers K = 512 on a GPU")
+    rng = np.random.default_rng(512)
+    lin = _layer(rng, 512, 13)
+    w = lin.weight_int8.astype(np.float64)
+    for B in (1, 40, 130):
+        q = rng.integers(-128, 128, size=(B, 512)).astype(np.int8)
+        ref = (q.astype(np.float64) @ w.T).astype(np.int64)
+        for config in GEMM_CONFIGS:
+            with gemm_config(config):
+                out = to_host(_cuda_linear.int8_linear_int32(to_device(q), lin))
+            assert np.array_equal(out, ref), f"B={B} config={config}"
 # 0: kernel chosen by shape (small-batch kernel for B <= 32); 2, 3, 4: each tiled kernel forced.
 GEMM_CONFIGS = [0, 2, 3, 4]
 ACTIVATIONS = [None, "relu", "sigmoid"]
