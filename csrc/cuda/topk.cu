@@ -371,18 +371,31 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
       if (valid && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], static_cast<unsigned>(__popc(peers)));
     }
     __syncthreads();
-    if (tid == 0) {
-      if (p == 0) {
-        unsigned total = 0;
-        for (int d = 0; d < 256; ++d) total += hist[d];
-        s_total = total;
+    if (tid < 32) {
+      // Warp 0 finds the digit d holding the rank-th largest key (counting down from digit 255:
+      // the keys above d number fewer than rank, those above or at d at least rank). Lane l sums
+      // digits 255 - 8l down to 248 - 8l; an inclusive scan over the lanes gives how many keys
+      // lie above each lane's digits; the one lane whose digits the rank falls in walks them.
+      // (Was thread 0 walking all 256 digits, up to 8 times a select: a serial chain of shared
+      // loads.) tests/test_cuda_topk.py holds the results to the CPU index (in CI: emulated).
+      const int top = 255 - 8 * lane;
+      unsigned mine = 0;
+      for (int j = 0; j < 8; ++j) mine += hist[top - j];
+      unsigned incl = mine;
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
       }
-      if (s_total >= static_cast<unsigned>(a.keep)) {
-        unsigned cum = 0;
-        for (int d = 255; d >= 0; --d) {
-          const unsigned h = hist[d];
+      const unsigned total = __shfl_sync(0xffffffffu, incl, 31);
+      if (p == 0 && lane == 0) s_total = total;
+      const unsigned valid_keys = p == 0 ? total : s_total;  // (s_total: pass 0's, read by all after it)
+      const unsigned above = incl - mine;
+      if (valid_keys >= static_cast<unsigned>(a.keep) && above < rank && rank <= incl) {
+        unsigned cum = above;
+        for (int j = 0; j < 8; ++j) {
+          const unsigned h = hist[top - j];
           if (cum + h >= rank) {
-            s_prefix = prefix | (static_cast<u64>(d) << shift);
+            s_prefix = prefix | (static_cast<u64>(top - j) << shift);
             s_rank = rank - cum;
             break;
           }

@@ -134,6 +134,13 @@ inline T __shfl_sync(unsigned mask, T v, int src) {
   return fastrec_emu::from_bits<T>(w.v[src & 31]);
 }
 template <class T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(fastrec_emu::to_bits(v));
+  const int src = fastrec_emu::lane() - static_cast<int>(delta);  // (lanes below delta keep their own)
+  fastrec_emu::check_lanes(mask, w.live, src < 0 ? fastrec_emu::lane() : src);
+  return src < 0 ? v : fastrec_emu::from_bits<T>(w.v[src]);
+}
+template <class T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   const fastrec_emu::WarpValues w = fastrec_emu::warp_exchange(fastrec_emu::to_bits(v));
   const int src = (fastrec_emu::lane() ^ lane_mask) & 31;
