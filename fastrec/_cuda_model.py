@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 
 from . import _cuda, _cuda_embedding
-from ._arrays import as_numpy, float_input
+from ._arrays import as_numpy, check_index_dtype, float_input
 from .linear import Int8MLP
 from .model import _FloatMLP, _Int8MLPRunner, _host_ids, _offsets_message, _sparse_name
 from .tables import QuantizedTable
@@ -329,8 +329,7 @@ def _ids(fw, x, what: str):
         h, n = _host_ids(x, what)
         return fw.upload(h), n
     a, d = _on_device(fw, x, what)
-    if a.dtype != np.int64 and a.dtype != np.int32:
-        raise TypeError(f"{what} must be int32 or int64, got {a.dtype}")
+    check_index_dtype(a.dtype, what)
     if len(a.shape) != 1:
         raise ValueError(f"{what} must be 1-D, got shape {a.shape}")
     return d, a.shape[0]
@@ -358,12 +357,23 @@ def _part_reader(fw):
 
 class _Bags:
     """One call's embedding kernel, and the errors it may report, named by feature: ``run``
-    calls the launcher, ``check`` reads its deferred bounds and offsets check (once)."""
+    calls the launcher, ``check`` reads its deferred bounds and offsets check (once). As a
+    context manager around the work queued after the kernel: when that raises (an int8 MLP's
+    NaN / Inf check), the kernel's check runs first, so a bad id or bad offsets are reported
+    first, as on the CPU."""
 
     __slots__ = ("g", "sparse", "starts", "pending")
 
     def __init__(self, g: _DeviceGroup, sparse, starts):
         self.g, self.sparse, self.starts, self.pending = g, sparse, starts, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None:
+            self.check()
+        return False
 
     def check(self) -> None:
         pending, self.pending = self.pending, None
@@ -516,9 +526,6 @@ class CudaModel:
         return bool(flag)
 
     # ---- inputs --------------------------------------------------------------------------
-    def _on_device(self, x, what: str):
-        return _on_device(self.fw, x, what)
-
     def _dense(self, dense, width: int):
         on_device = _cuda.is_device_array(dense)
         if on_device:
@@ -527,7 +534,7 @@ class CudaModel:
                 dense, name = dense.float(), "torch.float32"
             if name not in ("float32", "torch.float32"):
                 raise TypeError(f"dense must be float32, got {name}")
-            a, x = self._on_device(dense, "dense")
+            a, x = _on_device(self.fw, dense, "dense")
             shape = a.shape
         else:
             x = float_input(dense, "dense")  # (lists become float32 and byte-swapped arrays native, as on the CPU)
@@ -560,11 +567,8 @@ class CudaModel:
         bags = _Bags(g, sparse, starts)
         out, bags.pending = bags.run(g.bags.deferred, indices, offsets)
         if g.columns is not None:
-            try:
+            with bags:
                 out = self.fw.take_cols(out, g.columns)
-            except BaseException:
-                bags.check()
-                raise
         return out, bags
 
     # ---- the public calls (Model's methods branch here) ----------------------------------
@@ -582,12 +586,9 @@ class CudaModel:
             # (unchecked: its overflow reaches the top MLP's check)
             bottom, _ = self._run_mlp(self.bottom, x, check_finite=False)
             emb, bags = self._embed(g, sparse, indices, offsets, starts)
-            try:  # an int8 top MLP waits for its NaN / Inf check, and may raise
+            with bags:  # (an int8 top MLP waits for its NaN / Inf check, and may raise)
                 top_in = fw.interaction(bottom, emb, self.T, self.pairs)
                 out, out_ok = self._run_mlp(self.top, top_in)
-            except BaseException:
-                bags.check()  # a bad id or bad offsets first, as on the CPU
-                raise
             self._finish(bags, dense_ok, out_ok, [(self.bottom, x), (self.top, top_in)])
             return out.reshape(B)
 
@@ -596,11 +597,8 @@ class CudaModel:
         with self.fw.context():
             indices, offsets, _, starts = self._pack(g, sparse, None)
             x, bags = self._embed(g, sparse, indices, offsets, starts)
-            try:
+            with bags:
                 y, ok = self._run_mlp(mlp, x)
-            except BaseException:
-                bags.check()
-                raise
             self._finish(bags, None, ok, [(mlp, x)])
             return self.fw.normalize(y) if normalize else y
 

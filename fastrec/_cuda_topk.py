@@ -235,11 +235,11 @@ def _run(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, ex, growth:
 
 
 def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, exclude, skip=None):
-    """``(scores, ids, skip)``: the device search of every row of a; rows in ``skip`` (host
-    indices or None, or a function giving them, called once the first search has waited for the
-    stream: see :func:`_overflow_check`) are not re-run when their candidate buffers overflow
-    (the caller redoes them on the host: a row whose float32 scores overflow to -inf passes
-    every threshold and would overflow again at any size short of the whole catalogue)."""
+    """``(scores, ids, skipped)``: the device search of every row of a; the rows ``skip()`` gives
+    (host indices or None; ``skip`` is called once the first search has waited for the stream:
+    see :func:`_overflow_check`) are not re-run when their candidate buffers overflow (the
+    caller redoes them on the host: a row whose float32 scores overflow to -inf passes every
+    threshold and would overflow again at any size short of the whole catalogue)."""
     from .index import _check_k
 
     k = _check_k(k)
@@ -249,8 +249,7 @@ def _search_dev(dev: _DeviceIndex, a: _cuda.DeviceArray, k: int, keep: int, excl
         raise ValueError(f"k = {k} is too large for the CUDA top-k (at most {_cuda.module().topk_max_keep()} "
                          "candidates per query); search with host queries instead")
     scores, ids, over = _run(dev, a, k, keep, (d_ids, d_off), 1)
-    if callable(skip):
-        skip = skip()
+    skip = None if skip is None else skip()
     if skip is not None and over:
         over = sorted(set(over).difference(skip.tolist()))
     growth = 1
@@ -296,11 +295,6 @@ def _overflow_check(a: _cuda.DeviceArray, item_amax: float):
         return found if found.size else None
 
     return rows
-
-
-def _overflow_rows(a: _cuda.DeviceArray, item_amax: float):
-    """:func:`_overflow_check`'s rows, read at once."""
-    return _overflow_check(a, item_amax)()
 
 
 def _put_rows(a: _cuda.DeviceArray, scores, ids, rows: np.ndarray, s: np.ndarray, i: np.ndarray) -> None:

@@ -787,13 +787,13 @@ def test_device_search_picks_the_same_float64_rows_as_the_cpu():
     a = _cuda.DeviceArray(t, "torch", 0, tuple(q.shape), np.dtype(np.float32), 0)
     for amax in (0.0, 1.0, 4.0, 16.0, 2.0**-10):
         want = _checked_queries(q, amax)
-        got = _cuda_topk._overflow_rows(a, amax)
+        got = _cuda_topk._overflow_check(a, amax)()
         assert (want is None and got is None) or np.array_equal(want, got), (amax, want, got)
-    assert _cuda_topk._overflow_rows(a, 4.0).tolist() == [3]
-    assert _cuda_topk._overflow_rows(a, 16.0).tolist() == [1, 3]
+    assert _cuda_topk._overflow_check(a, 4.0)().tolist() == [3]
+    assert _cuda_topk._overflow_check(a, 16.0)().tolist() == [1, 3]
     check = _cuda_topk._overflow_check(a, 4.0)  # the reduction is queued here, read by check()
     t[1, 2] = 2.0**125
-    assert check().tolist() == [3] and _cuda_topk._overflow_rows(a, 4.0).tolist() == [1, 3]
+    assert check().tolist() == [3] and _cuda_topk._overflow_check(a, 4.0)().tolist() == [1, 3]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc"

@@ -55,9 +55,7 @@ constexpr int kWarpsPerBlock = kBlockThreads / 32;
 // Tuning knobs (override with CUDAFLAGS="-DFASTREC_EMB_UNROLL_WIDE=..." on a fresh build):
 // rows in flight per lane, and the blocks per SM the register budget must allow, for
 // variants loading >= 8 bytes per lane ("wide") and 4 or fewer ("narrow"). At the defaults, 64 / 80
-// registers (32 / 24 warps per SM), ptxas -v (nvcc 13, sm_90) reports no spills except 8-12
-// bytes in three weighted, int64-id narrow variants (2-bit rows; 4-bit and fbgemm 8-bit rows
-// read 4 bytes at a time).
+// registers (32 / 24 warps per SM), ptxas -v (nvcc 13, sm_90) reports no spills in any variant.
 #ifndef FASTREC_EMB_UNROLL_WIDE
 #define FASTREC_EMB_UNROLL_WIDE 4
 #endif

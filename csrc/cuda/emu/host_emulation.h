@@ -3,7 +3,8 @@
 // test-only module: FASTREC_CUDA_EMU=ON; tests/test_cuda_*.py's "emulated" cases).
 //
 // A launch runs its blocks one after another on the calling thread; the threads of a block are
-// fibers (ucontext) scheduled cooperatively, switching only where a thread waits for others:
+// fibers (started with ucontext, switched with _setjmp / _longjmp) scheduled cooperatively,
+// switching only where a thread waits for others:
 // __syncthreads, the warp collectives (__shfl*_sync, __ballot_sync, __match_any_sync,
 // __all_sync, __syncwarp) and mma.sync, which run on values all the warp's live lanes put in
 // a per-warp exchange. A thread that returns leaves its block's and warp's barriers, as on the
@@ -66,7 +67,7 @@ void* dynamic_smem();
 void syncthreads();
 void syncwarp();
 // Each live lane of the calling thread's warp puts `v`; returns every lane's value (32 slots;
-// an exited lane's slot is `absent`) and the mask of live lanes.
+// an exited lane's is stale: see check_lanes) and the mask of live lanes.
 struct WarpValues {
   uint64_t v[32];
   unsigned live;
@@ -263,6 +264,18 @@ inline void mma_gather(MmaInputs& in, uint32_t a0, uint32_t a1, uint32_t a2, uin
   }
 }
 
+// The calling lane's C fragment += A (16 x K) * B (K x 8), from the whole warp's A and B.
+template <class Acc, class E, int K>
+inline void mma_accumulate(Acc (&c)[4], const E (&A)[16][K], const E (&B)[K][8]) {
+  const int g = lane() >> 2, t = lane() & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + (e >> 1) * 8, col = 2 * t + (e & 1);
+    Acc acc = c[e];
+    for (int k = 0; k < K; ++k) acc += static_cast<Acc>(A[r][k]) * static_cast<Acc>(B[k][col]);
+    c[e] = acc;  // (fp16: the hardware's order and rounding may differ)
+  }
+}
+
 inline void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
   MmaInputs in;
   mma_gather(in, a0, a1, a2, a3, b0, b1);
@@ -278,13 +291,7 @@ inline void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t 
       B[16 + 4 * t + j][g] = static_cast<int8_t>(in.b[l][1] >> (8 * j));
     }
   }
-  const int g = lane() >> 2, t = lane() & 3;
-  for (int e = 0; e < 4; ++e) {
-    const int r = g + (e >> 1) * 8, col = 2 * t + (e & 1);
-    int32_t acc = c[e];
-    for (int k = 0; k < 32; ++k) acc += int32_t{A[r][k]} * int32_t{B[k][col]};
-    c[e] = acc;
-  }
+  mma_accumulate(c, A, B);
 }
 
 inline float half_bits(uint32_t reg, int j) {
@@ -306,13 +313,7 @@ inline void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32
       B[2 * t + 8 + j][g] = half_bits(in.b[l][1], j);
     }
   }
-  const int g = lane() >> 2, t = lane() & 3;
-  for (int e = 0; e < 4; ++e) {
-    const int r = g + (e >> 1) * 8, col = 2 * t + (e & 1);
-    float acc = c[e];
-    for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][col];  // (the hardware's order and rounding may differ)
-    c[e] = acc;
-  }
+  mma_accumulate(c, A, B);
 }
 
 // cp.async.cg.shared.global [smem], [gmem], 16, n: n bytes copied, the rest of the 16 zeroed.

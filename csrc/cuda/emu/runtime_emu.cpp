@@ -36,7 +36,7 @@ struct Block {
   std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<char> done;
   const std::function<void()>* body = nullptr;
-  int n = 0, live = 0, current = 0;
+  int live = 0, current = 0;
   uint64_t progress = 0;  // barrier releases and thread exits: the scheduler's deadlock check
   std::exception_ptr error;
   // __syncthreads
@@ -78,7 +78,6 @@ void release_if_complete_warp(Block::Warp& w) {
 void trampoline() {
   Block* b = cur;
   if (_setjmp(b->env[b->current].e) == 0) _longjmp(b->main_env, 1);  // started: run when next scheduled
-  b = cur;
   try {
     (*b->body)();
   } catch (...) {
@@ -132,10 +131,9 @@ WarpValues warp_exchange(uint64_t v) {
 
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   if (cur != nullptr) throw std::logic_error("host emulation: a launch inside a kernel");
-  smem_buffer.assign(smem, static_cast<char>(0xA5));  // (exactly the size asked for; never zeros)
+  smem_buffer.resize(smem);  // (exactly the size asked for: filled at each block below)
   const int n = static_cast<int>(block.x * block.y * block.z);
   Block b;
-  b.n = n;
   b.body = &body;
   b.ctx.resize(n);
   b.env.resize(n);
