@@ -57,13 +57,15 @@ __device__ __forceinline__ void mma_k64(int (&c)[4], const uint4& a_lo, const ui
 
 __device__ __forceinline__ uint4 ldg16(const int8_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
-#if defined(FASTREC_HOST_EMULATION)  // (csrc/cuda/emu: the copy happens at once)
+#if defined(FASTREC_HOST_EMULATION)  // (csrc/cuda/emu)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   fastrec_emu::cp_async16(smem, gmem, valid ? 16 : 0);
 }
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit() { fastrec_emu::cp_async_commit(); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() {
+  fastrec_emu::cp_async_wait(N);
+}
 #else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));

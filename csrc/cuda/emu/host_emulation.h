@@ -10,18 +10,31 @@
 // a per-warp exchange. A thread that returns leaves its block's and warp's barriers, as on the
 // hardware. __shared__ variables are thread_local (one block runs at a time on a thread;
 // concurrent launches run on different threads); dynamic shared memory is a per-thread
-// buffer. Memory operations are sequential, so atomics are plain read-modify-writes, and
-// cp.async copies at once.
+// buffer. Memory operations are sequential, so atomics are plain read-modify-writes. A cp.async
+// copy lands when its thread waits for its group (cp.async.wait_group), not before.
+//
+// The schedule (runtime_emu.cpp): with FASTREC_EMU_SEED unset or 0, blocks and threads run in
+// index order, round by round (every thread runs until it next waits: the warps keep in step).
+// With a seed, a schedule drawn from it: blocks in a random order; in each round the warps in a
+// random order, each run as far as it can go (until all its threads wait for other warps, at
+// __syncthreads) before the next starts, its threads in a random order at each step; each
+// cp.async copy lands at once or at its wait, at random; dynamic shared memory starts as a random
+// byte (0xA5 in index order). The same seed gives the same schedule for the same launches on a
+// thread. .ci/run runs the emulated tests under both.
 //
 // What this checks: the kernels' arithmetic, indexing, fragment layouts, barriers placed where
 // every thread reaches them, collectives with every lane present (one naming an exited lane
-// throws), and the launchers' planning and checks, against the CPU ops. What it cannot: timing,
-// occupancy, the memory model and ordering (threads switch only at barriers, in index order, and
-// every copy, cp.async and stream wait completes at once: a missing barrier, fence, cp.async
-// wait or stream wait goes unnoticed), register and shared-memory limits beyond the checks the
-// launchers make themselves, and launch-configuration errors (none are raised). Dynamic shared
-// memory starts as 0xA5 bytes in each block; static __shared__ variables keep the last block's
-// values.
+// throws), the launchers' planning and checks, against the CPU ops; and the ordering mistakes a
+// schedule exposes: a missing barrier between a write and another thread's read (read after
+// write), a missing cp.async wait, and (seeded: a warp runs ahead) a missing barrier before
+// shared memory another warp still reads is written again (write after read).
+// tests/test_cuda_emulation.py holds the emulator to catching each (selftest_emu.cpp). What it
+// cannot: timing, occupancy, the memory model (threads switch only at barriers, so a race between
+// two of them that no barrier separates shows only if a schedule puts the read on the wrong side
+// of the write; a missing fence, volatile, or atomic's atomicity never shows), stream order (every
+// copy and launch completes at once, so a missing stream wait goes unnoticed), register and
+// shared-memory limits beyond the checks the launchers make themselves, and launch-configuration
+// errors (none are raised). Static __shared__ variables keep the last block's values.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -316,10 +329,12 @@ inline void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32
   mma_accumulate(c, A, B);
 }
 
-// cp.async.cg.shared.global [smem], [gmem], 16, n: n bytes copied, the rest of the 16 zeroed.
-inline void cp_async16(void* smem, const void* gmem, int n) {
-  if (n > 0) std::memcpy(smem, gmem, static_cast<size_t>(n));
-  if (n < 16) std::memset(static_cast<char*>(smem) + n, 0, static_cast<size_t>(16 - n));
-}
+// cp.async.cg.shared.global [smem], [gmem], 16, n (n bytes copied, the rest of the 16 zeroed),
+// cp.async.commit_group and cp.async.wait_group n. A copy lands at the latest when its group is
+// waited for; under a schedule seed (FASTREC_EMU_SEED) some land at once instead, as the hardware
+// allows either (runtime_emu.cpp).
+void cp_async16(void* smem, const void* gmem, int n);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
 
 }  // namespace fastrec_emu

@@ -7,10 +7,13 @@
 
 #include "../../python/cuda_bindings.h"
 
+void bind_emulation_selftest(pybind11::module_& m);  // selftest_emu.cpp
+
 PYBIND11_MODULE(_C_cuda_emu, m) {
   m.doc() = "fastrec's CUDA kernels, emulated on the host (tests only)";
   m.def("device_count", []() { return 1; }, "One emulated device, 0.");
   fastrec::python::bind_cuda_embedding(m);
   fastrec::python::bind_cuda_linear(m);
   fastrec::python::bind_cuda_topk(m);
+  bind_emulation_selftest(m);
 }

@@ -50,7 +50,47 @@ struct Block {
     unsigned live_mask = 0;
   };
   std::vector<Warp> warps;
+  // per thread: its cp.async copies not yet landed, and its committed group count
+  struct Copy {
+    void* dst;
+    const void* src;
+    int n;
+    uint64_t group;
+  };
+  std::vector<std::vector<Copy>> copies;
+  std::vector<uint64_t> committed;
+  // the schedule: index order, or (seeded) a random order of threads in each round, of blocks,
+  // and of when each cp.async copy lands
+  uint64_t rng = 0;
+  bool shuffled = false;
+  std::vector<int> order;
 };
+
+// splitmix64
+uint64_t next_random(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+template <class T>
+void shuffle(std::vector<T>& v, uint64_t& state) {
+  for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[next_random(state) % i]);
+}
+
+void land(const Block::Copy& c) {
+  if (c.n > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.n));
+  if (c.n < 16) std::memset(static_cast<char*>(c.dst) + c.n, 0, static_cast<size_t>(16 - c.n));
+}
+
+// FASTREC_EMU_SEED: 0 or unset runs threads and blocks in index order and lands every cp.async
+// copy at its wait; any other value, a schedule drawn from it (host_emulation.h).
+uint64_t schedule_seed() {
+  const char* s = std::getenv("FASTREC_EMU_SEED");
+  return s == nullptr ? 0 : std::strtoull(s, nullptr, 0);
+}
+thread_local uint64_t launches = 0;
 
 thread_local Block* cur = nullptr;
 thread_local std::vector<char> smem_buffer;
@@ -83,7 +123,9 @@ void trampoline() {
   } catch (...) {
     if (!b->error) b->error = std::current_exception();
   }
-  // this thread leaves its block's and its warp's barriers
+  // this thread leaves its block's and its warp's barriers; its copies still in flight land
+  for (const Block::Copy& c : b->copies[b->current]) land(c);
+  b->copies[b->current].clear();
   b->done[b->current] = 1;
   --b->live;
   Block::Warp& w = b->warps[b->current / 32];
@@ -129,6 +171,42 @@ WarpValues warp_exchange(uint64_t v) {
   return r;
 }
 
+void cp_async16(void* smem, const void* gmem, int n) {
+  if (cur == nullptr) throw std::logic_error("host emulation: cp.async outside a kernel");
+  const Block::Copy c{smem, gmem, n, cur->committed[cur->current]};
+  if (cur->shuffled && (next_random(cur->rng) & 1)) {
+    land(c);
+  } else {
+    cur->copies[cur->current].push_back(c);
+  }
+}
+
+void cp_async_commit() { ++cur->committed[cur->current]; }
+
+// Lands the calling thread's copies of every committed group but the newest `pending_groups`.
+void cp_async_wait(int pending_groups) {
+  std::vector<Block::Copy>& mine = cur->copies[cur->current];
+  const uint64_t committed = cur->committed[cur->current];
+  size_t kept = 0;
+  for (const Block::Copy& c : mine) {
+    if (c.group + static_cast<uint64_t>(pending_groups) < committed) {
+      land(c);
+    } else {
+      mine[kept++] = c;
+    }
+  }
+  mine.resize(kept);
+}
+
+// Runs thread i of the block until it next waits or returns.
+static void resume(Block& b, int i) {
+  if (b.done[i]) return;
+  b.current = i;
+  const dim3& d = block_dim;
+  thread_idx = dim3(i % d.x, (i / d.x) % d.y, i / (d.x * d.y));
+  if (_setjmp(b.main_env) == 0) _longjmp(b.env[i].e, 1);
+}
+
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   if (cur != nullptr) throw std::logic_error("host emulation: a launch inside a kernel");
   smem_buffer.resize(smem);  // (exactly the size asked for: filled at each block below)
@@ -141,48 +219,71 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
   for (auto& s : b.stacks) s.reset(new char[kStackBytes]);
   grid_dim = grid;
   block_dim = block;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        block_idx = dim3(bx, by, bz);
-        if (smem) std::memset(smem_buffer.data(), 0xA5, smem);  // uninitialised shared memory: not zeros
-        b.done.assign(n, 0);
-        b.live = n;
-        b.bar_arrived = 0;
-        b.warps.assign((n + 31) / 32, Block::Warp());
-        for (int i = 0; i < n; ++i) {
-          Block::Warp& w = b.warps[i / 32];
-          ++w.live;
-          w.live_mask |= 1u << (i & 31);
-          getcontext(&b.ctx[i]);
-          b.ctx[i].uc_stack.ss_sp = b.stacks[i].get();
-          b.ctx[i].uc_stack.ss_size = kStackBytes;
-          b.ctx[i].uc_link = nullptr;
-          makecontext(&b.ctx[i], trampoline, 0);
-        }
-        cur = &b;
-        for (int i = 0; i < n; ++i) {  // start each fiber: it stops at once, before the kernel
-          b.current = i;
-          if (_setjmp(b.main_env) == 0) swapcontext(&b.main, &b.ctx[i]);
-        }
-        uint64_t seen = ~0ull;
-        while (b.live > 0) {
-          if (b.progress == seen) {  // a whole round and nobody moved: a barrier not all reach
-            cur = nullptr;
-            throw std::logic_error("host emulation: deadlock (a barrier or warp collective that not every thread "
-                                   "reaches)");
-          }
-          seen = b.progress;
-          for (int i = 0; i < n; ++i) {
-            if (b.done[i]) continue;
-            b.current = i;
-            thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
-            if (_setjmp(b.main_env) == 0) _longjmp(b.env[i].e, 1);
-          }
-        }
+  const uint64_t seed = schedule_seed();
+  b.shuffled = seed != 0;
+  b.rng = seed ^ (++launches * 0xD1B54A32D192ED03ull);
+  std::vector<uint64_t> blocks(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = i;
+  if (b.shuffled) shuffle(blocks, b.rng);
+  for (const uint64_t linear : blocks) {
+    block_idx = dim3(static_cast<unsigned>(linear % grid.x), static_cast<unsigned>(linear / grid.x % grid.y),
+                     static_cast<unsigned>(linear / grid.x / grid.y));
+    // uninitialised shared memory: not zeros
+    if (smem) std::memset(smem_buffer.data(), b.shuffled ? static_cast<int>(next_random(b.rng) & 0xFF) : 0xA5, smem);
+    b.copies.assign(n, {});
+    b.committed.assign(n, 0);
+    b.done.assign(n, 0);
+    b.live = n;
+    b.bar_arrived = 0;
+    b.warps.assign((n + 31) / 32, Block::Warp());
+    for (int i = 0; i < n; ++i) {
+      Block::Warp& w = b.warps[i / 32];
+      ++w.live;
+      w.live_mask |= 1u << (i & 31);
+      getcontext(&b.ctx[i]);
+      b.ctx[i].uc_stack.ss_sp = b.stacks[i].get();
+      b.ctx[i].uc_stack.ss_size = kStackBytes;
+      b.ctx[i].uc_link = nullptr;
+      makecontext(&b.ctx[i], trampoline, 0);
+    }
+    cur = &b;
+    for (int i = 0; i < n; ++i) {  // start each fiber: it stops at once, before the kernel
+      b.current = i;
+      if (_setjmp(b.main_env) == 0) swapcontext(&b.main, &b.ctx[i]);
+    }
+    uint64_t seen = ~0ull;
+    std::vector<int> warp_order;
+    while (b.live > 0) {
+      if (b.progress == seen) {  // a whole round and nobody moved: a barrier not all reach
         cur = nullptr;
-        if (b.error) std::rethrow_exception(b.error);
+        throw std::logic_error("host emulation: deadlock (a barrier or warp collective that not every thread "
+                               "reaches)");
       }
+      seen = b.progress;
+      if (!b.shuffled) {
+        for (int i = 0; i < n; ++i) resume(b, i);
+        continue;
+      }
+      // Seeded: the warps in a random order, each run as far as it goes (until its threads all
+      // wait for other warps, at __syncthreads, or have returned) before the next one starts, its
+      // threads in a random order at each step: warps drift as far apart as the barriers let them.
+      warp_order.resize(b.warps.size());
+      for (size_t w = 0; w < warp_order.size(); ++w) warp_order[w] = static_cast<int>(w);
+      shuffle(warp_order, b.rng);
+      for (const int w : warp_order) {
+        uint64_t before;
+        do {
+          before = b.progress;
+          b.order.clear();
+          for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) b.order.push_back(i);
+          shuffle(b.order, b.rng);
+          for (const int i : b.order) resume(b, i);
+        } while (b.progress != before);
+      }
+    }
+    cur = nullptr;
+    if (b.error) std::rethrow_exception(b.error);
+  }
 }
 
 }  // namespace fastrec_emu
