@@ -57,10 +57,14 @@ __device__ __forceinline__ unsigned int fastrec_load_le(const unsigned char* p, 
 }
 
 __device__ __forceinline__ float fastrec_half_to_float(unsigned int bits) {
+#ifdef FASTREC_HOST_EMULATION  // (compiled for the host in tests: csrc/cuda/emu/rawkernel_emu.h)
+  return fastrec_emu::half_bits(bits, 0);
+#else
   const unsigned short h = (unsigned short)bits;
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
+#endif
 }
 
 // Element j of a row, as the CPU reference decodes it.
@@ -164,6 +168,14 @@ def kernel_source(kind: int, idx64: bool, off64: bool) -> str:
             f"#define FASTREC_OFF_T {'long long' if off64 else 'int'}\n" + _SOURCE)
 
 
+def _cupy():
+    """The cupy module (tests/cuda_emu_rawkernel.py stands in for it to run these kernels,
+    compiled for the host, without a GPU)."""
+    import cupy
+
+    return cupy
+
+
 _kernels: dict = {}
 _lock = threading.Lock()
 renew_after_fork(globals(), "_lock")
@@ -173,8 +185,7 @@ def _kernel(kind: int, idx64: bool, off64: bool):
     key = (kind, idx64, off64)
     k = _kernels.get(key)
     if k is None:
-        import cupy
-
+        cupy = _cupy()
         with _lock:
             k = _kernels.get(key)
             if k is None:
@@ -196,7 +207,7 @@ def available() -> str | None:
 
 def _find_availability() -> str | None:
     try:
-        import cupy
+        cupy = _cupy()
     except Exception as e:  # ImportError, or a CuPy that fails to load its CUDA libraries
         return f"CuPy is not importable ({e})"
     try:
@@ -317,8 +328,7 @@ def embedding_bags(tables, indices, num_indices, indices_int64, offsets, num_off
     if fixed_len >= 0 and batch == 0:
         return  # nothing to pool and no offsets to check
 
-    import cupy
-
+    cupy = _cupy()
     i64 = np.int64
     with cupy.cuda.Device(int(device)):
         s = _stream(cupy, int(stream))

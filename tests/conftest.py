@@ -82,6 +82,16 @@ except ImportError as e:
     _C_cuda_emu, _EMU_ERROR = None, e
 
 
+def emulation_unavailable(reason: str):
+    """Skips an emulated case that cannot run here, or fails it where FASTREC_CUDA_EMU is set
+    (as in CI), so that the emulated cases never skip silently there."""
+    import os
+
+    if os.environ.get("FASTREC_CUDA_EMU", "").strip().upper() in ("ON", "1", "TRUE", "YES"):
+        pytest.fail(f"FASTREC_CUDA_EMU is set but {reason}")
+    pytest.skip(reason)
+
+
 def make_to_device(kind: str, monkeypatch):
     """to_device for "torch", "cupy" or "emulated": the CUDA ops' Python layer and fastrec's
     real kernels and launchers compiled for the host (fastrec._C_cuda_emu, built with
@@ -100,11 +110,7 @@ def make_to_device(kind: str, monkeypatch):
         cupy = pytest.importorskip("cupy")
         return lambda a: cupy.asarray(np.ascontiguousarray(a))
     if _C_cuda_emu is None:
-        import os
-
-        if os.environ.get("FASTREC_CUDA_EMU", "").strip().upper() in ("ON", "1", "TRUE", "YES"):
-            pytest.fail(f"FASTREC_CUDA_EMU is set but fastrec._C_cuda_emu does not import: {_EMU_ERROR}")
-        pytest.skip("fastrec._C_cuda_emu not built (FASTREC_CUDA_EMU=ON)")
+        emulation_unavailable(f"fastrec._C_cuda_emu does not import ({_EMU_ERROR}; built with FASTREC_CUDA_EMU=ON)")
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the real kernels run instead")

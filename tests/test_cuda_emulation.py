@@ -4,9 +4,9 @@ race between warps, a deadlock and a collective over exited lanes (csrc/cuda/emu
 give wrong results or errors, and their correct forms the right ones, in index order
 (FASTREC_EMU_SEED unset) and under seeded schedules. The emulated GPU tests rely on this."""
 
-import os
-
 import pytest
+
+from conftest import emulation_unavailable
 
 try:
     from fastrec import _C_cuda_emu
@@ -17,9 +17,7 @@ except ImportError as e:
 @pytest.fixture(autouse=True)
 def _module():
     if _C_cuda_emu is None:
-        if os.environ.get("FASTREC_CUDA_EMU", "").strip().upper() in ("ON", "1", "TRUE", "YES"):
-            pytest.fail(f"FASTREC_CUDA_EMU is set but fastrec._C_cuda_emu does not import: {_ERROR}")
-        pytest.skip("fastrec._C_cuda_emu not built (FASTREC_CUDA_EMU=ON)")
+        emulation_unavailable(f"fastrec._C_cuda_emu does not import ({_ERROR}; built with FASTREC_CUDA_EMU=ON)")
 
 
 SEEDS = [None, 1, 2, 7, 12345]

@@ -5,8 +5,10 @@ mode, weights, padding, shape and error case.
 The embedding tests run the CuPy path through ``fastrec.ops`` with ``FASTREC_CUDA_BACKEND=cupy``
 (and check that it really ran); where ``fastrec._C_cuda`` is built they also run the compiled op
 on the same inputs (``FASTREC_CUDA_BACKEND=compiled``) and compare. GPU tests need CuPy and a
-GPU, not the compiled module, and skip cleanly without them; the backend-choice tests at the
-end run everywhere.
+GPU, not the compiled module, and skip cleanly without them; their "emulated" cases run
+anywhere the CUDA host emulation builds (the RawKernel sources compiled for the host and run by
+a CuPy stand-in, cuda_emu_rawkernel.py, against fastrec._C_cuda_emu); the backend-choice tests
+at the end run everywhere.
 """
 
 import itertools
@@ -17,8 +19,9 @@ import pytest
 
 from fastrec import QuantizedTable, _cuda, _cuda_embedding, ops, testing
 from fastrec.kernels import cupy_embedding, hashing
+import cuda_emu_rawkernel as emu_rawkernel
 import nvrtc_ctypes as nvrtc
-from conftest import CUDA_SKIP_REASON, random_csr, to_host
+from conftest import CUDA_SKIP_REASON, emulation_unavailable, make_to_device, random_csr, to_host
 from test_cuda_embedding import KINDS, MODES, TOL, _framework, _host_table, _on_device, _stream_context
 from test_embedding_bags import _kjt
 
@@ -27,10 +30,21 @@ needs_cupy = pytest.mark.skipif(CUPY_SKIP_REASON is not None, reason=CUPY_SKIP_R
 HAS_COMPILED = CUDA_SKIP_REASON is None
 
 
-@pytest.fixture(params=["cupy", "torch"])
-def dev(request):
+@pytest.fixture(params=["cupy", "torch", "emulated"])
+def dev(request, monkeypatch):
     """Copies a numpy array to the GPU as a CuPy array or a torch CUDA tensor (skips without
-    CuPy and a GPU, or without torch's CUDA support)."""
+    CuPy and a GPU, or without torch's CUDA support); "emulated": to a CPU torch tensor posing
+    as a CUDA one (conftest.make_to_device), with the CuPy kernels compiled for the host and run
+    by a CuPy stand-in (cuda_emu_rawkernel.py), and the compiled kernels' emulation as the
+    "compiled" backend they are compared with."""
+    if request.param == "emulated":
+        to_device = make_to_device("emulated", monkeypatch)
+        if emu_rawkernel.SKIP_REASON is not None:
+            emulation_unavailable(f"the CuPy kernels cannot be emulated: {emu_rawkernel.SKIP_REASON}")
+        monkeypatch.setattr(cupy_embedding, "_cupy", emu_rawkernel.module)
+        monkeypatch.setattr(cupy_embedding, "available", lambda: None)
+        monkeypatch.setattr(cupy_embedding, "_kernels", {})
+        return to_device
     if CUPY_SKIP_REASON is not None:
         pytest.skip(CUPY_SKIP_REASON)
     if request.param == "torch":
@@ -44,10 +58,12 @@ def dev(request):
 
 
 @pytest.fixture
-def gpu(monkeypatch):
+def gpu(dev, monkeypatch):
     """Runs a call on each GPU backend present: ``gpu(fn)`` returns fn()'s result with
     FASTREC_CUDA_BACKEND=cupy (checking the CuPy kernels ran), after checking that the compiled
-    op, where built, gives the same result (or raises the same exception and message)."""
+    op, where built (or emulated), gives the same result (or raises the same exception and
+    message)."""
+    has_compiled = HAS_COMPILED or getattr(dev, "emulated", False)
     calls = []
     real = cupy_embedding.embedding_bags
 
@@ -70,7 +86,7 @@ def gpu(monkeypatch):
         before = len(calls)
         out, err = run(fn, "cupy")
         assert len(calls) == before + 1, "the CuPy backend did not run"
-        if HAS_COMPILED:
+        if has_compiled:
             ref, ref_err = run(fn, "compiled")
             assert len(calls) == before + 1, "the compiled backend ran the CuPy kernels"
             if err is None and ref_err is None:

@@ -1,6 +1,7 @@
 // Host emulation of the CUDA that fastrec's kernels use, so that the real csrc/cuda/*.cu files
 // compile with a host C++ compiler and run on the CPU over host memory (fastrec._C_cuda_emu, a
-// test-only module: FASTREC_CUDA_EMU=ON; tests/test_cuda_*.py's "emulated" cases).
+// test-only module: FASTREC_CUDA_EMU=ON; tests/test_cuda_*.py's "emulated" cases), and so do the
+// CuPy RawKernel sources of kernels/ (rawkernel_emu.h; tests/test_cupy_kernels.py).
 //
 // A launch runs its blocks one after another on the calling thread; the threads of a block are
 // fibers (started with ucontext, switched with _setjmp / _longjmp) scheduled cooperatively,
