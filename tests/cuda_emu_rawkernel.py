@@ -15,6 +15,7 @@ import ctypes
 import glob
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 EMU = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emu"
-_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-w", "-ffp-contract=off"]  # (as the module: no fused multiply-adds)
+# (as the module: no fused multiply-adds); FASTREC_EMU_CXXFLAGS adds more (.ci/run: -fsanitize=address)
+_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-w", "-ffp-contract=off"] + shlex.split(os.environ.get("FASTREC_EMU_CXXFLAGS", ""))
 
 
 def _cuda_include():

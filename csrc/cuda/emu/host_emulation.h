@@ -14,6 +14,12 @@
 // buffer. Memory operations are sequential, so atomics are plain read-modify-writes. A cp.async
 // copy lands when its thread waits for its group (cp.async.wait_group), not before.
 //
+// The host sees device work only after a wait (runtime_emu.cpp): a device-to-host
+// cudaMemcpyAsync fills its destination with 0xA5 bytes and lands at the next stream, event or
+// device synchronisation, and kernels write mapped pinned memory through a device view of it that
+// reaches the host buffer then; so a launcher reading a result or error flag without waiting
+// reads garbage or a stale value.
+//
 // The schedule (runtime_emu.cpp): with FASTREC_EMU_SEED unset or 0, blocks and threads run in
 // index order, round by round (every thread runs until it next waits: the warps keep in step).
 // With a seed, a schedule drawn from it: blocks in a random order; in each round the warps in a
@@ -29,11 +35,16 @@
 // schedule exposes: a missing barrier between a write and another thread's read (read after
 // write), a missing cp.async wait, and (seeded: a warp runs ahead) a missing barrier before
 // shared memory another warp still reads is written again (write after read).
-// tests/test_cuda_emulation.py holds the emulator to catching each (selftest_emu.cpp). What it
+// tests/test_cuda_emulation.py holds the emulator to catching each (selftest_emu.cpp). Built
+// with -fsanitize=address (.ci/run does), AddressSanitizer reports a kernel's access outside an
+// allocation ("device" memory is host memory, cudaMalloc's exactly the size asked for), as
+// compute-sanitizer's memcheck would; runtime_emu.cpp tells it about each fiber switch. What it
 // cannot: timing, occupancy, the memory model (threads switch only at barriers, so a race between
 // two of them that no barrier separates shows only if a schedule puts the read on the wrong side
-// of the write; a missing fence, volatile, or atomic's atomicity never shows), stream order (every
-// copy and launch completes at once, so a missing stream wait goes unnoticed), register and
+// of the write; a missing fence, volatile, or atomic's atomicity never shows), most of stream
+// order (launches and all but device-to-host copies complete at once, so a missing wait between
+// streams, or a host buffer changed before the copy reading it ran, goes unnoticed; what the host
+// reads of device work does wait for a synchronisation: runtime_emu.cpp), register and
 // shared-memory limits beyond the checks the launchers make themselves, and launch-configuration
 // errors (none are raised). Static __shared__ variables keep the last block's values.
 #pragma once

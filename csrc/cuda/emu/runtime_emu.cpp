@@ -3,7 +3,8 @@
 
 // The host emulation's scheduler (fibers for a block's threads: host_emulation.h) and the CUDA
 // runtime calls fastrec's launchers make: "device" memory is host memory, a stream runs its
-// work at once (so every wait returns at once), and there is one device, 0.
+// work at once, except that what the host reads of it waits for a synchronisation (see "what
+// the host sees" below), and there is one device, 0.
 #include "host_emulation.h"
 
 #include <setjmp.h>
@@ -11,6 +12,13 @@
 
 #include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <thread>
+
+#if defined(__SANITIZE_ADDRESS__)  // (built with -fsanitize=address: tell it about each stack switch)
+#include <sanitizer/common_interface_defs.h>
+#define FASTREC_EMU_ASAN 1
+#endif
 #include <string>
 #include <vector>
 
@@ -34,6 +42,12 @@ struct Block {
   std::vector<Env> env;
   std::vector<ucontext_t> ctx;
   std::vector<std::unique_ptr<char[]>> stacks;
+  // AddressSanitizer's view of the switches: each side's fake stack, and the launching thread's
+  // stack (learned on the first switch into a fiber)
+  std::vector<void*> fake;
+  void* main_fake = nullptr;
+  const void* main_bottom = nullptr;
+  size_t main_size = 0;
   std::vector<char> done;
   const std::function<void()>* body = nullptr;
   int live = 0, current = 0;
@@ -95,8 +109,35 @@ thread_local uint64_t launches = 0;
 thread_local Block* cur = nullptr;
 thread_local std::vector<char> smem_buffer;
 
+// Stack switches, announced to AddressSanitizer when built with it (no-ops otherwise):
+// to_fiber / back_in_main on the launching thread's stack, to_main / in_fiber on a fiber's.
+inline void to_fiber(Block& b, int i) {
+#ifdef FASTREC_EMU_ASAN
+  __sanitizer_start_switch_fiber(&b.main_fake, b.stacks[i].get(), kStackBytes);
+#endif
+}
+inline void back_in_main(Block& b) {
+#ifdef FASTREC_EMU_ASAN
+  __sanitizer_finish_switch_fiber(b.main_fake, nullptr, nullptr);
+#endif
+}
+inline void to_main(Block& b, bool exiting) {
+#ifdef FASTREC_EMU_ASAN
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &b.fake[b.current], b.main_bottom, b.main_size);
+#endif
+}
+inline void in_fiber(Block& b) {
+#ifdef FASTREC_EMU_ASAN
+  __sanitizer_finish_switch_fiber(b.fake[b.current], &b.main_bottom, &b.main_size);
+#endif
+}
+
 void yield() {
-  if (_setjmp(cur->env[cur->current].e) == 0) _longjmp(cur->main_env, 1);
+  if (_setjmp(cur->env[cur->current].e) == 0) {
+    to_main(*cur, false);
+    _longjmp(cur->main_env, 1);
+  }
+  in_fiber(*cur);
 }
 
 // The last thread to arrive releases the others (they notice the phase change when resumed).
@@ -117,7 +158,12 @@ void release_if_complete_warp(Block::Warp& w) {
 
 void trampoline() {
   Block* b = cur;
-  if (_setjmp(b->env[b->current].e) == 0) _longjmp(b->main_env, 1);  // started: run when next scheduled
+  in_fiber(*b);
+  if (_setjmp(b->env[b->current].e) == 0) {  // started: run when next scheduled
+    to_main(*b, false);
+    _longjmp(b->main_env, 1);
+  }
+  in_fiber(*b);
   try {
     (*b->body)();
   } catch (...) {
@@ -134,6 +180,7 @@ void trampoline() {
   ++b->progress;
   release_if_complete_block();
   release_if_complete_warp(w);
+  to_main(*b, true);
   _longjmp(b->main_env, 1);  // never resumed
 }
 
@@ -171,6 +218,104 @@ WarpValues warp_exchange(uint64_t v) {
   return r;
 }
 
+// ---- what the host sees of device work: only after a synchronisation ---------------------------
+// A device-to-host cudaMemcpyAsync copies its source at once (all earlier work has run) but
+// writes its destination only at the next synchronisation on the thread (stream, event or device
+// synchronize, or a blocking cudaMemcpy), and fills it with 0xA5 bytes meanwhile. Mapped pinned
+// memory (cudaHostAlloc) has a device view of its own: kernels write the view, which reaches the
+// host buffer at a synchronisation; host writes reach the view at the next launch or
+// synchronisation. So a host read of device results without a wait reads garbage or stale
+// values, which the tests notice. A synchronisation lands every pending copy (whichever thread
+// or stream queued it: early, as the hardware may), but exchanges only the mapped memory the
+// calling thread allocated (fastrec's launchers keep their flag buffers per thread, and another
+// thread's kernel may be writing its own).
+namespace {
+
+struct PendingCopy {
+  void* dst;
+  std::vector<char> bytes;
+};
+std::mutex pending_mutex;
+std::vector<PendingCopy> pending_copies;
+
+struct Mapped {
+  char* host;
+  std::unique_ptr<char[]> view, synced;  // the device's view; the host buffer as last synchronised
+  size_t bytes;
+  std::thread::id owner;
+};
+std::mutex mapped_mutex;
+std::vector<std::unique_ptr<Mapped>> mapped;
+
+// Host writes since the last synchronisation reach the device's view (and, at a
+// synchronisation, device writes reach the host buffer; a byte both wrote: the host's).
+void exchange_mapped(bool device_to_host) {
+  std::lock_guard<std::mutex> lock(mapped_mutex);
+  const std::thread::id me = std::this_thread::get_id();
+  for (const auto& m : mapped) {
+    if (m->owner != me) continue;
+    for (size_t i = 0; i < m->bytes; ++i) {
+      if (m->host[i] != m->synced[i]) {
+        m->view[i] = m->host[i];
+      } else if (device_to_host) {
+        m->host[i] = m->view[i];
+      }
+      m->synced[i] = m->host[i];
+    }
+  }
+}
+
+}  // namespace
+
+void before_launch() { exchange_mapped(false); }
+
+void synchronize() {
+  {
+    std::lock_guard<std::mutex> lock(pending_mutex);
+    for (const PendingCopy& c : pending_copies) std::memcpy(c.dst, c.bytes.data(), c.bytes.size());
+    pending_copies.clear();
+  }
+  exchange_mapped(true);
+}
+
+void copy_to_host_async(void* dst, const void* src, size_t bytes) {
+  PendingCopy c{dst, std::vector<char>(static_cast<const char*>(src), static_cast<const char*>(src) + bytes)};
+  std::memset(dst, 0xA5, bytes);
+  std::lock_guard<std::mutex> lock(pending_mutex);
+  pending_copies.push_back(std::move(c));
+}
+
+void* map_host(void* host, size_t bytes) {
+  auto m = std::make_unique<Mapped>();
+  m->host = static_cast<char*>(host);
+  m->bytes = bytes;
+  m->view.reset(new char[bytes == 0 ? 1 : bytes]);
+  m->synced.reset(new char[bytes == 0 ? 1 : bytes]);
+  std::memcpy(m->view.get(), host, bytes);
+  std::memcpy(m->synced.get(), host, bytes);
+  m->owner = std::this_thread::get_id();
+  std::lock_guard<std::mutex> lock(mapped_mutex);
+  mapped.push_back(std::move(m));
+  return mapped.back()->view.get();
+}
+
+void* device_view(void* host) {
+  std::lock_guard<std::mutex> lock(mapped_mutex);
+  for (const auto& m : mapped)
+    if (m->host == host) return m->view.get();
+  return nullptr;
+}
+
+void unmap_host(void* host) {
+  std::lock_guard<std::mutex> lock(mapped_mutex);
+  for (size_t i = 0; i < mapped.size(); ++i) {
+    if (mapped[i]->host == host) {
+      mapped.erase(mapped.begin() + static_cast<std::ptrdiff_t>(i));
+      return;
+    }
+  }
+}
+
 void cp_async16(void* smem, const void* gmem, int n) {
   if (cur == nullptr) throw std::logic_error("host emulation: cp.async outside a kernel");
   const Block::Copy c{smem, gmem, n, cur->committed[cur->current]};
@@ -198,17 +343,42 @@ void cp_async_wait(int pending_groups) {
   mine.resize(kept);
 }
 
+__attribute__((noinline)) static void make_fiber(Block& b, int i) {
+  getcontext(&b.ctx[i]);
+  b.ctx[i].uc_stack.ss_sp = b.stacks[i].get();
+  b.ctx[i].uc_stack.ss_size = kStackBytes;
+  b.ctx[i].uc_link = nullptr;
+  makecontext(&b.ctx[i], trampoline, 0);
+}
+
+// Starts thread i's fiber: it stops at once, before the kernel. (The jumps live in these two
+// small functions and getcontext in make_fiber, not in run_grid, whose locals a jump back could
+// otherwise clobber.)
+__attribute__((noinline)) static void start(Block& b, int i) {
+  b.current = i;
+  if (_setjmp(b.main_env) == 0) {
+    to_fiber(b, i);
+    swapcontext(&b.main, &b.ctx[i]);
+  }
+  back_in_main(b);
+}
+
 // Runs thread i of the block until it next waits or returns.
-static void resume(Block& b, int i) {
+__attribute__((noinline)) static void resume(Block& b, int i) {
   if (b.done[i]) return;
   b.current = i;
   const dim3& d = block_dim;
   thread_idx = dim3(i % d.x, (i / d.x) % d.y, i / (d.x * d.y));
-  if (_setjmp(b.main_env) == 0) _longjmp(b.env[i].e, 1);
+  if (_setjmp(b.main_env) == 0) {
+    to_fiber(b, i);
+    _longjmp(b.env[i].e, 1);
+  }
+  back_in_main(b);
 }
 
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   if (cur != nullptr) throw std::logic_error("host emulation: a launch inside a kernel");
+  before_launch();
   smem_buffer.resize(smem);  // (exactly the size asked for: filled at each block below)
   const int n = static_cast<int>(block.x * block.y * block.z);
   Block b;
@@ -231,6 +401,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
     // uninitialised shared memory: not zeros
     if (smem) std::memset(smem_buffer.data(), b.shuffled ? static_cast<int>(next_random(b.rng) & 0xFF) : 0xA5, smem);
     b.copies.assign(n, {});
+    b.fake.assign(n, nullptr);
     b.committed.assign(n, 0);
     b.done.assign(n, 0);
     b.live = n;
@@ -240,17 +411,10 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
       Block::Warp& w = b.warps[i / 32];
       ++w.live;
       w.live_mask |= 1u << (i & 31);
-      getcontext(&b.ctx[i]);
-      b.ctx[i].uc_stack.ss_sp = b.stacks[i].get();
-      b.ctx[i].uc_stack.ss_size = kStackBytes;
-      b.ctx[i].uc_link = nullptr;
-      makecontext(&b.ctx[i], trampoline, 0);
+      make_fiber(b, i);
     }
     cur = &b;
-    for (int i = 0; i < n; ++i) {  // start each fiber: it stops at once, before the kernel
-      b.current = i;
-      if (_setjmp(b.main_env) == 0) swapcontext(&b.main, &b.ctx[i]);
-    }
+    for (int i = 0; i < n; ++i) start(b, i);
     uint64_t seen = ~0ull;
     std::vector<int> warp_order;
     while (b.live > 0) {
@@ -289,7 +453,12 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
 }  // namespace fastrec_emu
 
 namespace {
-void* allocate(size_t bytes) { return std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256); }
+// 256-byte aligned, as cudaMalloc's, and exactly `bytes` long: under AddressSanitizer a kernel
+// reading or writing past the end of an allocation is reported.
+void* allocate(size_t bytes) {
+  void* p = nullptr;
+  return posix_memalign(&p, 256, bytes == 0 ? 1 : bytes) == 0 ? p : nullptr;
+}
 }  // namespace
 
 extern "C" {
@@ -304,30 +473,45 @@ cudaError_t cudaFree(void* p) {
 }
 cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned int) {
   *p = allocate(bytes);
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  if (*p == nullptr) return cudaErrorMemoryAllocation;
+  fastrec_emu::map_host(*p, bytes);
+  return cudaSuccess;
 }
 cudaError_t cudaFreeHost(void* p) {
+  fastrec_emu::unmap_host(p);
   std::free(p);
   return cudaSuccess;
 }
 cudaError_t cudaHostGetDevicePointer(void** dev, void* host, unsigned int) {
-  *dev = host;
-  return cudaSuccess;
+  *dev = fastrec_emu::device_view(host);
+  return *dev ? cudaSuccess : cudaErrorInvalidValue;
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+  fastrec_emu::synchronize();  // (blocking: after everything queued before it)
   if (bytes) std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
-  if (bytes) std::memmove(dst, src, bytes);
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
+  if (bytes == 0) return cudaSuccess;
+  if (kind == cudaMemcpyDeviceToHost) {
+    fastrec_emu::copy_to_host_async(dst, src, bytes);
+  } else {
+    std::memmove(dst, src, bytes);
+  }
   return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
   if (bytes) std::memset(p, value, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  fastrec_emu::synchronize();
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize(void) {
+  fastrec_emu::synchronize();
+  return cudaSuccess;
+}
 cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
   *status = cudaStreamCaptureStatusNone;
   return cudaSuccess;
@@ -339,7 +523,10 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned int) {
 }
 cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t) {
+  fastrec_emu::synchronize();
+  return cudaSuccess;
+}
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
