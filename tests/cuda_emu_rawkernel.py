@@ -57,10 +57,22 @@ _lock = threading.Lock()
 _loaded: dict = {}
 
 
+_private_cache: list = []
+
+
 def _cache() -> Path:
+    """A directory of compiled variants shared by this user's test runs; a private one for this
+    process where that one is not this user's alone (the .so files in it get loaded)."""
     d = Path(tempfile.gettempdir()) / f"fastrec-emu-rawkernel-{os.getuid()}"
-    d.mkdir(exist_ok=True)
-    return d
+    d.mkdir(mode=0o700, exist_ok=True)
+    st = d.lstat()
+    if st.st_uid == os.getuid() and not d.is_symlink():
+        if st.st_mode & 0o077:
+            os.chmod(d, 0o700)
+        return d
+    if not _private_cache:
+        _private_cache.append(Path(tempfile.mkdtemp(prefix="fastrec-emu-rawkernel-")))
+    return _private_cache[0]
 
 
 def _emulator_digest() -> str:

@@ -1,8 +1,10 @@
 """The host emulation of the CUDA kernels (fastrec._C_cuda_emu, csrc/cuda/emu/) catches the
-mistakes it claims to: kernels with a missing barrier, a missing cp.async wait, a write-after-read
-race between warps, a deadlock and a collective over exited lanes (csrc/cuda/emu/selftest_emu.cpp)
-give wrong results or errors, and their correct forms the right ones, in index order
-(FASTREC_EMU_SEED unset) and under seeded schedules. The emulated GPU tests rely on this."""
+mistakes it claims to: kernels with a missing barrier, a missing cp.async wait (or a read of a
+group wait_group left in flight), a write-after-read race between warps, a deadlock and a
+collective over exited lanes (csrc/cuda/emu/selftest_emu.cpp) give wrong results or errors, and
+their correct forms the right ones, in index order (FASTREC_EMU_SEED unset) and under seeded
+schedules; and a device-to-host copy into pinned memory is seen only after a wait. The emulated
+GPU tests rely on this."""
 
 import pytest
 
@@ -49,6 +51,25 @@ def test_missing_cp_async_wait(seed):
     assert _C_cuda_emu._selftest("async_copy_no_wait", 1, n) != expected
 
 
+def test_cp_async_wait_group_leaves_the_newest_groups(seed):
+    n = THREADS
+    expected = [8 * ((t + 1) % n) + j for t in range(n) for j in range(8)]
+    assert _C_cuda_emu._selftest("two_groups", 1, n) == expected
+    early = _C_cuda_emu._selftest("two_groups_early_read", 1, n)
+    first = [v for i, v in enumerate(early) if i % 8 < 4]
+    assert first == [v for i, v in enumerate(expected) if i % 8 < 4]  # wait_group 1 landed group 0
+    assert early != expected  # ... and not (all of) group 1
+
+
+def test_host_reads_device_copies_only_after_a_wait(seed):
+    n = 40
+    values = [7 * i + 1 for i in range(n)]
+    got = _C_cuda_emu._selftest("copy_to_pinned", 1, n)
+    assert got[:n] == [-0x5A5A5A5B] * n  # 0xA5 bytes until the synchronize
+    assert got[n:] == values
+    assert _C_cuda_emu._selftest("copy_to_pageable", 1, n) == values + values  # pageable: done on return
+
+
 def rounds_expected(n):
     other = [(t + 32) % n for t in range(n)]
     return [sum(100 * r + other[t] for r in range(4)) + sum(100 * r + other[t ^ 1] for r in range(4)) for t in range(n)]
@@ -82,3 +103,9 @@ def test_bad_selftest_arguments_emulated():
         _C_cuda_emu._selftest("no such kernel", 1, 32)
     with pytest.raises(ValueError):
         _C_cuda_emu._selftest("neighbour", 1, 0)
+
+
+def test_bad_seed_emulated(monkeypatch):
+    monkeypatch.setenv("FASTREC_EMU_SEED", "seven")
+    with pytest.raises(ValueError, match="FASTREC_EMU_SEED"):
+        _C_cuda_emu._selftest("neighbour", 1, 32)

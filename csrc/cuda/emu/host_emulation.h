@@ -15,10 +15,11 @@
 // copy lands when its thread waits for its group (cp.async.wait_group), not before.
 //
 // The host sees device work only after a wait (runtime_emu.cpp): a device-to-host
-// cudaMemcpyAsync fills its destination with 0xA5 bytes and lands at the next stream, event or
-// device synchronisation, and kernels write mapped pinned memory through a device view of it that
-// reaches the host buffer then; so a launcher reading a result or error flag without waiting
-// reads garbage or a stale value.
+// cudaMemcpyAsync into pinned memory fills its destination with 0xA5 bytes and lands at the next
+// stream, event or device synchronisation (into pageable memory it completes before returning,
+// as CUDA's), and kernels write mapped pinned memory through a device view of it that reaches the
+// host buffer then; so a launcher reading a result or error flag without waiting reads garbage
+// or a stale value.
 //
 // The schedule (runtime_emu.cpp): with FASTREC_EMU_SEED unset or 0, blocks and threads run in
 // index order, round by round (every thread runs until it next waits: the warps keep in step).

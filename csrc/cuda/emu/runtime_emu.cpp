@@ -72,6 +72,7 @@ struct Block {
     uint64_t group;
   };
   std::vector<std::vector<Copy>> copies;
+  std::vector<Copy> orphans;  // of threads that returned: landed when the block ends
   std::vector<uint64_t> committed;
   // the schedule: index order, or (seeded) a random order of threads in each round, of blocks,
   // and of when each cp.async copy lands
@@ -102,12 +103,16 @@ void land(const Block::Copy& c) {
 // copy at its wait; any other value, a schedule drawn from it (host_emulation.h).
 uint64_t schedule_seed() {
   const char* s = std::getenv("FASTREC_EMU_SEED");
-  return s == nullptr ? 0 : std::strtoull(s, nullptr, 0);
+  if (s == nullptr || *s == '\0') return 0;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(s, &end, 10);
+  if (*end != '\0' || *s == '-') throw std::invalid_argument("FASTREC_EMU_SEED must be a non-negative integer");
+  return v;
 }
 thread_local uint64_t launches = 0;
 
 thread_local Block* cur = nullptr;
-thread_local std::vector<char> smem_buffer;
+thread_local std::unique_ptr<char[]> smem_buffer;  // exactly one launch's bytes (ASan sees overruns)
 
 // Stack switches, announced to AddressSanitizer when built with it (no-ops otherwise):
 // to_fiber / back_in_main on the launching thread's stack, to_main / in_fiber on a fiber's.
@@ -170,7 +175,9 @@ void trampoline() {
     if (!b->error) b->error = std::current_exception();
   }
   // this thread leaves its block's and its warp's barriers; its copies still in flight land
-  for (const Block::Copy& c : b->copies[b->current]) land(c);
+  // (nothing may read them before the block ends: they land then, so that an exit never
+  // stands in for a missing wait)
+  b->orphans.insert(b->orphans.end(), b->copies[b->current].begin(), b->copies[b->current].end());
   b->copies[b->current].clear();
   b->done[b->current] = 1;
   --b->live;
@@ -186,7 +193,7 @@ void trampoline() {
 
 }  // namespace
 
-void* dynamic_smem() { return smem_buffer.data(); }
+void* dynamic_smem() { return smem_buffer.get(); }
 
 int lane() { return cur == nullptr ? 0 : cur->current & 31; }
 
@@ -219,45 +226,53 @@ WarpValues warp_exchange(uint64_t v) {
 }
 
 // ---- what the host sees of device work: only after a synchronisation ---------------------------
-// A device-to-host cudaMemcpyAsync copies its source at once (all earlier work has run) but
-// writes its destination only at the next synchronisation on the thread (stream, event or device
-// synchronize, or a blocking cudaMemcpy), and fills it with 0xA5 bytes meanwhile. Mapped pinned
-// memory (cudaHostAlloc) has a device view of its own: kernels write the view, which reaches the
-// host buffer at a synchronisation; host writes reach the view at the next launch or
-// synchronisation. So a host read of device results without a wait reads garbage or stale
-// values, which the tests notice. A synchronisation lands every pending copy (whichever thread
-// or stream queued it: early, as the hardware may), but exchanges only the mapped memory the
-// calling thread allocated (fastrec's launchers keep their flag buffers per thread, and another
-// thread's kernel may be writing its own).
+// A device-to-host cudaMemcpyAsync into pinned memory (cudaHostAlloc / cudaMallocHost) copies its
+// source at once (all earlier work has run) but writes its destination only at the next
+// synchronisation (stream, event or device synchronize, or a blocking cudaMemcpy), and fills it
+// with 0xA5 bytes meanwhile; one into pageable memory completes before it returns, as CUDA's
+// does. Mapped pinned memory (cudaHostAllocMapped) has a device view of its own: kernels write
+// the view, which reaches the host buffer at a synchronisation; host writes reach the view at the
+// next launch or synchronisation. So a host read of device results without a wait reads garbage
+// or stale values, which the tests notice. A synchronisation lands every pending copy (whichever
+// thread or stream queued it: early, as the hardware may), but exchanges only the mapped memory
+// the calling thread allocated (fastrec's launchers keep their flag buffers per thread, and
+// another thread's kernel may be writing its own). One mutex guards all of it.
 namespace {
 
 struct PendingCopy {
-  void* dst;
+  char* dst;
   std::vector<char> bytes;
 };
-std::mutex pending_mutex;
-std::vector<PendingCopy> pending_copies;
 
-struct Mapped {
+struct Pinned {
   char* host;
-  std::unique_ptr<char[]> view, synced;  // the device's view; the host buffer as last synchronised
   size_t bytes;
+  bool mapped;
+  std::unique_ptr<char[]> view, synced;  // (mapped) the device's view; the host buffer as last synchronised
   std::thread::id owner;
 };
-std::mutex mapped_mutex;
-std::vector<std::unique_ptr<Mapped>> mapped;
 
-// Host writes since the last synchronisation reach the device's view (and, at a
-// synchronisation, device writes reach the host buffer; a byte both wrote: the host's).
-void exchange_mapped(bool device_to_host) {
-  std::lock_guard<std::mutex> lock(mapped_mutex);
+std::mutex host_mutex;
+std::vector<PendingCopy> pending_copies;
+std::vector<std::unique_ptr<Pinned>> pinned;
+
+bool overlaps(const char* a, size_t na, const char* b, size_t nb) { return a < b + nb && b < a + na; }
+
+// Under host_mutex: pending copies land; host writes since the last synchronisation reach each
+// mapped view the calling thread owns, and (at a synchronisation) device writes reach the host
+// buffer (a byte both wrote: the host's).
+void land_pending_locked() {
+  for (const PendingCopy& c : pending_copies) std::memcpy(c.dst, c.bytes.data(), c.bytes.size());
+  pending_copies.clear();
+}
+void exchange_mapped_locked(bool device_to_host) {
   const std::thread::id me = std::this_thread::get_id();
-  for (const auto& m : mapped) {
-    if (m->owner != me) continue;
+  for (const auto& m : pinned) {
+    if (!m->mapped || m->owner != me) continue;
     for (size_t i = 0; i < m->bytes; ++i) {
       if (m->host[i] != m->synced[i]) {
         m->view[i] = m->host[i];
-      } else if (device_to_host) {
+      } else if (device_to_host && m->view[i] != m->synced[i]) {
         m->host[i] = m->view[i];
       }
       m->synced[i] = m->host[i];
@@ -265,54 +280,85 @@ void exchange_mapped(bool device_to_host) {
   }
 }
 
+bool in_pinned_locked(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (const auto& m : pinned)
+    if (c >= m->host && c + bytes <= m->host + m->bytes) return true;
+  return false;
+}
+
 }  // namespace
 
-void before_launch() { exchange_mapped(false); }
+void before_launch() {
+  std::lock_guard<std::mutex> lock(host_mutex);
+  exchange_mapped_locked(false);
+}
 
 void synchronize() {
-  {
-    std::lock_guard<std::mutex> lock(pending_mutex);
-    for (const PendingCopy& c : pending_copies) std::memcpy(c.dst, c.bytes.data(), c.bytes.size());
-    pending_copies.clear();
+  std::lock_guard<std::mutex> lock(host_mutex);
+  land_pending_locked();
+  exchange_mapped_locked(true);
+}
+
+// A copy or launch reading host memory a pending copy still has to write comes after it in
+// stream order: everything pending lands first.
+void before_reading_host(const void* src, size_t bytes) {
+  std::lock_guard<std::mutex> lock(host_mutex);
+  for (const PendingCopy& c : pending_copies) {
+    if (overlaps(c.dst, c.bytes.size(), static_cast<const char*>(src), bytes)) {
+      land_pending_locked();
+      return;
+    }
   }
-  exchange_mapped(true);
 }
 
 void copy_to_host_async(void* dst, const void* src, size_t bytes) {
-  PendingCopy c{dst, std::vector<char>(static_cast<const char*>(src), static_cast<const char*>(src) + bytes)};
+  std::lock_guard<std::mutex> lock(host_mutex);
+  if (!in_pinned_locked(dst, bytes)) {  // pageable: done before the call returns
+    std::memmove(dst, src, bytes);
+    return;
+  }
+  PendingCopy c{static_cast<char*>(dst),
+                std::vector<char>(static_cast<const char*>(src), static_cast<const char*>(src) + bytes)};
   std::memset(dst, 0xA5, bytes);
-  std::lock_guard<std::mutex> lock(pending_mutex);
   pending_copies.push_back(std::move(c));
 }
 
-void* map_host(void* host, size_t bytes) {
-  auto m = std::make_unique<Mapped>();
+void register_pinned(void* host, size_t bytes, bool mapped) {
+  auto m = std::make_unique<Pinned>();
   m->host = static_cast<char*>(host);
   m->bytes = bytes;
-  m->view.reset(new char[bytes == 0 ? 1 : bytes]);
-  m->synced.reset(new char[bytes == 0 ? 1 : bytes]);
-  std::memcpy(m->view.get(), host, bytes);
-  std::memcpy(m->synced.get(), host, bytes);
+  m->mapped = mapped;
+  if (mapped) {
+    m->view.reset(new char[bytes == 0 ? 1 : bytes]);
+    m->synced.reset(new char[bytes == 0 ? 1 : bytes]);
+    std::memcpy(m->view.get(), host, bytes);
+    std::memcpy(m->synced.get(), host, bytes);
+  }
   m->owner = std::this_thread::get_id();
-  std::lock_guard<std::mutex> lock(mapped_mutex);
-  mapped.push_back(std::move(m));
-  return mapped.back()->view.get();
+  std::lock_guard<std::mutex> lock(host_mutex);
+  pinned.push_back(std::move(m));
 }
 
+// The device's address of pinned host memory: the view of mapped memory, else the memory itself.
 void* device_view(void* host) {
-  std::lock_guard<std::mutex> lock(mapped_mutex);
-  for (const auto& m : mapped)
-    if (m->host == host) return m->view.get();
+  std::lock_guard<std::mutex> lock(host_mutex);
+  for (const auto& m : pinned)
+    if (m->host == host) return m->mapped ? m->view.get() : host;
   return nullptr;
 }
 
-void unmap_host(void* host) {
-  std::lock_guard<std::mutex> lock(mapped_mutex);
-  for (size_t i = 0; i < mapped.size(); ++i) {
-    if (mapped[i]->host == host) {
-      mapped.erase(mapped.begin() + static_cast<std::ptrdiff_t>(i));
-      return;
-    }
+// Freed: its pending copies are dropped (they would write freed memory).
+void unregister_pinned(void* host) {
+  std::lock_guard<std::mutex> lock(host_mutex);
+  for (size_t i = 0; i < pinned.size(); ++i) {
+    const Pinned& m = *pinned[i];
+    if (m.host != host) continue;
+    pending_copies.erase(std::remove_if(pending_copies.begin(), pending_copies.end(),
+                                        [&](const PendingCopy& c) { return overlaps(c.dst, c.bytes.size(), m.host, m.bytes); }),
+                         pending_copies.end());
+    pinned.erase(pinned.begin() + static_cast<std::ptrdiff_t>(i));
+    return;
   }
 }
 
@@ -326,10 +372,14 @@ void cp_async16(void* smem, const void* gmem, int n) {
   }
 }
 
-void cp_async_commit() { ++cur->committed[cur->current]; }
+void cp_async_commit() {
+  if (cur == nullptr) throw std::logic_error("host emulation: cp.async outside a kernel");
+  ++cur->committed[cur->current];
+}
 
 // Lands the calling thread's copies of every committed group but the newest `pending_groups`.
 void cp_async_wait(int pending_groups) {
+  if (cur == nullptr) throw std::logic_error("host emulation: cp.async outside a kernel");
   std::vector<Block::Copy>& mine = cur->copies[cur->current];
   const uint64_t committed = cur->committed[cur->current];
   size_t kept = 0;
@@ -379,7 +429,7 @@ __attribute__((noinline)) static void resume(Block& b, int i) {
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   if (cur != nullptr) throw std::logic_error("host emulation: a launch inside a kernel");
   before_launch();
-  smem_buffer.resize(smem);  // (exactly the size asked for: filled at each block below)
+  smem_buffer.reset(smem ? new char[smem] : nullptr);  // (filled at each block below)
   const int n = static_cast<int>(block.x * block.y * block.z);
   Block b;
   b.body = &body;
@@ -399,8 +449,9 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
     block_idx = dim3(static_cast<unsigned>(linear % grid.x), static_cast<unsigned>(linear / grid.x % grid.y),
                      static_cast<unsigned>(linear / grid.x / grid.y));
     // uninitialised shared memory: not zeros
-    if (smem) std::memset(smem_buffer.data(), b.shuffled ? static_cast<int>(next_random(b.rng) & 0xFF) : 0xA5, smem);
+    if (smem) std::memset(smem_buffer.get(), b.shuffled ? static_cast<int>(next_random(b.rng) & 0xFF) : 0xA5, smem);
     b.copies.assign(n, {});
+    b.orphans.clear();
     b.fake.assign(n, nullptr);
     b.committed.assign(n, 0);
     b.done.assign(n, 0);
@@ -436,16 +487,18 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
       shuffle(warp_order, b.rng);
       for (const int w : warp_order) {
         uint64_t before;
+        int passes = 0;  // (a warp spinning on another's flag, with a collective in the loop, moves on)
         do {
           before = b.progress;
           b.order.clear();
           for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) b.order.push_back(i);
           shuffle(b.order, b.rng);
           for (const int i : b.order) resume(b, i);
-        } while (b.progress != before);
+        } while (b.progress != before && ++passes < 100000);
       }
     }
     cur = nullptr;
+    for (const Block::Copy& c : b.orphans) land(c);
     if (b.error) std::rethrow_exception(b.error);
   }
 }
@@ -471,14 +524,15 @@ cudaError_t cudaFree(void* p) {
   std::free(p);
   return cudaSuccess;
 }
-cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned int) {
+cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned int flags) {
   *p = allocate(bytes);
   if (*p == nullptr) return cudaErrorMemoryAllocation;
-  fastrec_emu::map_host(*p, bytes);
+  fastrec_emu::register_pinned(*p, bytes, (flags & cudaHostAllocMapped) != 0);
   return cudaSuccess;
 }
+cudaError_t cudaMallocHost(void** p, size_t bytes) { return cudaHostAlloc(p, bytes, cudaHostAllocDefault); }
 cudaError_t cudaFreeHost(void* p) {
-  fastrec_emu::unmap_host(p);
+  fastrec_emu::unregister_pinned(p);
   std::free(p);
   return cudaSuccess;
 }
@@ -496,6 +550,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   if (kind == cudaMemcpyDeviceToHost) {
     fastrec_emu::copy_to_host_async(dst, src, bytes);
   } else {
+    fastrec_emu::before_reading_host(src, bytes);
     std::memmove(dst, src, bytes);
   }
   return cudaSuccess;

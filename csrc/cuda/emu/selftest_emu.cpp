@@ -35,6 +35,26 @@ __global__ void async_copy(const int* in, int* out, bool wait) {
   for (int j = 0; j < 4; ++j) out[4 * t + j] = s[4 * ((t + 1) % n) + j];
 }
 
+// Two cp.async groups per thread: after wait_group 1 the first has landed (everyone's, after the
+// barrier), the second not necessarily; reading the second before wait_group 0 is the mistake.
+__global__ void two_groups(const int* in, int* out, bool early) {
+  FASTREC_DYNAMIC_SMEM(int, s);
+  const int t = threadIdx.x, n = blockDim.x;
+  fastrec_emu::cp_async16(s + 8 * t, in + 8 * t, 16);
+  fastrec_emu::cp_async_commit();
+  fastrec_emu::cp_async16(s + 8 * t + 4, in + 8 * t + 4, 16);
+  fastrec_emu::cp_async_commit();
+  fastrec_emu::cp_async_wait(1);
+  __syncthreads();
+  const int u = (t + 1) % n;
+  for (int j = 0; j < 4; ++j) out[8 * t + j] = s[8 * u + j];
+  if (!early) {
+    fastrec_emu::cp_async_wait(0);
+    __syncthreads();
+  }
+  for (int j = 4; j < 8; ++j) out[8 * t + j] = s[8 * u + j];
+}
+
 // Rounds of: write a shared buffer, barrier, read another warp's slot before and after a warp
 // collective, and (or not) a barrier before the next round's write. Without it a warp that runs
 // ahead overwrites what a slower warp has yet to read (write after read): threads that keep in
@@ -69,18 +89,43 @@ __global__ void exited_lanes(int* out) {
   out[t] = __shfl_sync(0xffffffffu, t, (t + 1) % 32);
 }
 
+// A device-to-host cudaMemcpyAsync into pinned or pageable memory: the destination's values
+// before the stream synchronize, then after.
+std::vector<int> copy_back(int count, bool pinned) {
+  std::vector<int> values(static_cast<size_t>(count));
+  for (int i = 0; i < count; ++i) values[static_cast<size_t>(i)] = 7 * i + 1;
+  const size_t bytes = values.size() * sizeof(int);
+  int* dev = nullptr;
+  FASTREC_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&dev), bytes));
+  FASTREC_CUDA_CHECK(cudaMemcpy(dev, values.data(), bytes, cudaMemcpyHostToDevice));
+  std::vector<int> pageable(values.size(), 0);
+  int* host = pageable.data();
+  if (pinned) FASTREC_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host), bytes));
+  FASTREC_CUDA_CHECK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, nullptr));
+  std::vector<int> seen(host, host + count);
+  FASTREC_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+  seen.insert(seen.end(), host, host + count);
+  if (pinned) cudaFreeHost(host);
+  cudaFree(dev);
+  return seen;
+}
+
 std::vector<int> run(const std::string& which, int blocks, int threads) {
   if (threads < 1 || threads > 1024 || blocks < 1) throw std::invalid_argument("bad launch shape");
+  if (which == "copy_to_pinned" || which == "copy_to_pageable") return copy_back(threads, which == "copy_to_pinned");
   const size_t n = static_cast<size_t>(blocks) * threads;
-  std::vector<int> out(4 * n, -1), in(4 * n);
+  std::vector<int> out(8 * n, -1), in(8 * n);
   for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<int>(i);
-  const size_t smem = 16 * static_cast<size_t>(threads);
+  const size_t smem = 32 * static_cast<size_t>(threads);
   if (which == "neighbour" || which == "neighbour_no_barrier") {
     FASTREC_LAUNCH(neighbour, blocks, threads, smem, 0)(out.data(), which == "neighbour");
     out.resize(n);
   } else if (which == "async_copy" || which == "async_copy_no_wait") {
     FASTREC_LAUNCH(async_copy, 1, threads, smem, 0)(in.data(), out.data(), which == "async_copy");
     out.resize(4 * static_cast<size_t>(threads));
+  } else if (which == "two_groups" || which == "two_groups_early_read") {
+    FASTREC_LAUNCH(two_groups, 1, threads, smem, 0)(in.data(), out.data(), which == "two_groups_early_read");
+    out.resize(8 * static_cast<size_t>(threads));
   } else if (which == "rounds" || which == "rounds_no_end_barrier") {
     FASTREC_LAUNCH(rounds, 1, threads, smem, 0)(out.data(), which == "rounds");
     out.resize(threads);
