@@ -130,9 +130,6 @@ class ndarray:
         self.host = host
         self.data = types.SimpleNamespace(ptr=host.ctypes.data)
 
-    def get(self) -> np.ndarray:
-        return self.host.copy()
-
 
 def _word(a) -> int:
     if isinstance(a, ndarray):
@@ -159,27 +156,23 @@ class RawKernel:
             raise RuntimeError(f"emulated kernel {self.name}: {err.value.decode()}")
 
 
-class _Stream:
+class _Context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Stream(_Context):
     def __init__(self, ptr: int = 0):
         self.ptr = ptr
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        return False
-
-
-class _Device:
+class _Device(_Context):
     def __init__(self, index: int):
         if index != 0:
             raise ValueError(f"one emulated device, 0 (got {index})")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _memcpy_async(dst, src, nbytes, kind, stream):
@@ -196,4 +189,4 @@ def module() -> types.SimpleNamespace:
                                     streamSynchronize=lambda ptr: None, getDeviceCount=lambda: 1)
     cuda = types.SimpleNamespace(Device=_Device, Stream=types.SimpleNamespace(null=_Stream(0)), ExternalStream=_Stream,
                                  runtime=runtime)
-    return types.SimpleNamespace(RawKernel=RawKernel, ndarray=ndarray, full=full, int64=np.int64, cuda=cuda)
+    return types.SimpleNamespace(RawKernel=RawKernel, full=full, int64=np.int64, cuda=cuda)

@@ -8,18 +8,13 @@ GPU tests rely on this."""
 
 import pytest
 
-from conftest import emulation_unavailable
-
-try:
-    from fastrec import _C_cuda_emu
-except ImportError as e:
-    _C_cuda_emu, _ERROR = None, e
+from conftest import _C_cuda_emu, _EMU_ERROR, emulation_unavailable
 
 
 @pytest.fixture(autouse=True)
 def _module():
     if _C_cuda_emu is None:
-        emulation_unavailable(f"fastrec._C_cuda_emu does not import ({_ERROR}; built with FASTREC_CUDA_EMU=ON)")
+        emulation_unavailable(f"fastrec._C_cuda_emu does not import ({_EMU_ERROR}; built with FASTREC_CUDA_EMU=ON)")
 
 
 SEEDS = [None, 1, 2, 7, 12345]

@@ -13,14 +13,14 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)  // (built with -fsanitize=address: tell it about each stack switch)
 #include <sanitizer/common_interface_defs.h>
 #define FASTREC_EMU_ASAN 1
 #endif
-#include <string>
-#include <vector>
 
 namespace fastrec_emu {
 
@@ -78,7 +78,6 @@ struct Block {
   // and of when each cp.async copy lands
   uint64_t rng = 0;
   bool shuffled = false;
-  std::vector<int> order;
 };
 
 // splitmix64
@@ -300,8 +299,8 @@ void synchronize() {
   exchange_mapped_locked(true);
 }
 
-// A copy or launch reading host memory a pending copy still has to write comes after it in
-// stream order: everything pending lands first.
+// A copy reading host memory a pending copy still has to write comes after it in stream order:
+// everything pending lands first.
 void before_reading_host(const void* src, size_t bytes) {
   std::lock_guard<std::mutex> lock(host_mutex);
   for (const PendingCopy& c : pending_copies) {
@@ -467,7 +466,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
     cur = &b;
     for (int i = 0; i < n; ++i) start(b, i);
     uint64_t seen = ~0ull;
-    std::vector<int> warp_order;
+    std::vector<int> warp_order, lanes;
     while (b.live > 0) {
       if (b.progress == seen) {  // a whole round and nobody moved: a barrier not all reach
         cur = nullptr;
@@ -490,10 +489,10 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
         int passes = 0;  // (a warp spinning on another's flag, with a collective in the loop, moves on)
         do {
           before = b.progress;
-          b.order.clear();
-          for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) b.order.push_back(i);
-          shuffle(b.order, b.rng);
-          for (const int i : b.order) resume(b, i);
+          lanes.clear();
+          for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) lanes.push_back(i);
+          shuffle(lanes, b.rng);
+          for (const int i : lanes) resume(b, i);
         } while (b.progress != before && ++passes < 100000);
       }
     }
